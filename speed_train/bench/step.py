@@ -1,0 +1,114 @@
+"""Training-step benchmark: vanilla HF vs SPEED mask vs SPEED gather (forward + backward).
+
+    python -m speed_train.bench.step            # issue defaults: 8 layers, hidden 256, T=1024, B=4
+    python -m speed_train.bench.step --runs 7 --seq 512 --json out.json
+
+Runs are interleaved (one step of each variant per round, after one warm-up round) and the
+median per variant is reported as a ratio to vanilla, beside the FLOP-predicted ratio
+(speed_train.speed.flops). Wall-clock ratios are measured here, side by side; no timed tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from speed_train.speed.batch import collate
+from speed_train.speed.executors import speed_loss
+from speed_train.speed.flops import ModelShape, step_flops
+from speed_train.speed.roles import ANCHOR, DECODE, IGNORE, PROMPT, EncodedExample
+from speed_train.speed.tiny import tiny_model
+
+
+def synthetic_batch(batch: int, seq: int, prompt_share: float, vocab: int, seed: int = 0):
+    """Rows of one conversation each: BoS anchor, prompt, 2-token header, supervised response."""
+    g = torch.Generator().manual_seed(seed)
+    n_prompt = round(seq * prompt_share) - 1
+    n_header, n_resp = 2, seq - n_prompt - 3
+    roles = [ANCHOR] + [PROMPT] * n_prompt + [DECODE] * (n_header + n_resp)
+    turns = [-1] * (1 + n_prompt) + [0] * (n_header + n_resp)
+    exs = []
+    for _ in range(batch):
+        ids = torch.randint(3, vocab, (seq,), generator=g).tolist()
+        labels = [IGNORE] * (1 + n_prompt + n_header) + ids[1 + n_prompt + n_header :]
+        exs.append(EncodedExample(ids, roles, turns, labels))
+    return collate(exs, pad_id=0)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--prompt-share", type=float, default=0.75)
+    ap.add_argument("--k", type=int, default=6)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+
+    dtype = getattr(torch, args.dtype)
+    model = tiny_model("llama", layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.heads,
+                       intermediate=int(args.hidden * 8 / 3), vocab=args.vocab, dtype=dtype)  # fmt: skip
+    model.to(args.device).train()
+    batch = synthetic_batch(args.batch, args.seq, args.prompt_share, args.vocab).to(args.device)
+    hf_labels = batch.labels.clone()
+
+    def vanilla():
+        model(input_ids=batch.input_ids, labels=hf_labels).loss.backward()
+
+    def mask():
+        speed_loss(model, batch, args.k, executor="mask").mean.backward()
+
+    def gather():
+        speed_loss(model, batch, args.k, executor="gather").mean.backward()
+
+    def full():  # Full-IT through the same code path (K = L): logits at targets only
+        speed_loss(model, batch, args.layers, executor="gather").mean.backward()
+
+    variants = {"vanilla": vanilla, "full_K=L": full, "mask": mask, "gather": gather}
+    times: dict[str, list[float]] = {n: [] for n in variants}
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    for rnd in range(args.runs + 1):  # round 0 is warm-up
+        for name, fn in variants.items():
+            model.zero_grad(set_to_none=True)
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if rnd > 0:
+                times[name].append(time.perf_counter() - t0)
+    shape = ModelShape.from_config(model.config)
+    base_flops = step_flops(shape, batch, args.layers, "full_hf")
+    med = {n: statistics.median(ts) for n, ts in times.items()}
+    rows = []
+    plan = (("vanilla", "full_hf", args.layers), ("full_K=L", "mask", args.layers), ("mask", "mask", args.k),
+            ("gather", "gather", args.k))  # fmt: skip
+    for name, execution, k in plan:
+        pred = step_flops(shape, batch, k, execution) / base_flops
+        rows.append({"variant": name, "median_s": med[name], "ratio": med[name] / med["vanilla"],
+                     "flop_ratio": pred, "ratio_over_pred": med[name] / med["vanilla"] / pred})  # fmt: skip
+    print(f"step benchmark: llama {args.layers}L h{args.hidden} vocab {args.vocab}, B={args.batch} T={args.seq}, "
+          f"prompt share {args.prompt_share}, K={args.k}, {args.device} {args.dtype}, "
+          f"median of {args.runs} interleaved runs")  # fmt: skip
+    print(f"{'variant':9} {'median s':>9} {'ratio':>7} {'FLOP ratio':>11} {'ratio/pred':>11}")
+    for r in rows:
+        print(f"{r['variant']:9} {r['median_s']:9.3f} {r['ratio']:7.3f} {r['flop_ratio']:11.3f} "
+              f"{r['ratio_over_pred']:11.3f}")  # fmt: skip
+    result = {"args": vars(args), "rows": rows, "times": times}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""FLOP model of a training step, per execution, from a batch's token roles.
+
+Forward FLOPs of one decoder layer over n tokens of one conversation (one row of the
+attention): 2 * n * P_layer (matmuls with the layer's weights) + 4 * d_attn * n(n+1)/2 (QK^T
+and PV over the causal pairs). The LM head costs 2 * hidden * vocab per token where logits are
+computed. A training step is 3x forward (backward = 2x forward). Attention FLOPs count
+per-conversation pairs, so packed rows are not charged for cross-conversation pairs.
+
+- ``full_hf``: plain HF causal LM: all layers over every token, logits at every token.
+- ``mask``:   same layer work as full depth (masks skip nothing), logits at targets only.
+- ``gather``: layers < K over every token; layers >= K over anchor + decode rows; logits at
+              targets only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .batch import SpeedBatch
+from .executors import gather_rows
+from .roles import IGNORE
+
+
+@dataclass
+class ModelShape:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, cfg) -> ModelShape:
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cls(cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                   head_dim, cfg.intermediate_size, cfg.vocab_size)  # fmt: skip
+
+    @property
+    def layer_params(self) -> int:
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return self.hidden * (q + 2 * kv) + q * self.hidden + 3 * self.hidden * self.intermediate
+
+    def layer_fwd(self, lengths: list[int]) -> float:
+        d_attn = self.heads * self.head_dim
+        return sum(2 * n * self.layer_params + 4 * d_attn * n * (n + 1) / 2 for n in lengths)
+
+    def head_fwd(self, n_tokens: int) -> float:
+        return 2 * self.hidden * self.vocab * n_tokens
+
+
+def _conversation_lengths(batch: SpeedBatch) -> list[int]:
+    seqs = batch.seq_ids.cpu()
+    return [int((seqs[b] == s).sum()) for b in range(seqs.shape[0]) for s in seqs[b][seqs[b] >= 0].unique()]
+
+
+def step_flops(shape: ModelShape, batch: SpeedBatch, k: int, execution: str) -> float:
+    """Predicted FLOPs of one forward+backward step of ``execution`` on ``batch``."""
+    lengths = _conversation_lengths(batch)
+    n_tokens = sum(lengths)
+    n_targets = int((batch.targets() != IGNORE).sum())
+    if execution == "full_hf":
+        fwd = shape.layers * shape.layer_fwd(lengths) + shape.head_fwd(n_tokens)
+    elif execution == "mask":
+        fwd = shape.layers * shape.layer_fwd(lengths) + shape.head_fwd(n_targets)
+    elif execution == "gather":
+        rows = gather_rows(batch.meta, need=batch.targets() != IGNORE)
+        row_lengths = rows.valid.sum(1).tolist()
+        upper = shape.layer_fwd(row_lengths) if k < shape.layers else 0.0
+        lower_layers = k if k < shape.layers else shape.layers
+        fwd = lower_layers * shape.layer_fwd(lengths) + (shape.layers - lower_layers) * upper
+        fwd += shape.head_fwd(n_targets)
+    else:
+        raise ValueError(f"unknown execution {execution!r}: full_hf, mask or gather")
+    return 3.0 * fwd
+
+
+def flop_ratio(shape: ModelShape, batch: SpeedBatch, k: int, execution: str = "gather",
+               baseline: str = "full_hf") -> float:  # fmt: skip
+    """Predicted step-FLOP ratio of a SPEED execution to a baseline on the same batch."""
+    return step_flops(shape, batch, k, execution) / step_flops(shape, batch, shape.layers, baseline)
