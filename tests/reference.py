@@ -49,6 +49,10 @@ def reference_logits(model, batch, K: int) -> torch.Tensor:
     h = dec.embed_tokens(batch.input_ids)
     pe = dec.rotary_emb(h, position_ids=batch.position_ids)
     for i, layer in enumerate(dec.layers):
-        h = layer(h, attention_mask=upper if i >= K else lower, position_ids=batch.position_ids,
-                  position_embeddings=pe)
+        h = layer(
+            h,
+            attention_mask=upper if i >= K else lower,
+            position_ids=batch.position_ids,
+            position_embeddings=pe,
+        )
     return lm.lm_head(dec.norm(h))

@@ -155,7 +155,9 @@ def test_packed_row_equals_unpacked(executor, K):
         la = speed_loss(model, unpacked, K, executor=executor)
         lb = speed_loss(model, packed, K, executor=executor)
     # same tokens in the same order (conversation by conversation)
-    assert torch.equal(unpacked.input_ids[a.batch_idx, a.pos_idx + 1], packed.input_ids[b.batch_idx, b.pos_idx + 1])
+    assert torch.equal(
+        unpacked.input_ids[a.batch_idx, a.pos_idx + 1], packed.input_ids[b.batch_idx, b.pos_idx + 1]
+    )
     assert float((a.logits - b.logits).abs().max()) <= ATOL
     assert la.num_tokens == lb.num_tokens
     assert abs(float(la.loss_sum - lb.loss_sum)) <= 1e-4
