@@ -1,0 +1,24 @@
+"""`python -m speed_train [overrides]`: the thin Hydra entry point (see conf/config.yaml)."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from speed_train.train.schema import register_schema
+
+register_schema()
+
+
+# version_base=None: Hydra 1.3 defaults; configs are the package `speed_train.conf` (mapped from
+# the top-level conf/ by setuptools), so source, editable and wheel installs all find them.
+@hydra.main(version_base=None, config_path="pkg://speed_train.conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    from speed_train.train.run import train
+    from speed_train.train.summary import print_summary
+
+    print_summary(train(cfg), cfg)
+
+
+if __name__ == "__main__":
+    main()

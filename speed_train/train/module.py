@@ -1,0 +1,176 @@
+"""The LightningModule: an HF causal LM (optionally peft-wrapped) trained with the SPEED loss.
+
+Loss normalisation: each micro-batch carries ``step_tokens``, the supervised-token count of
+its whole optimizer step (all micro-batches, all ranks; see loader.StepPlan). The module
+returns ``loss_sum * scale / step_tokens`` where ``scale`` undoes the averaging that the
+training stack applies afterwards (Lightning divides by the accumulation steps, data
+parallelism averages over ranks), so the gradient of a step is exactly
+d(sum of token losses)/d(theta) / (tokens in the step), whatever the split.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from speed_train.speed.executors import speed_forward, speed_loss
+from speed_train.speed.flops import ModelShape, step_flops
+from speed_train.speed.roles import DECODE, PROMPT
+from speed_train.train.schema import ObjectiveConfig, OptimConfig
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        raise ValueError(f"unknown schedule {schedule!r}: linear, cosine or constant")
+
+    return f
+
+
+class SpeedLM(L.LightningModule):
+    def __init__(self, model, *, k: int, executor: str, backend: str, optim: OptimConfig,
+                 objective: ObjectiveConfig, total_steps: int, accumulation: int,
+                 peak_flops: float | None = None, loss_scale_ranks: bool = True) -> None:  # fmt: skip
+        super().__init__()
+        self.model = model
+        self.k, self.executor, self.backend = k, executor, backend
+        self.optim_cfg, self.objective = optim, objective
+        self.total_steps, self.accumulation = total_steps, accumulation
+        self.peak_flops = peak_flops
+        self.loss_scale_ranks = loss_scale_ranks
+        self.shape = ModelShape.from_config(_config_of(model))
+        self._acc = {"loss": 0.0, "tokens": 0, "all_tokens": 0, "prompt": 0, "decode": 0, "flops": 0.0}
+        self._t0: float | None = None
+        self._last_step = 0
+
+    # -- loss ------------------------------------------------------------------------------
+    def _objective_sum(self, batch) -> tuple[torch.Tensor, int]:
+        if self.objective.kind == "ce":
+            out = speed_loss(self.model, batch, self.k, executor=self.executor, backend=self.backend)
+            return out.loss_sum, out.num_tokens
+        if self.objective.kind == "distill":
+            return self._distill_sum(batch)
+        raise ValueError(f"unknown objective {self.objective.kind!r}: ce or distill")
+
+    def _distill_sum(self, batch) -> tuple[torch.Tensor, int]:
+        """KL(teacher || student) on supervised positions; teacher = same weights, adapters off,
+        full depth (no second copy of the model)."""
+        if not hasattr(self.model, "disable_adapter"):
+            raise ValueError("objective=distill needs a LoRA model: its teacher is the model with adapters disabled")
+        L_ = self.shape.layers
+        with torch.no_grad(), self.model.disable_adapter():
+            teacher = speed_forward(self.model, batch, L_, executor="gather", positions="targets",
+                                    backend=self.backend)  # fmt: skip
+        student = speed_forward(self.model, batch, self.k, executor=self.executor, positions="targets",
+                                backend=self.backend)  # fmt: skip
+        T = self.objective.temperature
+        log_p_t = F.log_softmax(teacher.logits.float() / T, -1)
+        log_p_s = F.log_softmax(student.logits.float() / T, -1)
+        kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum() * T * T
+        n = int(student.logits.shape[0])
+        if self.objective.ce_weight:
+            tgt = batch.targets()[student.batch_idx, student.pos_idx]
+            kl = kl + self.objective.ce_weight * F.cross_entropy(student.logits.float(), tgt, reduction="sum")
+        return kl, n
+
+    def _scale(self, step_tokens: int) -> float:
+        world = self.trainer.world_size if self.loss_scale_ranks else 1
+        return self.accumulation * world / max(step_tokens, 1)
+
+    def training_step(self, item, batch_idx):
+        batch = item["batch"]
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+        loss_sum, n = self._objective_sum(batch)
+        a = self._acc
+        a["loss"] += float(loss_sum.detach())
+        a["tokens"] += n
+        real = batch.seq_ids >= 0
+        a["all_tokens"] += int(real.sum())
+        a["prompt"] += int(((batch.roles == PROMPT) & real).sum())
+        a["decode"] += int(((batch.roles == DECODE) & real).sum())
+        a["flops"] += step_flops(self.shape, batch, self.k, "mask" if self.executor == "mask" else "gather")
+        self._step_tokens = item["step_tokens"]
+        return loss_sum * self._scale(item["step_tokens"])
+
+    def on_train_batch_end(self, outputs, item, batch_idx) -> None:
+        loader = self.trainer.train_dataloader
+        if hasattr(loader, "mark_consumed"):
+            loader.mark_consumed(item["epoch"])
+        if self.trainer.global_step == self._last_step:  # still accumulating (key off global_step)
+            return
+        self._last_step = self.trainer.global_step
+        stats = torch.tensor([self._acc[k] for k in ("loss", "tokens", "all_tokens", "prompt", "decode", "flops")],
+                             dtype=torch.float64, device=self.device)  # fmt: skip
+        stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        loss, tokens, all_tokens, prompt, decode, flops = stats.tolist()
+        dt = time.perf_counter() - (self._t0 or time.perf_counter())
+        metrics = {
+            "train/loss": loss / max(tokens, 1),
+            "train/supervised_tokens": tokens,
+            "train/prompt_tokens": prompt,
+            "train/decode_tokens": decode,
+            "train/tokens_per_s": all_tokens / max(dt, 1e-9),
+            "train/supervised_tokens_per_s": tokens / max(dt, 1e-9),
+            "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],
+        }
+        if self.peak_flops:
+            metrics["train/mfu"] = flops / max(dt, 1e-9) / (self.peak_flops * self.trainer.world_size)
+        self.log_dict(metrics, on_step=True, prog_bar=False, logger=True, rank_zero_only=True)
+        self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, rank_zero_only=True)
+        self.step_losses.append(metrics["train/loss"])
+        for k in self._acc:
+            self._acc[k] = 0.0 if k in ("loss", "flops") else 0
+        self._t0 = time.perf_counter()
+
+    def on_train_start(self) -> None:
+        self._last_step = self.trainer.global_step
+
+    @property
+    def step_losses(self) -> list[float]:
+        if not hasattr(self, "_step_losses"):
+            self._step_losses: list[float] = []
+        return self._step_losses
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        norms = [p.grad.detach().float().norm() for p in self.parameters() if p.grad is not None]
+        if norms:
+            self.log("train/grad_norm", torch.stack(norms).norm(), on_step=True, rank_zero_only=True)
+
+    # -- optimiser ---------------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.optim_cfg
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        warmup = round(o.warmup_ratio * self.total_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.schedule, warmup, self.total_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- exact resume: RNG state travels with the checkpoint ---------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["speed_rng"] = {"torch": torch.get_rng_state(), "last_step": self._last_step}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "speed_rng" in checkpoint:
+            torch.set_rng_state(checkpoint["speed_rng"]["torch"])
+
+
+def _config_of(model):
+    from speed_train.speed.adapters import unwrap
+
+    return unwrap(model).config

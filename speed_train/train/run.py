@@ -1,0 +1,217 @@
+"""The training recipe, top to bottom: validate -> data -> model -> fit -> evaluate -> export.
+
+Called by the Hydra entry point (``python -m speed_train``) with the composed config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import nullcontext
+import shutil
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from speed_train.speed.adapters import unwrap
+from speed_train.speed.batch import collate
+from speed_train.speed.executors import speed_loss
+from speed_train.train.build import ConfigError, load_model, load_tokenizer, speed_config, validate
+from speed_train.train.checkpointing import (
+    AtomicCheckpointIO,
+    CompleteCheckpoint,
+    PreemptionCheckpoint,
+    resolve_resume,
+)
+from speed_train.train.loader import ResumableLoader, StepPlan
+from speed_train.train.module import SpeedLM
+from speed_train.train.strategies import build_strategy
+
+# Dense bf16 peak per device, for the MFU estimate (override with trainer.peak_tflops in code).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
+
+
+def world_size_of(cfg: DictConfig) -> int:
+    devices = cfg.trainer.devices
+    n = devices if isinstance(devices, int) else (len(devices) if isinstance(devices, (list, tuple)) else 1)
+    return max(1, n) * cfg.trainer.num_nodes
+
+
+def _peak_flops(accelerator: str) -> float | None:
+    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, tflops in PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    return None
+
+
+@torch.no_grad()
+def heldout_loss(model, examples, k: int, pad_id: int, micro_batch: int = 8) -> float:
+    """Mean decode-token cross-entropy over held-out examples (token-weighted)."""
+    if not examples:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), micro_batch):
+        batch = collate(examples[i : i + micro_batch], pad_id).to(next(model.parameters()).device)
+        out = speed_loss(model, batch, k)
+        total += float(out.loss_sum)
+        count += out.num_tokens
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _loggers(cfg: DictConfig, out: Path):
+    loggers = []
+    kinds = list(cfg.logger.kind)
+    if "csv" in kinds:
+        from lightning.pytorch.loggers import CSVLogger
+
+        loggers.append(CSVLogger(save_dir=str(out), name="logs", version=""))
+    if "wandb" in kinds:
+        from lightning.pytorch.loggers import WandbLogger
+
+        mode = cfg.logger.mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        loggers.append(WandbLogger(project=cfg.logger.project, group=cfg.logger.group, name=cfg.logger.name,
+                                   save_dir=str(out), mode=mode,
+                                   config=OmegaConf.to_container(cfg, resolve=True)))  # fmt: skip
+    return loggers
+
+
+def _atomic_dir(final: Path, write) -> None:
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export(model, tokenizer, cfg: DictConfig, k: int, out: Path) -> dict[str, str]:
+    """HF checkpoint (+ LoRA adapter) with ``speed_config.json`` beside it, written atomically."""
+    speed = {**speed_config(cfg).to_dict(), "k_layers": k, "num_layers": unwrap(model).config.num_hidden_layers}
+    paths: dict[str, str] = {}
+
+    def write_speed(d: Path) -> None:
+        (d / "speed_config.json").write_text(json.dumps(speed, indent=2) + "\n")
+
+    if hasattr(model, "peft_config"):
+
+        def write_adapter(d: Path) -> None:
+            model.save_pretrained(d)
+            write_speed(d)
+
+        _atomic_dir(out / "adapter", write_adapter)
+        paths["adapter"] = str(out / "adapter")
+        merged = model.merge_and_unload()  # last use of the model: merging in place is fine
+    else:
+        merged = model
+
+    def write_model(d: Path) -> None:
+        merged.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        write_speed(d)
+
+    _atomic_dir(out / "model", write_model)
+    paths["model"] = str(out / "model")
+    return paths
+
+
+def train(cfg: DictConfig) -> dict:
+    world = world_size_of(cfg)
+    validate(cfg, world)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.trainer.seed, workers=True)
+
+    tokenizer = load_tokenizer(cfg)
+    sc = speed_config(cfg)
+    from speed_train.data.tokenize import build_dataset
+
+    train_ex, held_ex, report = build_dataset(
+        cfg.data.recipe, tokenizer, sc, max_length=cfg.data.max_length, cache_dir=cfg.data.cache_dir,
+        truncate=cfg.data.truncate,
+    )  # fmt: skip
+    report.check(cfg.data.max_bad_fraction)
+    if cfg.data.max_train_examples:
+        train_ex = train_ex[: cfg.data.max_train_examples]
+    if cfg.data.max_eval_examples is not None:
+        held_ex = held_ex[: cfg.data.max_eval_examples]
+    plan = StepPlan([ex.num_supervised() for ex in train_ex], cfg.trainer.global_batch_size,
+                    cfg.trainer.micro_batch_size, world, cfg.trainer.seed)  # fmt: skip
+    total_steps = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else cfg.trainer.epochs * plan.steps_per_epoch
+
+    model = load_model(cfg, tokenizer)
+    num_layers = unwrap(model).config.num_hidden_layers
+    k = sc.resolve_k(num_layers)
+    pad_id = tokenizer.pad_token_id
+
+    results: dict = {"k": k, "num_layers": num_layers, "anchor": sc.anchor, "report": report.summary()}
+    if cfg.eval_report:
+        base = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+        with base:
+            results["heldout_full_depth"] = heldout_loss(model, held_ex, num_layers, pad_id)
+            results["heldout_speed_zero_shot"] = heldout_loss(model, held_ex, k, pad_id)
+
+    accelerator = cfg.trainer.accelerator
+    strategy = build_strategy(cfg, "cpu" if accelerator == "cpu" else "gpu")
+    ckpt_dir = out / "checkpoints"
+    callbacks = [
+        CompleteCheckpoint(dirpath=str(ckpt_dir), filename="{step}", every_n_train_steps=cfg.trainer.checkpoint_every_n_steps or total_steps,
+                           save_top_k=cfg.trainer.keep_checkpoints, monitor="step", mode="max", save_last=False),
+        PreemptionCheckpoint(ckpt_dir, requeue=bool(os.environ.get("SLURM_JOB_ID"))),
+    ]  # fmt: skip
+    if cfg.trainer.progress_bar:
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        callbacks.append(RichProgressBar())
+    module = SpeedLM(model, k=k, executor=cfg.speed.executor, backend=cfg.model.attn_backend, optim=cfg.optim,
+                     objective=cfg.objective, total_steps=total_steps, accumulation=plan.accumulation,
+                     peak_flops=_peak_flops(accelerator))  # fmt: skip
+    trainer = L.Trainer(
+        accelerator=accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
+        precision=cfg.trainer.precision, strategy=strategy, max_steps=total_steps, max_epochs=-1,
+        accumulate_grad_batches=plan.accumulation, gradient_clip_val=cfg.optim.gradient_clip or None,
+        logger=_loggers(cfg, out) or False, callbacks=callbacks, use_distributed_sampler=False,
+        default_root_dir=str(out), enable_progress_bar=cfg.trainer.progress_bar,
+        log_every_n_steps=cfg.trainer.log_every_n_steps, num_sanity_val_steps=0,
+        deterministic=cfg.trainer.deterministic, plugins=[AtomicCheckpointIO()] if cfg.strategy.name != "deepspeed" else None,
+    )  # fmt: skip
+    loader = ResumableLoader(train_ex, plan, trainer.global_rank, pad_id,
+                             pack_to=cfg.data.max_length if cfg.data.pack else None,
+                             num_workers=cfg.data.num_workers)  # fmt: skip
+    ckpt = resolve_resume(cfg.resume, ckpt_dir)
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt)
+    preempted = callbacks[1].received
+    results["preempted_by_signal"] = preempted
+    results["resumed_from"] = ckpt
+    results["step_losses"] = module.step_losses
+    results["global_step"] = trainer.global_step
+    if trainer.is_global_zero:
+        if cfg.eval_report:
+            results["heldout_speed_adapted"] = heldout_loss(model, held_ex, k, pad_id)
+        if cfg.export and preempted is None:
+            results["export"] = export(model, tokenizer, cfg, k, out / "export")
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    _finish_wandb()
+    return results
+
+
+def _finish_wandb() -> None:
+    """One wandb run per Hydra job: finish explicitly, or multirun merges jobs into one run."""
+    try:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+    except ImportError:
+        pass
+
+
+__all__ = ["train", "export", "heldout_loss", "ConfigError"]

@@ -1,0 +1,33 @@
+"""The short table printed at the end of a training run."""
+
+from __future__ import annotations
+
+import math
+
+from rich.console import Console
+from rich.table import Table
+
+
+def print_summary(results: dict, cfg=None, console: Console | None = None) -> None:
+    if not results or "global_step" not in results:
+        return
+    console = console or Console()
+    k, n = results["k"], results["num_layers"]
+    t = Table(title=f"held-out decode-token loss (SPEED-{k}/{n}, anchor={results['anchor']})")
+    t.add_column("model")
+    t.add_column("loss", justify="right")
+    t.add_column("ppl", justify="right")
+    rows = [("full depth (before training)", "heldout_full_depth"),
+            (f"SPEED-{k} zero-shot (before training)", "heldout_speed_zero_shot"),
+            (f"SPEED-{k} after training", "heldout_speed_adapted")]  # fmt: skip
+    for label, key in rows:
+        if key in results:
+            v = results[key]
+            t.add_row(label, f"{v:.4f}", f"{math.exp(v):.2f}" if v == v else "nan")
+    console.print(t)
+    console.print(f"steps: {results['global_step']}" + (f" (resumed from {results['resumed_from']})"
+                                                         if results.get("resumed_from") else ""))  # fmt: skip
+    for what, path in (results.get("export") or {}).items():
+        console.print(f"{what}: {path}")
+    if cfg is not None:
+        console.print(f"run folder: {cfg.output_dir}")
