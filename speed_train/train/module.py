@@ -87,7 +87,12 @@ class SpeedLM(L.LightningModule):
 
     def _scale(self, step_tokens: int) -> float:
         world = self.trainer.world_size if self.loss_scale_ranks else 1
-        return self.accumulation * world / max(step_tokens, 1)
+        scale = self.accumulation * world / max(step_tokens, 1)
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        if isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            scale *= self.accumulation  # the DeepSpeed engine divides by GA again in backward
+        return scale
 
     def training_step(self, item, batch_idx):
         batch = item["batch"]

@@ -65,6 +65,12 @@ def heldout_loss(model, examples, k: int, pad_id: int, micro_batch: int = 8) -> 
     return total / max(count, 1)
 
 
+def _supervised_counts(examples) -> list[int]:
+    if hasattr(examples, "supervised_counts"):
+        return [int(x) for x in examples.supervised_counts()]
+    return [ex.num_supervised() for ex in examples]
+
+
 def _loggers(cfg: DictConfig, out: Path):
     loggers = []
     kinds = list(cfg.logger.kind)
@@ -136,14 +142,13 @@ def train(cfg: DictConfig) -> dict:
 
     train_ex, held_ex, report = build_dataset(
         cfg.data.recipe, tokenizer, sc, max_length=cfg.data.max_length, cache_dir=cfg.data.cache_dir,
-        truncate=cfg.data.truncate,
+        truncate=cfg.data.truncate, max_bad_fraction=cfg.data.max_bad_fraction,
     )  # fmt: skip
-    report.check(cfg.data.max_bad_fraction)
     if cfg.data.max_train_examples:
         train_ex = train_ex[: cfg.data.max_train_examples]
     if cfg.data.max_eval_examples is not None:
         held_ex = held_ex[: cfg.data.max_eval_examples]
-    plan = StepPlan([ex.num_supervised() for ex in train_ex], cfg.trainer.global_batch_size,
+    plan = StepPlan(_supervised_counts(train_ex), cfg.trainer.global_batch_size,
                     cfg.trainer.micro_batch_size, world, cfg.trainer.seed)  # fmt: skip
     total_steps = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else cfg.trainer.epochs * plan.steps_per_epoch
 
