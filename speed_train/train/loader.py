@@ -56,7 +56,7 @@ class StepPlan:
     def micro_batches_per_epoch(self) -> int:
         return self.steps_per_epoch * self.accumulation
 
-    def micro_batch(self, epoch: int, rank: int, j: int) -> tuple[list[int], int]:
+    def items(self, epoch: int, rank: int, j: int) -> tuple[list[int], int]:
         """Example indices of this rank's j-th micro-batch in ``epoch``, and its step's token count."""
         perm = self._perm(epoch)
         step, m = divmod(j, self.accumulation)
@@ -80,7 +80,7 @@ class _MicroBatches(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, j = key
-        idx, step_tokens = self.plan.micro_batch(epoch, self.rank, j)
+        idx, step_tokens = self.plan.items(epoch, self.rank, j)
         batch = collate([self.examples[i] for i in idx], self.pad_id, pack_to=self.pack_to)
         return {"batch": batch, "step_tokens": step_tokens, "epoch": epoch, "index": j}
 
