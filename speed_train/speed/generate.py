@@ -17,17 +17,20 @@ from dataclasses import dataclass, field
 import torch
 
 from .adapters import ModelParts, enable_speed_attention
-from .batch import collate
+from .batch import SpeedBatch, collate
 from .executors import gather_rows, resolve_k
 from .roles import DECODE, EncodedExample
-from .visibility import TokenMeta, build_mask
+from .visibility import TokenMeta, allowed, build_mask
 
 
 class SpeedCache:
     """Preallocated KV cache with two depths: layers < k ("lower") and layers >= k ("upper").
 
     Duck-types the part of transformers' ``Cache`` that attention layers call (``update``).
-    Tokens of one step are written at ``[pos, pos + n)`` of their depth; ``advance`` moves on.
+    Each slot also records its token's role, turn and conversation (-1 = empty/padding), so the
+    mask of any step is :func:`visibility.allowed` between the step's tokens and the slots —
+    the same rule as the teacher-forced executions. Tokens of one step are written at
+    ``[pos, pos + n)`` of their depth; ``advance`` moves on.
     """
 
     def __init__(self, parts: ModelParts, k: int, batch: int, lower_capacity: int, upper_capacity: int,
@@ -40,9 +43,9 @@ class SpeedCache:
         cap = [lower_capacity if i < k else upper_capacity for i in range(self.num_layers)]
         self.keys = [torch.zeros(batch, heads, c, head_dim, dtype=dtype, device=device) for c in cap]
         self.values = [torch.zeros_like(t) for t in self.keys]
-        self.valid = {
-            "lower": torch.zeros(batch, lower_capacity, dtype=torch.bool, device=device),
-            "upper": torch.zeros(batch, upper_capacity, dtype=torch.bool, device=device),
+        self.meta = {
+            d: TokenMeta(*(torch.full((batch, c), -1, dtype=torch.long, device=device) for _ in range(3)))
+            for d, c in (("lower", lower_capacity), ("upper", upper_capacity))
         }
         self.pos = {"lower": 0, "upper": 0}
         self.step_len = {"lower": 0, "upper": 0}
@@ -50,12 +53,14 @@ class SpeedCache:
     def depth(self, layer_idx: int) -> str:
         return "upper" if layer_idx >= self.k else "lower"
 
-    def begin(self, depth: str, valid: torch.Tensor) -> None:
-        """Announce the next step's tokens ([B, n] validity) for every layer of one depth."""
-        p, n = self.pos[depth], valid.shape[1]
-        if p + n > self.valid[depth].shape[1]:
-            raise RuntimeError(f"SpeedCache {depth} capacity {self.valid[depth].shape[1]} exceeded")
-        self.valid[depth][:, p : p + n] = valid
+    def begin(self, depth: str, meta: TokenMeta) -> None:
+        """Announce the next step's tokens ([B, n] roles/turns/conversation ids) for one depth."""
+        p, n = self.pos[depth], meta.roles.shape[1]
+        cap = self.meta[depth].roles.shape[1]
+        if p + n > cap:
+            raise RuntimeError(f"SpeedCache {depth} capacity {cap} exceeded")
+        for name in ("roles", "turns", "seq_ids"):
+            getattr(self.meta[depth], name)[:, p : p + n] = getattr(meta, name)
         self.step_len[depth] = n
 
     def advance(self, depth: str) -> None:
@@ -70,8 +75,28 @@ class SpeedCache:
         return self.keys[layer_idx][:, :, : p + n], self.values[layer_idx][:, :, : p + n]
 
     def step_mask(self, depth: str) -> torch.Tensor:
-        """[B, 1, 1, S] mask of a one-token decode step: every valid cached slot."""
-        return self.valid[depth][:, None, None, : self.pos[depth] + self.step_len[depth]]
+        """[B, 1, n, S] mask of the announced step's tokens over every slot written so far."""
+        p, n = self.pos[depth], self.step_len[depth]
+        m = self.meta[depth]
+        S = p + n
+        q = slice(p, S)
+        kidx = torch.arange(S, device=m.roles.device)
+        allowed_ = allowed(
+            m.roles[:, q, None], m.turns[:, q, None], m.seq_ids[:, q, None], kidx[q][None, :, None],
+            m.roles[:, None, :S], m.turns[:, None, :S], m.seq_ids[:, None, :S], kidx[None, None, :],
+            upper=depth == "upper",
+        )  # fmt: skip
+        return allowed_[:, None]
+
+    def select_rows(self, index: torch.Tensor) -> SpeedCache:
+        """A cache whose row i is a copy of row ``index[i]`` (e.g. one context, many choices)."""
+        new = object.__new__(SpeedCache)
+        new.k, new.num_layers = self.k, self.num_layers
+        new.keys = [t.index_select(0, index) for t in self.keys]
+        new.values = [t.index_select(0, index) for t in self.values]
+        new.meta = {d: m.index(index, slice(None)) for d, m in self.meta.items()}
+        new.pos, new.step_len = dict(self.pos), dict(self.step_len)
+        return new
 
     # -- accounting ---------------------------------------------------------------------
     def _slot_bytes(self, layer_idx: int) -> int:
@@ -84,9 +109,71 @@ class SpeedCache:
     def active_bytes_per_layer(self) -> list[int]:
         """Bytes of K/V held for real tokens (padding and unwritten slots excluded)."""
         return [
-            int(self.valid[self.depth(i)][:, : self.pos[self.depth(i)]].sum()) * self._slot_bytes(i)
+            int((self.meta[self.depth(i)].seq_ids[:, : self.pos[self.depth(i)]] >= 0).sum()) * self._slot_bytes(i)
             for i in range(self.num_layers)
         ]
+
+
+def prefill(parts: ModelParts, k: int, batch: SpeedBatch, extra_capacity: int) -> tuple[SpeedCache, torch.Tensor]:
+    """Shallow prefill of right-padded prompts that end in their decode segment.
+
+    Lower layers see every prompt token; the anchors + the last turn's decode tokens (the
+    header, or a plain prompt's answer cue) go on through the upper layers. Returns the cache
+    (room for ``extra_capacity`` more tokens per depth) and the logits of each prompt's last token.
+    """
+    L = parts.num_layers
+    B = batch.input_ids.shape[0]
+    device = batch.input_ids.device
+    meta = batch.meta
+    lengths = batch.attention_mask.sum(1)
+    last = lengths - 1
+    turn = meta.turns[torch.arange(B, device=device), last]
+    # earlier assistant turns are history (prompt) for this turn: only the last turn goes up
+    this_turn = (meta.roles == DECODE) & (meta.turns == turn[:, None])
+    rows = gather_rows(meta, need=this_turn) if k < L else None
+    upper_len = rows.t.shape[1] if rows is not None else 0
+    T = batch.input_ids.shape[1]
+    cache = SpeedCache(parts, k, B, T + extra_capacity, upper_len + extra_capacity, parts.embed.weight.dtype, device)
+    cache.begin("lower", meta)
+    hidden = parts.embed(batch.input_ids)
+    pe = parts.rope(hidden, batch.position_ids)
+    mask = build_mask(meta, upper=False)
+    for layer in parts.layers[:k]:
+        hidden = layer(hidden, attention_mask=mask, position_ids=batch.position_ids, cache=cache,
+                       use_cache=True, position_embeddings=pe)  # fmt: skip
+    cache.advance("lower")
+    if rows is None:
+        last_hidden = hidden[torch.arange(B, device=device), last]
+    else:
+        rb, rt, valid = rows.b, rows.t, rows.valid
+        row_meta = TokenMeta(meta.roles[rb, rt], meta.turns[rb, rt], torch.where(valid, 0, -1))
+        cache.begin("upper", row_meta)
+        h, pos = hidden[rb, rt], batch.position_ids[rb, rt]
+        pe = parts.rope(h, pos)
+        mask = build_mask(row_meta, upper=True)
+        for layer in parts.layers[k:]:
+            h = layer(h, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                      position_embeddings=pe)  # fmt: skip
+        cache.advance("upper")
+        last_hidden = h[torch.arange(B, device=device), valid.sum(1) - 1]
+    return cache, parts.lm_head(parts.norm(last_hidden))
+
+
+def decode_chunk(parts: ModelParts, cache: SpeedCache, tokens: torch.Tensor, positions: torch.Tensor,
+                 meta: TokenMeta) -> torch.Tensor:  # fmt: skip
+    """Run n decode-phase tokens per row ([B, n]) through all layers on top of the cache;
+    returns their logits [B, n, V]. ``meta`` marks padding (seq_ids -1) and the turn."""
+    h = parts.embed(tokens)
+    pe = parts.rope(h, positions)
+    for depth in ("lower", "upper"):
+        cache.begin(depth, meta)
+    masks = {d: cache.step_mask(d) for d in ("lower", "upper")}
+    for i, layer in enumerate(parts.layers):
+        h = layer(h, attention_mask=masks[cache.depth(i)], position_ids=positions, cache=cache, use_cache=True,
+                  position_embeddings=pe)  # fmt: skip
+    for depth in ("lower", "upper"):
+        cache.advance(depth)
+    return parts.lm_head(parts.norm(h))
 
 
 @dataclass
@@ -145,47 +232,12 @@ def speed_generate(
             )
     device = parts.embed.weight.device
     batch = collate(prompts, pad_token_id).to(device)
-    B, T = batch.input_ids.shape
+    B = batch.input_ids.shape[0]
     lengths = batch.attention_mask.sum(1)
     parts.check_length(int(lengths.max()) + max_new_tokens)
     turn = torch.tensor([p.turns[-1] for p in prompts], device=device)
-    dtype = parts.embed.weight.dtype
+    cache, logits = prefill(parts, K, batch, max_new_tokens)
 
-    # -- prefill, lower layers: the whole prompt -------------------------------------------
-    meta = batch.meta
-    # earlier assistant turns are history (prompt) for this turn: only the last turn's header
-    # goes up, with the anchors
-    this_turn = (meta.roles == DECODE) & (meta.turns == turn[:, None])
-    rows = gather_rows(meta, need=this_turn) if K < L else None
-    upper_len = rows.t.shape[1] if rows is not None else 0
-    cache = SpeedCache(parts, K, B, T + max_new_tokens, upper_len + max_new_tokens, dtype, device)
-    cache.begin("lower", batch.seq_ids >= 0)
-    hidden = parts.embed(batch.input_ids)
-    pe = parts.rope(hidden, batch.position_ids)
-    mask = build_mask(meta, upper=False)
-    for layer in parts.layers[:K]:
-        hidden = layer(hidden, attention_mask=mask, position_ids=batch.position_ids, cache=cache,
-                       use_cache=True, position_embeddings=pe)  # fmt: skip
-    cache.advance("lower")
-    last = lengths - 1
-    if rows is None:
-        last_hidden = hidden[torch.arange(B, device=device), last]
-    else:
-        # -- prefill, upper layers: anchor + header only, at their original positions ----------
-        rb, rt, valid = rows.b, rows.t, rows.valid
-        row_meta = TokenMeta(meta.roles[rb, rt], meta.turns[rb, rt], torch.where(valid, 0, -1))
-        cache.begin("upper", valid)
-        h, pos = hidden[rb, rt], batch.position_ids[rb, rt]
-        pe = parts.rope(h, pos)
-        mask = build_mask(row_meta, upper=True)
-        for layer in parts.layers[K:]:
-            h = layer(h, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
-                      position_embeddings=pe)  # fmt: skip
-        cache.advance("upper")
-        last_hidden = h[torch.arange(B, device=device), valid.sum(1) - 1]
-    logits = parts.lm_head(parts.norm(last_hidden))
-
-    # -- decode: one token per step through all layers ---------------------------------------
     stops = torch.tensor(sorted(set(stop_token_ids or [])), device=device, dtype=torch.long)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in range(B)]
@@ -201,17 +253,8 @@ def speed_generate(
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
-        h = parts.embed(tok[:, None])
-        pos = next_pos[:, None]
-        pe = parts.rope(h, pos)
-        alive = ~done[:, None]
-        for depth in ("lower", "upper"):
-            cache.begin(depth, alive)
-        for i, layer in enumerate(parts.layers):
-            h = layer(h, attention_mask=cache.step_mask(cache.depth(i)), position_ids=pos, cache=cache,
-                      use_cache=True, position_embeddings=pe)  # fmt: skip
-        for depth in ("lower", "upper"):
-            cache.advance(depth)
+        # finished rows keep stepping (batch shape) as padding that nothing attends to
+        meta = TokenMeta(torch.full_like(tok, DECODE)[:, None], turn[:, None], torch.where(done, -1, 0)[:, None])
+        logits = decode_chunk(parts, cache, tok[:, None], next_pos[:, None], meta)[:, -1]
         next_pos += 1
-        logits = parts.lm_head(parts.norm(h[:, -1]))
     return GenerationOutput(out, step_logits, cache)
