@@ -1,0 +1,167 @@
+"""Evaluate a model under SPEED on OLMES tasks: ``python -m speed_train.eval``.
+
+    python -m speed_train.eval --model smollm2 --speed speed_k_bos --k 22 --tasks arc_easy,boolq --limit 100
+    python -m speed_train.eval --model outputs/.../export/model            # K/anchor from speed_config.json
+    python -m speed_train.eval --model smollm2 --adapter outputs/.../export/adapter --tasks olmes10
+
+Writes ``results.json`` and ``results.md`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from rich.progress import Progress
+
+from speed_train.eval.olmes import ALL_TASKS, MC_TASKS, EvalError, Task, extract_gsm8k_answer, load_task, mc_metrics
+from speed_train.eval.scoring import generate_text, score_requests
+from speed_train.speed.config import SpeedConfig
+
+SPEED_PRESETS = {"full": ("none", None), "speed_k": ("none", 0.75), "speed_k_bos": ("bos", 0.75)}
+TASK_SETS = {"olmes10": MC_TASKS, "all": ALL_TASKS}
+
+
+def load_eval_model(model: str, adapter: str | None = None, dtype: str = "float32"):
+    """(model, tokenizer, speed_config.json dict or {}) from 'smollm2', a local dir or a hub id."""
+    dt = getattr(torch, dtype)
+    saved: dict = {}
+    if model == "smollm2":
+        from speed_train.assets import load_smollm2
+
+        lm, tok = load_smollm2(dtype=dt)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        p = Path(model)
+        if (p / "speed_config.json").exists():
+            saved = json.loads((p / "speed_config.json").read_text())
+        lm = AutoModelForCausalLM.from_pretrained(model, dtype=dt)
+        tok = AutoTokenizer.from_pretrained(model)
+    if adapter:
+        from peft import PeftModel
+
+        if (Path(adapter) / "speed_config.json").exists():
+            saved = json.loads((Path(adapter) / "speed_config.json").read_text())
+        lm = PeftModel.from_pretrained(lm, adapter)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return lm.eval(), tok, saved
+
+
+def _mc_requests(task: Task) -> tuple[list[tuple[str, list[str]]], list[list[tuple[int, int]]]]:
+    """Group each doc's choices by context (one prefill per distinct context)."""
+    reqs: list[tuple[str, list[str]]] = []
+    where: list[list[tuple[int, int]]] = []
+    for d in task.docs:
+        groups: dict[str, list[int]] = {}
+        for j, ctx in enumerate(d.contexts):
+            groups.setdefault(ctx, []).append(j)
+        loc: list[tuple[int, int]] = [(0, 0)] * len(d.choices)
+        for ctx, js in groups.items():
+            for pos, j in enumerate(js):
+                loc[j] = (len(reqs), pos)
+            reqs.append((ctx, [d.choices[j] for j in js]))
+        where.append(loc)
+    return reqs, where
+
+
+def evaluate_task(model, tok, cfg: SpeedConfig, task: Task, *, batch_size: int = 8, max_gen_tokens: int | None = None,
+                  progress=None) -> dict:  # fmt: skip
+    t0 = time.perf_counter()
+    if task.generative:
+        ctxs = [d.contexts[0] for d in task.docs]
+        gens = generate_text(model, tok, cfg, ctxs, max_new_tokens=max_gen_tokens or task.generation["max_gen_toks"],
+                             stop_sequences=tuple(task.generation["stop_sequences"]), batch_size=batch_size)  # fmt: skip
+        hits = [extract_gsm8k_answer(g) == d.meta["answer"] for g, d in zip(gens, task.docs)]
+        metrics = {"exact_match": sum(hits) / max(len(hits), 1)}
+    else:
+        reqs, where = _mc_requests(task)
+        scores = []
+        for i in range(0, len(reqs), batch_size * 4):
+            scores += score_requests(model, tok, cfg, reqs[i : i + batch_size * 4], batch_size=batch_size)
+            if progress is not None:
+                progress()
+        cond = [[scores[r][p] for r, p in loc] for loc in where]
+        uncond = None
+        if task.docs and all(d.uncond_context for d in task.docs):  # the dump has unconditional requests
+            uncond = score_requests(model, tok, cfg, [(d.uncond_context, d.choices) for d in task.docs],
+                                    batch_size=batch_size)  # fmt: skip
+        metrics = mc_metrics(task.docs, cond, uncond)
+    primary = metrics.get(task.primary_metric, metrics.get("acc_raw", metrics.get("exact_match")))
+    return {"task": task.name, "variant": task.variant, "n": len(task.docs), "primary_metric": task.primary_metric,
+            "primary": primary, "metrics": metrics, "seconds": time.perf_counter() - t0}  # fmt: skip
+
+
+def markdown_table(runs: dict[str, list[dict]]) -> str:
+    """Rows: tasks; columns: runs (primary metric x 100) and the average."""
+    names = list(runs)
+    tasks = [r["task"] for r in next(iter(runs.values()))]
+    lines = ["| task | n | metric | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+    for i, t in enumerate(tasks):
+        r0 = runs[names[0]][i]
+        cells = [f"{100 * runs[n][i]['primary']:.1f}" for n in names]
+        lines.append(f"| {t} | {r0['n']} | {r0['primary_metric']} | " + " | ".join(cells) + " |")
+    avg = [sum(r["primary"] for r in runs[n]) / len(runs[n]) * 100 for n in names]
+    lines.append("| **average** | | | " + " | ".join(f"**{a:.1f}**" for a in avg) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2", help="'smollm2' (packaged), a local HF dir or a hub id")
+    ap.add_argument("--adapter", default=None, help="a LoRA adapter dir (from training's export)")
+    ap.add_argument("--speed", default=None, choices=list(SPEED_PRESETS), help="preset; default: the model's speed_config.json or full")
+    ap.add_argument("--k", default=None, help="cutoff: layers (24) or fraction (0.75)")
+    ap.add_argument("--anchor", default=None, choices=["none", "bos", "system"])
+    ap.add_argument("--tasks", default="olmes10", help="comma list, or olmes10 / all")
+    ap.add_argument("--variant", default=None, help="e.g. rc_5shot (default), mc_5shot, rc_0shot")
+    ap.add_argument("--task-path", default=None, help="a local requests.jsonl[.gz] (with --tasks NAME)")
+    ap.add_argument("--limit", type=int, default=None, help="questions per task")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-gen-tokens", type=int, default=None)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--out", default="eval_results")
+    ap.add_argument("--name", default=None, help="column name in the table")
+    args = ap.parse_args(argv)
+
+    tasks = TASK_SETS.get(args.tasks, tuple(t for t in args.tasks.split(",") if t))
+    loaded = [load_task(t, args.variant, path=args.task_path, limit=args.limit) for t in tasks]  # fail fast
+    model, tok, saved = load_eval_model(args.model, args.adapter, args.dtype)
+    anchor, k = SPEED_PRESETS[args.speed] if args.speed else (saved.get("anchor", "bos"), saved.get("k"))
+    if args.anchor:
+        anchor = args.anchor
+    if args.k is not None:
+        k = float(args.k) if "." in args.k else int(args.k)
+    cfg = SpeedConfig(k=k, anchor=anchor)
+    K = cfg.resolve_k(model.config.num_hidden_layers if not hasattr(model, "peft_config")
+                      else model.get_base_model().config.num_hidden_layers)  # fmt: skip
+    name = args.name or (f"SPEED-{K}+{anchor}" if k is not None else "full")
+    results = []
+    with Progress() as prog:
+        bar = prog.add_task("tasks", total=len(loaded))
+        for task in loaded:
+            results.append(evaluate_task(model, tok, cfg, task, batch_size=args.batch_size,
+                                         max_gen_tokens=args.max_gen_tokens))  # fmt: skip
+            prog.console.print(f"{task.name}: {task.primary_metric} = {100 * results[-1]['primary']:.1f} "
+                               f"(n={results[-1]['n']}, {results[-1]['seconds']:.0f}s)")  # fmt: skip
+            prog.advance(bar)
+    avg = sum(r["primary"] for r in results) / max(len(results), 1)
+    out = {"name": name, "model": args.model, "adapter": args.adapter, "k": K, "anchor": anchor,
+           "limit": args.limit, "tasks": results, "average": avg}  # fmt: skip
+    d = Path(args.out)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "results.json").write_text(json.dumps(out, indent=2) + "\n")
+    (d / "results.md").write_text(markdown_table({name: results}))
+    print(markdown_table({name: results}))
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except EvalError as e:
+        raise SystemExit(f"error: {e}") from None
