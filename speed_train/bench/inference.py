@@ -1,0 +1,205 @@
+"""Inference efficiency of SPEED-K vs full depth: active KV bytes, TTFT, TPOT.
+
+    python -m speed_train.bench.inference                                  # CPU, small model, <= 2K
+    python -m speed_train.bench.inference --preset llama31_8b --dtype bfloat16 \\
+        --lengths 8192,32768,131072 --k 24 --decode-steps 32 --json out.json --plot out.png   # GPU
+
+Random-init weights (timing needs no trained weights). Both variants use the same preallocated
+two-depth cache (speed_train.speed.generate.SpeedCache; no per-step concatenation). KV bytes
+are read from the real cache tensors. Beside each measurement the roofline prediction:
+prefill FLOPs (speed_train.speed.flops) and, per decode step, bytes of weights + active KV read
+over memory bandwidth (``--bandwidth-gbs``, or measured with a large copy). Runs are
+interleaved (Full, SPEED, Full, SPEED, ...) and medians reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from speed_train.speed.adapters import enable_speed_attention
+from speed_train.speed.batch import collate
+from speed_train.speed.flops import ModelShape
+from speed_train.speed.generate import decode_chunk, prefill
+from speed_train.speed.roles import ANCHOR, DECODE, IGNORE, PROMPT, EncodedExample
+from speed_train.speed.visibility import TokenMeta
+
+PRESETS = {
+    # Llama-3.1-8B shape: 32 layers, d 4096, 32 heads / 8 KV heads, FFN 14336, vocab 128256
+    "llama31_8b": dict(layers=32, hidden=4096, heads=32, kv_heads=8, intermediate=14336, vocab=128256),
+    "cpu_small": dict(layers=8, hidden=256, heads=4, kv_heads=2, intermediate=688, vocab=8192),
+}
+
+
+def kv_bytes_formula(shape: ModelShape, k: int, n_prompt: int, n_kept: int, batch: int, dtype_bytes: int) -> int:
+    """Active KV of one prompt: all n_prompt tokens in K layers, only anchor + decode (n_kept)
+    in the L - K upper layers."""
+    per_token_layer = 2 * shape.kv_heads * shape.head_dim * dtype_bytes
+    return batch * per_token_layer * (k * n_prompt + (shape.layers - k) * n_kept)
+
+
+def prefill_flops(shape: ModelShape, k: int, n: int, n_kept: int, batch: int) -> float:
+    return batch * (k * shape.layer_fwd([n]) + (shape.layers - k) * shape.layer_fwd([n_kept]) + shape.head_fwd(1))
+
+
+def measure_bandwidth(device: str, mib: int = 512) -> float:
+    """Bytes/s of a large device copy (read + write)."""
+    x = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    times = []
+    for _ in range(5):
+        _sync(device)
+        t0 = time.perf_counter()
+        y.copy_(x)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * x.numel() * 4 / statistics.median(times)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def make_prompt(n: int, vocab: int, seed: int = 0) -> EncodedExample:
+    """BoS anchor, n - 3 prompt tokens, a 2-token assistant header (decode phase)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (n,), generator=g).tolist()
+    roles = [ANCHOR] + [PROMPT] * (n - 3) + [DECODE, DECODE]
+    turns = [-1] * (n - 2) + [0, 0]
+    return EncodedExample(ids, roles, turns, [IGNORE] * n)
+
+
+@torch.no_grad()
+def run_one(model, prompts: list[EncodedExample], k: int, decode_steps: int, device: str):
+    parts = enable_speed_attention(model)
+    batch = collate(prompts, pad_id=0).to(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    cache, logits = prefill(parts, k, batch, decode_steps)
+    tok = logits.argmax(-1)
+    _sync(device)
+    ttft = time.perf_counter() - t0
+    B = tok.shape[0]
+    pos = batch.attention_mask.sum(1)
+    meta = TokenMeta(torch.full((B, 1), DECODE, device=device), torch.zeros((B, 1), dtype=torch.long, device=device),
+                     torch.zeros((B, 1), dtype=torch.long, device=device))  # fmt: skip
+    steps = []
+    for _ in range(decode_steps):
+        t1 = time.perf_counter()
+        logits = decode_chunk(parts, cache, tok[:, None], pos[:, None], meta)[:, -1]
+        tok = logits.argmax(-1)
+        _sync(device)
+        steps.append(time.perf_counter() - t1)
+        pos = pos + 1
+    return ttft, statistics.median(steps), cache
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="cpu_small", choices=list(PRESETS))
+    ap.add_argument("--k", type=int, default=6)
+    ap.add_argument("--lengths", default="256,1024,2048")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--bandwidth-gbs", type=float, default=None, help="memory bandwidth for the roofline")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None, help="PNG: TTFT/TPOT/KV ratios vs length")
+    args = ap.parse_args(argv)
+
+    from speed_train.speed.tiny import tiny_model
+
+    p = PRESETS[args.preset]
+    dtype = getattr(torch, args.dtype)
+    with torch.device(args.device):
+        model = tiny_model("llama", layers=p["layers"], hidden=p["hidden"], heads=p["heads"], kv_heads=p["kv_heads"],
+                           intermediate=p["intermediate"], vocab=p["vocab"], dtype=dtype, max_position_embeddings=262144)  # fmt: skip
+    model.to(args.device)
+    shape = ModelShape.from_config(model.config)
+    L, K = shape.layers, args.k
+    if not 1 <= K <= L:
+        raise SystemExit(f"--k {K} must be in 1..{L}")
+    bw = args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else measure_bandwidth(args.device)
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
+    dbytes = torch.finfo(dtype).bits // 8
+    rows = []
+    for n in [int(x) for x in args.lengths.split(",")]:
+        prompts = [make_prompt(n, p["vocab"], seed=i) for i in range(args.batch)]
+        n_kept = 3  # anchor + 2 header tokens
+        res: dict[str, dict[str, list]] = {"full": {"ttft": [], "tpot": []}, "speed": {"ttft": [], "tpot": []}}
+        kv = {}
+        for r in range(args.runs + 1):  # first round warms up
+            for name, kk in (("full", L), ("speed", K)):
+                ttft, tpot, cache = run_one(model, prompts, kk, args.decode_steps, args.device)
+                if r:
+                    res[name]["ttft"].append(ttft)
+                    res[name]["tpot"].append(tpot)
+                kv[name] = sum(cache.active_bytes_per_layer())
+                del cache
+        steps_written = args.decode_steps  # run_one feeds every step's token back
+        kv_full_formula = kv_bytes_formula(shape, L, n + steps_written, n_kept + steps_written, args.batch, dbytes)
+        kv_speed_formula = kv_bytes_formula(shape, K, n + steps_written, n_kept + steps_written, args.batch, dbytes)
+        med = {v: {m: statistics.median(res[v][m]) for m in ("ttft", "tpot")} for v in res}
+        pf_full, pf_speed = prefill_flops(shape, L, n, n_kept, args.batch), prefill_flops(shape, K, n, n_kept, args.batch)
+        kv_prompt_full = kv_bytes_formula(shape, L, n, n_kept, args.batch, dbytes)
+        kv_prompt_speed = kv_bytes_formula(shape, K, n, n_kept, args.batch, dbytes)
+        tpot_pred_full = (weight_bytes + kv_prompt_full) / bw
+        tpot_pred_speed = (weight_bytes + kv_prompt_speed) / bw
+        rows.append({
+            "length": n, "batch": args.batch,
+            "kv_full": kv["full"], "kv_speed": kv["speed"], "kv_ratio": kv["speed"] / kv["full"],
+            "kv_ratio_pred": kv_speed_formula / kv_full_formula,
+            "kv_matches_formula": kv["full"] == kv_full_formula and kv["speed"] == kv_speed_formula,
+            "ttft_full_s": med["full"]["ttft"], "ttft_speed_s": med["speed"]["ttft"],
+            "ttft_ratio": med["speed"]["ttft"] / med["full"]["ttft"], "ttft_ratio_pred": pf_speed / pf_full,
+            "tpot_full_s": med["full"]["tpot"], "tpot_speed_s": med["speed"]["tpot"],
+            "tpot_ratio": med["speed"]["tpot"] / med["full"]["tpot"], "tpot_ratio_pred": tpot_pred_speed / tpot_pred_full,
+            "tpot_full_roofline_s": tpot_pred_full, "tpot_speed_roofline_s": tpot_pred_speed,
+        })  # fmt: skip
+    dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(f"inference benchmark: {args.preset} ({L} layers, K={K}), {args.dtype}, batch {args.batch}, "
+          f"{dev_name}, bandwidth {bw / 1e9:.1f} GB/s, medians of {args.runs} interleaved runs")  # fmt: skip
+    print(f"{'length':>7} {'KV full MiB':>12} {'KV ratio':>9} {'pred':>6} {'TTFT ratio':>11} {'pred':>6} "
+          f"{'TPOT full ms':>13} {'roofline':>9} {'TPOT ratio':>11} {'pred':>6}")  # fmt: skip
+    for r in rows:
+        print(f"{r['length']:>7} {r['kv_full'] / 2**20:>12.2f} {r['kv_ratio']:>9.4f} {r['kv_ratio_pred']:>6.4f} "
+              f"{r['ttft_ratio']:>11.3f} {r['ttft_ratio_pred']:>6.3f} {1e3 * r['tpot_full_s']:>13.3f} "
+              f"{1e3 * r['tpot_full_roofline_s']:>9.3f} {r['tpot_ratio']:>11.3f} {r['tpot_ratio_pred']:>6.3f}")  # fmt: skip
+    out = {"args": vars(args), "device": dev_name, "bandwidth_Bps": bw, "weight_bytes": weight_bytes, "rows": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    if args.plot:
+        _plot(rows, args.plot, f"SPEED-{K}/{L} vs full depth ({dev_name})")
+    return out
+
+
+def _plot(rows, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r["length"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("kv_ratio", "active KV"), ("ttft_ratio", "TTFT"), ("tpot_ratio", "TPOT")):
+        ax.plot(x, [r[key] for r in rows], marker="o", label=f"{label} (measured)")
+        ax.plot(x, [r[key + "_pred"] for r in rows], linestyle="--", label=f"{label} (predicted)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("SPEED / full")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
