@@ -1,0 +1,42 @@
+"""Layer-wise diagnostics on a tiny model, and the auto-K rule on hand-made curves."""
+
+from __future__ import annotations
+
+import pytest
+from test_executors import make_example
+
+from speed_train.eval.diagnostics import auto_k, layer_diagnostics, plot
+from speed_train.speed.tiny import tiny_model
+
+
+def test_masses_sum_to_one_and_final_layer_kl_is_zero(tmp_path):
+    model = tiny_model("llama", layers=4)
+    curves = layer_diagnostics(model, [make_example("bos", 2, seed=1), make_example("none", 1, seed=2)])
+    for layer in range(4):
+        total = curves["prompt_mass"][layer] + curves["anchor_mass"][layer] + curves["decode_mass"][layer]
+        assert total == pytest.approx(1.0, abs=1e-5)
+    assert len(curves["rep_change"]) == 3 and all(0 <= v <= 2 for v in curves["rep_change"])
+    assert curves["logit_lens_kl"][-1] == pytest.approx(0.0, abs=1e-5)  # layer L-1 *is* the final layer
+    assert curves["num_queries"] == make_example("bos", 2, seed=1).roles.count(2) + make_example("none", 1, seed=2).roles.count(2)
+    assert model.config._attn_implementation != "eager"  # restored
+    plot(curves, 3, str(tmp_path / "d.png"), "tiny")
+    assert (tmp_path / "d.png").stat().st_size > 0
+
+
+def test_auto_k_rule():
+    # prompt mass: 90% of the total (10.0) is reached within the first 6 layers
+    curves = {"prompt_mass": [3, 2, 2, 1, 0.5, 0.5, 0.25, 0.25, 0.25, 0.25],
+              "rep_change": [0.4, 0.1, 0.1, 0.1, 0.1, 0.1, 0.3, 0.1, 0.1]}  # fmt: skip
+    # K_attn: cumsum 3,5,7,8,8.5,9.0 -> reaches 9.0 at layer index 5 -> K=6
+    # K_rep: threshold 0.5*0.4=0.2 over r[:-1]; r[6]=0.3 > 0.2 -> K_rep = 7
+    assert auto_k(curves) == {"k": 7, "k_attn": 6, "k_rep": 7}
+    # 0.99 x 10 = 9.9 is reached only by the last layer; r <= 0.32 from layer 1 on
+    assert auto_k(curves, attn_frac=0.99, rep_frac=0.8) == {"k": 10, "k_attn": 10, "k_rep": 1}
+
+
+def test_no_decode_tokens_is_a_clear_error():
+    model = tiny_model("llama", layers=2)
+    ex = make_example("bos", 1, seed=1)
+    ex.roles = [1 if r == 2 else r for r in ex.roles]
+    with pytest.raises(ValueError, match="no decode-phase tokens"):
+        layer_diagnostics(model, [ex])
