@@ -1,0 +1,92 @@
+"""lm-evaluation-harness model type ``speed``: any lm-eval task under SPEED.
+
+    python -m speed_train.eval.lm_eval_adapter --model speed \\
+        --model_args pretrained=smollm2,k=24,anchor=bos --tasks arc_easy --limit 50
+
+lm-eval finds model types in its registry; importing this module registers ``speed``. The
+command above is lm-eval's own CLI with this module imported first (``lm_eval --model speed``
+works the same from Python after ``import speed_train.eval.lm_eval_adapter``). ``pretrained``
+is ``smollm2`` (the packaged model), a local HF directory (its ``speed_config.json`` gives K and
+the anchor when not set) or a hub id; ``adapter=`` loads a LoRA adapter on top.
+
+loglikelihood uses the shared-context SPEED scorer (the context's answer cue and the
+continuation are decode phase); generate_until uses shallow-prefill generation.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from speed_train.eval.run import load_eval_model
+from speed_train.eval.scoring import generate_text, score_requests
+from speed_train.speed.config import SpeedConfig
+
+
+def _k(value):
+    if value is None or value in ("", "None", "full"):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    return float(value) if "." in str(value) else int(value)
+
+
+@register_model("speed")
+class SpeedLMEval(LM):
+    def __init__(self, pretrained: str = "smollm2", k=None, anchor: str | None = None, adapter: str | None = None,
+                 batch_size: int | str = 8, dtype: str = "float32", max_gen_toks: int = 256, **kwargs) -> None:  # fmt: skip
+        super().__init__()
+        self.model, self.tokenizer, saved = load_eval_model(pretrained, adapter, dtype)
+        k = _k(k) if k is not None else saved.get("k")
+        self.cfg = SpeedConfig(k=k, anchor=anchor or saved.get("anchor", "bos"))
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
+        self.max_gen_toks = int(max_gen_toks)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        args = dict(kv.split("=", 1) for kv in arg_string.split(",") if kv)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k in ("batch_size",)}
+        return cls(**args, **extra)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(r.args[0], []).append(i)
+        ctxs = list(groups)
+        scores = score_requests(self.model, self.tokenizer, self.cfg,
+                                [(c, [requests[i].args[1] for i in groups[c]]) for c in ctxs],
+                                batch_size=self.batch_size)  # fmt: skip
+        out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        for c, sc in zip(ctxs, scores):
+            for i, s in zip(groups[c], sc):
+                out[i] = (s.logprob, s.greedy)
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        # whole document as the continuation of an empty (BoS-only) context
+        return [s[0].logprob for s in score_requests(self.model, self.tokenizer, self.cfg,
+                                                     [("", [r.args[0]]) for r in requests], batch_size=1)]  # fmt: skip
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        outs = []
+        for r in requests:
+            ctx, kw = r.args
+            until = kw.get("until", [])
+            until = [until] if isinstance(until, str) else list(until)
+            outs += generate_text(self.model, self.tokenizer, self.cfg, [ctx],
+                                  max_new_tokens=int(kw.get("max_gen_toks", self.max_gen_toks)),
+                                  stop_sequences=tuple(until), batch_size=1)  # fmt: skip
+        return outs
+
+
+def main() -> None:
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv[0] = "lm_eval"
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
