@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
@@ -17,7 +20,14 @@ def main(cfg: DictConfig) -> None:
     from speed_train.train.run import train
     from speed_train.train.summary import print_summary
 
-    print_summary(train(cfg), cfg)
+    try:
+        results = train(cfg)
+    except Exception as e:  # leave a trace in the run folder: sweep summaries list the job as failed
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "failed.json").write_text(json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")
+        raise
+    print_summary(results, cfg)
 
 
 if __name__ == "__main__":
