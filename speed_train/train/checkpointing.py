@@ -43,6 +43,12 @@ def is_complete(path: Path) -> bool:
     return path.is_file() and path.suffix == ".ckpt"
 
 
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The optimizer step in a checkpoint's name (``step=N``), None if the name has none."""
+    m = _STEP.search(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
 def newest_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
     """The complete checkpoint with the highest step in ``ckpt_dir`` (None if there is none)."""
     d = Path(ckpt_dir)
@@ -81,11 +87,18 @@ class CompleteCheckpoint(ModelCheckpoint):
 
 class PreemptionCheckpoint(L.Callback):
     """SIGTERM / SIGUSR1 (SLURM pre-emption): finish the current optimizer step, save a
-    checkpoint, stop. With ``requeue`` (SLURM), the job is requeued and resumes with resume=auto."""
+    checkpoint, stop. With ``requeue`` (SLURM), the job is requeued and resumes with resume=auto.
+
+    The handler only records the signal. At each optimizer-step boundary the ranks agree
+    (one tiny all-reduce) on whether any of them got one, so all of them save the same step
+    and stop together, even when the signal reached only some ranks or at different times.
+    Installed at train start, it replaces Lightning's own SIGTERM handler for the fit (which
+    would stop without a checkpoint) and restores it at train end."""
 
     def __init__(self, ckpt_dir: str | os.PathLike, signals=(signal.SIGTERM, signal.SIGUSR1), requeue: bool = False):
         self.ckpt_dir, self.signals, self.requeue = Path(ckpt_dir), signals, requeue
         self.received: int | None = None
+        self.saved: str | None = None
         self._previous: dict = {}
 
     def _handler(self, signum, frame) -> None:
@@ -98,17 +111,27 @@ class PreemptionCheckpoint(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         for s, h in self._previous.items():
             signal.signal(s, h)
+        self._previous = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.received is None:
-            return
         if (batch_idx + 1) % trainer.accumulate_grad_batches:  # finish the optimizer step first
             return
+        signum = self.received or 0
+        if trainer.world_size > 1:
+            import torch
+
+            agreed = trainer.strategy.reduce(torch.tensor(float(signum), device=trainer.strategy.root_device),
+                                             reduce_op="max")  # fmt: skip
+            signum = int(agreed.item())
+        if not signum:
+            return
+        self.received = signum
         path = self.ckpt_dir / f"preempt-step={trainer.global_step}.ckpt"
         trainer.save_checkpoint(path)
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             mark_complete(path)
+        self.saved = str(path)
         trainer.should_stop = True
         if self.requeue and trainer.is_global_zero and os.environ.get("SLURM_JOB_ID"):
             os.system(f"scontrol requeue {os.environ['SLURM_JOB_ID']}")

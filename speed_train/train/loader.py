@@ -109,20 +109,41 @@ class ResumableLoader(DataLoader):
 
     def __init__(self, examples, plan: StepPlan, rank: int, pad_id: int, pack_to=None, num_workers=0):
         ds = _MicroBatches(examples, plan, rank, pad_id, pack_to)
+        # Own generator: DataLoader draws a base seed from its generator at every iter(); from
+        # the global one that would shift the torch RNG (dropout) by one draw on each resume.
         super().__init__(ds, batch_size=None, sampler=_EpochSampler(len(ds)), collate_fn=_identity,
-                         num_workers=num_workers)  # fmt: skip
+                         num_workers=num_workers, generator=torch.Generator().manual_seed(plan.seed))  # fmt: skip
         self.consumed = 0  # micro-batches of the current epoch finished (counted by the module)
         self._epoch_of_count = 0
 
     def mark_consumed(self, epoch: int) -> None:
+        """Called after each micro-batch is trained (before any checkpoint of that step)."""
         if epoch != self._epoch_of_count:
             self._epoch_of_count, self.consumed = epoch, 0
         self.consumed += 1
 
+    def _shape(self) -> dict:
+        p = self.dataset.plan
+        return {"examples": len(p.num_supervised), "global_batch": p.global_batch, "micro_batch": p.micro_batch,
+                "world_size": p.world_size, "seed": p.seed}  # fmt: skip
+
     def state_dict(self) -> dict:
-        return {"epoch": self._epoch_of_count, "consumed": self.consumed}
+        return {"epoch": self._epoch_of_count, "consumed": self.consumed, "plan": self._shape()}
 
     def load_state_dict(self, state: dict) -> None:
-        self._epoch_of_count, self.consumed = state["epoch"], state["consumed"]
-        if self.consumed < len(self.sampler):
-            self.sampler.skip = self.consumed
+        """Lightning calls this on resume *before* it creates the iterator (FitLoop.setup_data),
+        and that first iterator serves the resumed epoch: the sampler must already be on the saved
+        epoch (Lightning's ``set_epoch`` comes only after), skipping what was consumed. A
+        checkpoint taken at the end of an epoch resumes at the start of the next one."""
+        saved = state.get("plan")
+        if saved is not None and saved != self._shape():
+            diff = ", ".join(f"{k} {saved[k]} -> {v}" for k, v in self._shape().items() if saved.get(k) != v)
+            raise ValueError(
+                f"cannot resume: the checkpoint's data plan differs from this run's ({diff}). Resume with "
+                "the same data, seed, global/micro batch size and number of ranks, or start afresh (resume=never)"
+            )
+        epoch, consumed = int(state["epoch"]), int(state["consumed"])
+        if consumed >= len(self.sampler):
+            epoch, consumed = epoch + 1, 0
+        self._epoch_of_count, self.consumed = epoch, consumed
+        self.sampler.epoch, self.sampler.skip = epoch, consumed

@@ -86,12 +86,13 @@ class SpeedLM(L.LightningModule):
         return kl, n
 
     def _scale(self, step_tokens: int) -> float:
+        """Undo what the stack divides by afterwards: Lightning's closure divides the returned loss
+        by GA; DDP and ZeRO average gradients over ranks; and the DeepSpeed engine's backward
+        divides by GA once more (``scale_wrt_gas``; tests/test_train.py checks the gradients)."""
         world = self.trainer.world_size if self.loss_scale_ranks else 1
         scale = self.accumulation * world / max(step_tokens, 1)
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
-        if isinstance(self.trainer.strategy, DeepSpeedStrategy):
-            scale *= self.accumulation  # the DeepSpeed engine divides by GA again in backward
+        if self._is_deepspeed():
+            scale *= self.accumulation
         return scale
 
     def training_step(self, item, batch_idx):
@@ -107,10 +108,13 @@ class SpeedLM(L.LightningModule):
         a["prompt"] += int(((batch.roles == PROMPT) & real).sum())
         a["decode"] += int(((batch.roles == DECODE) & real).sum())
         a["flops"] += step_flops(self.shape, batch, self.k, "mask" if self.executor == "mask" else "gather")
-        self._step_tokens = item["step_tokens"]
         return loss_sum * self._scale(item["step_tokens"])
 
-    def on_train_batch_end(self, outputs, item, batch_idx) -> None:
+    def end_of_micro_batch(self, item) -> None:
+        """Book-keeping after each micro-batch, called by :class:`StepBookkeeping` — a callback, so
+        that it runs *before* the checkpoint callbacks (Lightning calls callbacks before the
+        module's own ``on_train_batch_end``, and moves checkpoint callbacks last): a checkpoint
+        written at this step then holds this micro-batch as consumed and this step's loss."""
         loader = self.trainer.train_dataloader
         if hasattr(loader, "mark_consumed"):
             loader.mark_consumed(item["epoch"])
@@ -133,6 +137,10 @@ class SpeedLM(L.LightningModule):
         }
         if self.peak_flops:
             metrics["train/mfu"] = flops / max(dt, 1e-9) / (self.peak_flops * self.trainer.world_size)
+        if self._is_deepspeed():
+            norm = self.trainer.model.get_global_grad_norm()  # ZeRO: no full .grad on the params
+            if norm is not None:
+                metrics["train/grad_norm"] = float(norm)
         self.log_dict(metrics, on_step=True, prog_bar=False, logger=True, rank_zero_only=True)
         self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, rank_zero_only=True)
         self.step_losses.append(metrics["train/loss"])
@@ -140,16 +148,30 @@ class SpeedLM(L.LightningModule):
             self._acc[k] = 0.0 if k in ("loss", "flops") else 0
         self._t0 = time.perf_counter()
 
+    def on_fit_start(self) -> None:
+        # HF from_pretrained / the tiny builder return models in eval mode, and Lightning keeps
+        # submodule modes as found: without this, dropout (LoRA dropout included) and HF
+        # gradient checkpointing (active only in training mode) would silently be off.
+        self.model.train()
+
     def on_train_start(self) -> None:
         self._last_step = self.trainer.global_step
 
     @property
     def step_losses(self) -> list[float]:
+        """Loss of every optimizer step so far (restored from the checkpoint on resume)."""
         if not hasattr(self, "_step_losses"):
             self._step_losses: list[float] = []
         return self._step_losses
 
+    def _is_deepspeed(self) -> bool:
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return isinstance(self.trainer.strategy, DeepSpeedStrategy)
+
     def on_before_optimizer_step(self, optimizer) -> None:
+        if self._is_deepspeed():  # called per micro-batch and grads are partitioned: logged at step end
+            return
         norms = [p.grad.detach().float().norm() for p in self.parameters() if p.grad is not None]
         if norms:
             self.log("train/grad_norm", torch.stack(norms).norm(), on_step=True, rank_zero_only=True)
@@ -169,10 +191,19 @@ class SpeedLM(L.LightningModule):
     # -- exact resume: RNG state travels with the checkpoint ---------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["speed_rng"] = {"torch": torch.get_rng_state(), "last_step": self._last_step}
+        checkpoint["speed_step_losses"] = list(self.step_losses)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "speed_rng" in checkpoint:
             torch.set_rng_state(checkpoint["speed_rng"]["torch"])
+        self._step_losses = list(checkpoint.get("speed_step_losses", []))
+
+
+class StepBookkeeping(L.Callback):
+    """Runs :meth:`SpeedLM.end_of_micro_batch` first thing after each micro-batch (see there)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        pl_module.end_of_micro_batch(batch)
 
 
 def _config_of(model):

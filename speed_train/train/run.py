@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 from contextlib import nullcontext
-import shutil
 from pathlib import Path
 
 import lightning as L
@@ -23,10 +22,12 @@ from speed_train.train.checkpointing import (
     AtomicCheckpointIO,
     CompleteCheckpoint,
     PreemptionCheckpoint,
+    checkpoint_step,
     resolve_resume,
 )
+from speed_train.train.export import consolidate, export
 from speed_train.train.loader import ResumableLoader, StepPlan
-from speed_train.train.module import SpeedLM
+from speed_train.train.module import SpeedLM, StepBookkeeping
 from speed_train.train.strategies import build_strategy
 
 # Dense bf16 peak per device, for the MFU estimate (override with trainer.peak_tflops in code).
@@ -71,13 +72,14 @@ def _supervised_counts(examples) -> list[int]:
     return [ex.num_supervised() for ex in examples]
 
 
-def _loggers(cfg: DictConfig, out: Path):
+def _loggers(cfg: DictConfig, out: Path, resume_step: int | None):
     loggers = []
     kinds = list(cfg.logger.kind)
     if "csv" in kinds:
-        from lightning.pytorch.loggers import CSVLogger
+        from speed_train.train.logs import ResumableCSVLogger
 
-        loggers.append(CSVLogger(save_dir=str(out), name="logs", version=""))
+        loggers.append(ResumableCSVLogger(str(out), name="logs", version="", keep_before_step=resume_step,
+                                          flush_logs_every_n_steps=cfg.trainer.log_every_n_steps))  # fmt: skip
     if "wandb" in kinds:
         from lightning.pytorch.loggers import WandbLogger
 
@@ -88,48 +90,9 @@ def _loggers(cfg: DictConfig, out: Path):
     return loggers
 
 
-def _atomic_dir(final: Path, write) -> None:
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def export(model, tokenizer, cfg: DictConfig, k: int, out: Path) -> dict[str, str]:
-    """HF checkpoint (+ LoRA adapter) with ``speed_config.json`` beside it, written atomically."""
-    speed = {**speed_config(cfg).to_dict(), "k_layers": k, "num_layers": unwrap(model).config.num_hidden_layers}
-    paths: dict[str, str] = {}
-
-    def write_speed(d: Path) -> None:
-        (d / "speed_config.json").write_text(json.dumps(speed, indent=2) + "\n")
-
-    if hasattr(model, "peft_config"):
-
-        def write_adapter(d: Path) -> None:
-            model.save_pretrained(d)
-            write_speed(d)
-
-        _atomic_dir(out / "adapter", write_adapter)
-        paths["adapter"] = str(out / "adapter")
-        merged = model.merge_and_unload()  # last use of the model: merging in place is fine
-    else:
-        merged = model
-
-    def write_model(d: Path) -> None:
-        merged.save_pretrained(d)
-        tokenizer.save_pretrained(d)
-        write_speed(d)
-
-    _atomic_dir(out / "model", write_model)
-    paths["model"] = str(out / "model")
-    return paths
-
-
-def train(cfg: DictConfig) -> dict:
+def train(cfg: DictConfig, *, callbacks=()) -> dict:
+    """Runs the recipe; ``callbacks``: extra Lightning callbacks (tests, user code). Returns the
+    results (also written to ``<output_dir>/results.json`` by rank 0)."""
     world = world_size_of(cfg)
     validate(cfg, world)
     out = Path(cfg.output_dir)
@@ -167,15 +130,21 @@ def train(cfg: DictConfig) -> dict:
     accelerator = cfg.trainer.accelerator
     strategy = build_strategy(cfg, "cpu" if accelerator == "cpu" else "gpu")
     ckpt_dir = out / "checkpoints"
-    callbacks = [
+    ckpt = resolve_resume(cfg.resume, ckpt_dir)
+    preemption = PreemptionCheckpoint(ckpt_dir, requeue=bool(os.environ.get("SLURM_JOB_ID")))
+    # Order matters for the on_train_batch_end hooks: book-keeping (loader position, step loss)
+    # first, then the pre-emption save; Lightning moves ModelCheckpoint to the very end.
+    all_callbacks = [
+        StepBookkeeping(),
+        preemption,
         CompleteCheckpoint(dirpath=str(ckpt_dir), filename="{step}", every_n_train_steps=cfg.trainer.checkpoint_every_n_steps or total_steps,
                            save_top_k=cfg.trainer.keep_checkpoints, monitor="step", mode="max", save_last=False),
-        PreemptionCheckpoint(ckpt_dir, requeue=bool(os.environ.get("SLURM_JOB_ID"))),
+        *callbacks,
     ]  # fmt: skip
     if cfg.trainer.progress_bar:
         from lightning.pytorch.callbacks import RichProgressBar
 
-        callbacks.append(RichProgressBar())
+        all_callbacks.append(RichProgressBar())
     module = SpeedLM(model, k=k, executor=cfg.speed.executor, backend=cfg.model.attn_backend, optim=cfg.optim,
                      objective=cfg.objective, total_steps=total_steps, accumulation=plan.accumulation,
                      peak_flops=_peak_flops(accelerator))  # fmt: skip
@@ -183,26 +152,31 @@ def train(cfg: DictConfig) -> dict:
         accelerator=accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
         precision=cfg.trainer.precision, strategy=strategy, max_steps=total_steps, max_epochs=-1,
         accumulate_grad_batches=plan.accumulation, gradient_clip_val=cfg.optim.gradient_clip or None,
-        logger=_loggers(cfg, out) or False, callbacks=callbacks, use_distributed_sampler=False,
-        default_root_dir=str(out), enable_progress_bar=cfg.trainer.progress_bar,
+        logger=_loggers(cfg, out, checkpoint_step(ckpt) if ckpt else None) or False, callbacks=all_callbacks,
+        use_distributed_sampler=False, default_root_dir=str(out), enable_progress_bar=cfg.trainer.progress_bar,
         log_every_n_steps=cfg.trainer.log_every_n_steps, num_sanity_val_steps=0,
         deterministic=cfg.trainer.deterministic, plugins=[AtomicCheckpointIO()] if cfg.strategy.name != "deepspeed" else None,
     )  # fmt: skip
     loader = ResumableLoader(train_ex, plan, trainer.global_rank, pad_id,
                              pack_to=cfg.data.max_length if cfg.data.pack else None,
                              num_workers=cfg.data.num_workers)  # fmt: skip
-    ckpt = resolve_resume(cfg.resume, ckpt_dir)
     trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt)
-    preempted = callbacks[1].received
+    preempted = preemption.received
     results["preempted_by_signal"] = preempted
+    results["preempt_checkpoint"] = preemption.saved
     results["resumed_from"] = ckpt
     results["step_losses"] = module.step_losses
     results["global_step"] = trainer.global_step
+    results["rank"] = trainer.global_rank
+    # ZeRO-3: gather the shards into one model on rank 0 (all ranks take part), then evaluate
+    # and export that; otherwise the trained model itself. Pre-empted: no time for either.
+    wanted = (cfg.eval_report or cfg.export) and preempted is None
+    final = consolidate(model, cfg, tokenizer, trainer.is_global_zero) if wanted else None
     if trainer.is_global_zero:
-        if cfg.eval_report:
-            results["heldout_speed_adapted"] = heldout_loss(model, held_ex, k, pad_id)
-        if cfg.export and preempted is None:
-            results["export"] = export(model, tokenizer, cfg, k, out / "export")
+        if cfg.eval_report and final is not None:
+            results["heldout_speed_adapted"] = heldout_loss(final, held_ex, k, pad_id)
+        if cfg.export and final is not None:
+            results["export"] = export(final, tokenizer, cfg, k, out / "export")
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     _finish_wandb()
     return results

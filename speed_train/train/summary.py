@@ -9,8 +9,8 @@ from rich.table import Table
 
 
 def print_summary(results: dict, cfg=None, console: Console | None = None) -> None:
-    if not results or "global_step" not in results:
-        return
+    if not results or "global_step" not in results or results.get("rank", 0) != 0:
+        return  # one table per run, from rank 0
     console = console or Console()
     k, n = results["k"], results["num_layers"]
     t = Table(title=f"held-out decode-token loss (SPEED-{k}/{n}, anchor={results['anchor']})")
@@ -27,6 +27,9 @@ def print_summary(results: dict, cfg=None, console: Console | None = None) -> No
     console.print(t)
     console.print(f"steps: {results['global_step']}" + (f" (resumed from {results['resumed_from']})"
                                                          if results.get("resumed_from") else ""))  # fmt: skip
+    if results.get("preempted_by_signal"):
+        console.print(f"stopped by signal {results['preempted_by_signal']}: checkpoint {results.get('preempt_checkpoint')}; "
+                      "run the same command again to resume (resume=auto)")  # fmt: skip
     for what, path in (results.get("export") or {}).items():
         console.print(f"{what}: {path}")
     if cfg is not None:

@@ -1,0 +1,115 @@
+"""Export after training: a consolidated HF checkpoint (``save_pretrained``) with
+``speed_config.json`` beside it, plus the LoRA adapter when LoRA was trained.
+
+Under ZeRO-3 every rank holds a shard of each parameter and the module's tensors are empty
+(size 0): ``save_pretrained`` on it writes empty tensors (PITFALLS). ``consolidate`` gathers the
+parameters one at a time (all ranks take part; rank 0 keeps a CPU copy) and loads them into a
+freshly built model on rank 0, which is then evaluated and exported like any other model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from speed_train.speed.adapters import unwrap
+from speed_train.train.build import load_model, speed_config
+
+
+def is_zero3(cfg: DictConfig) -> bool:
+    return cfg.strategy.name == "deepspeed" and cfg.strategy.zero_stage == 3
+
+
+def gather_full_state(model: torch.nn.Module, keep: bool) -> dict[str, torch.Tensor] | None:
+    """Full parameters (and persistent buffers) of a ZeRO-3 model, gathered one parameter at a
+    time; every rank must call this (the gathers are collectives); ``keep`` on rank 0 only."""
+    import deepspeed
+
+    persistent = set(model.state_dict().keys())
+    state: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():  # tied parameters appear once
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            if keep:
+                state[name] = p.detach().to("cpu", copy=True)
+    if keep:
+        for name, b in model.named_buffers():  # buffers are not partitioned
+            if name in persistent:
+                state[name] = b.detach().to("cpu", copy=True)
+    return state if keep else None
+
+
+def materialize(cfg: DictConfig, tokenizer, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A fresh (non-partitioned) model of the config with ``state`` loaded; every unique
+    parameter must come from ``state``."""
+    fresh = load_model(cfg, tokenizer)
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    loaded = set(state)
+    not_loaded = [n for n, _ in fresh.named_parameters() if n not in loaded]
+    if unexpected or not_loaded:
+        raise RuntimeError(f"consolidating the ZeRO-3 model: unexpected keys {unexpected[:5]}, "
+                           f"parameters not gathered {not_loaded[:5]}")  # fmt: skip
+    return fresh
+
+
+def consolidate(model: torch.nn.Module, cfg: DictConfig, tokenizer, is_global_zero: bool) -> torch.nn.Module | None:
+    """The trained model as one full in-memory model on rank 0 (None on other ranks under
+    ZeRO-3; the model itself otherwise: with DDP and ZeRO-1/2 every rank holds full weights)."""
+    if not is_zero3(cfg):
+        return model if is_global_zero else None
+    state = gather_full_state(model, keep=is_global_zero)
+    return materialize(cfg, tokenizer, state) if is_global_zero else None
+
+
+def check_not_empty(model: torch.nn.Module, what: str) -> None:
+    empty = [n for n, t in model.state_dict().items() if t.numel() == 0]
+    if empty:
+        raise RuntimeError(f"refusing to export {what}: {len(empty)} empty (size-0) tensors, e.g. {empty[0]!r}; "
+                           "a ZeRO-3 model must be consolidated first (export.consolidate)")  # fmt: skip
+
+
+def _atomic_dir(final: Path, write) -> None:
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export(model, tokenizer, cfg: DictConfig, k: int, out: Path) -> dict[str, str]:
+    """HF checkpoint (+ LoRA adapter) with ``speed_config.json`` beside it, written atomically.
+    ``model`` must be a full (consolidated) model; with LoRA it is merged in place."""
+    check_not_empty(model, "the model")
+    speed = {**speed_config(cfg).to_dict(), "k_layers": k, "num_layers": unwrap(model).config.num_hidden_layers}
+    paths: dict[str, str] = {}
+
+    def write_speed(d: Path) -> None:
+        (d / "speed_config.json").write_text(json.dumps(speed, indent=2) + "\n")
+
+    if hasattr(model, "peft_config"):
+
+        def write_adapter(d: Path) -> None:
+            model.save_pretrained(d)
+            write_speed(d)
+
+        _atomic_dir(out / "adapter", write_adapter)
+        paths["adapter"] = str(out / "adapter")
+        merged = model.merge_and_unload()  # last use of the model: merging in place is fine
+    else:
+        merged = model
+
+    def write_model(d: Path) -> None:
+        merged.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        write_speed(d)
+
+    _atomic_dir(out / "model", write_model)
+    paths["model"] = str(out / "model")
+    return paths

@@ -1,0 +1,350 @@
+"""Training system: every experiment runs; step-exact loss normalisation across accumulation,
+ranks (DDP) and DeepSpeed ZeRO-2/3 on CPU; export (also from ZeRO-3 shards, LoRA too) reloads to
+the same SPEED logits; exact resume after a hard kill and after SIGTERM/SIGUSR1; distillation.
+
+Everything runs a tiny random llama on the packaged chat data, tokenised once per session.
+Multi-process runs go through tests/train_script.py under torchrun (gloo on CPU); probes (gradient
+dump, hard kill, self-signal, logits dump) are test-only callbacks (tests/train_helpers.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import signal
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from train_helpers import (
+    BASE,
+    GradDump,
+    LogitsDump,
+    compose_cfg,
+    probe_batch,
+    results_of,
+    run_script,
+    speed_logits,
+)
+
+from speed_train.train.checkpointing import COMPLETE, newest_checkpoint, resolve_resume
+from speed_train.train.loader import ResumableLoader, StepPlan
+from speed_train.train.run import train
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # 2 shared cores: OpenMP with 2 threads under load is ~30x slower than 1 thread, and the
+    # exactness tests compare in-process runs with subprocess runs (OMP_NUM_THREADS=1).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    """Tokenised-data cache shared by every run of the session (subprocesses included)."""
+    d = tmp_path_factory.mktemp("speed_data_cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SPEED_TEST_CACHE", str(d))  # probe_batch() in subprocesses reads it
+    yield str(d)
+    mp.undo()
+
+
+def overrides(cache, out, *extra):
+    return [*BASE, f"data.cache_dir={cache}", f"output_dir={out}", *extra]
+
+
+def run(cache, out, *extra, callbacks=()):
+    return train(compose_cfg(overrides(cache, out, *extra)), callbacks=list(callbacks))
+
+
+def csv_losses(out) -> dict[int, str]:
+    with open(Path(out) / "logs" / "metrics.csv", newline="") as f:
+        return {int(r["step"]): r["train/loss"] for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b) and a, (sorted(set(a) ^ set(b))[:5], len(a))
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+# -- 1. every experiment config trains on a tiny model -----------------------------------------
+class TrainModeProbe(L.Callback):
+    """Records whether every module of the model is in training mode at each micro-batch."""
+
+    def __init__(self) -> None:
+        self.modes: list[bool] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.modes.append(all(m.training for m in pl_module.model.modules()))
+
+
+@pytest.mark.parametrize("exp", EXPERIMENTS)
+def test_experiment_trains_two_steps_on_a_tiny_model(exp, cache, tmp_path):
+    # The experiment's K is kept: the tiny llama gets the real model's 32 layers (and, like the
+    # real models, activation checkpointing).
+    mode = TrainModeProbe()
+    r = run(cache, tmp_path, f"+experiment={exp}", "model.num_layers=32", "model.gradient_checkpointing=true",
+            "trainer.max_steps=2", "trainer.global_batch_size=4", "trainer.micro_batch_size=2",
+            "data.max_train_examples=16", callbacks=[mode])  # fmt: skip
+    # HF and the tiny builder return models in eval mode; trained so, dropout and gradient
+    # checkpointing would silently be off (full fine-tuning: peft does not switch modes for us)
+    assert mode.modes == [True] * 4
+    cfg = compose_cfg(overrides(cache, tmp_path, f"+experiment={exp}"))
+    assert r["global_step"] == 2 and len(r["step_losses"]) == 2
+    assert all(math.isfinite(x) and 5 < x < 15 for x in r["step_losses"]), r["step_losses"]
+    assert r["num_layers"] == 32 and r["k"] == (cfg.speed.k or 32) and r["anchor"] == cfg.speed.anchor
+    assert list(csv_losses(tmp_path)) == [0, 1]
+    assert json.loads((tmp_path / "results.json").read_text())["step_losses"] == r["step_losses"]
+
+
+# -- 2. loss normalisation: GA x micro x ranks do not change the gradient ----------------------
+def test_step_plan_gives_each_step_the_same_examples_whatever_the_split():
+    counts = [(i * 7) % 13 + 1 for i in range(24)]
+    splits = [(1, 1), (4, 1), (2, 2), (1, 4), (1, 2)]  # (micro, ranks) for a global batch of 4 / 8
+    for gb in (4, 8):
+        seen = {}
+        for micro, ranks in splits:
+            if gb % (micro * ranks):
+                continue
+            plan = StepPlan(counts, gb, micro, ranks, seed=3)
+            for step in range(plan.steps_per_epoch):
+                ex, toks = [], set()
+                for rank in range(ranks):
+                    for m in range(plan.accumulation):
+                        idx, t = plan.items(1, rank, step * plan.accumulation + m)
+                        ex += idx
+                        toks.add(t)
+                assert len(toks) == 1 and toks.pop() == sum(counts[i] for i in ex)
+                seen.setdefault(step, sorted(ex))
+                assert sorted(ex) == seen[step], (gb, micro, ranks, step)
+    with pytest.raises(ValueError, match="not divisible by micro batch 3 x 2 ranks"):
+        StepPlan(counts, 8, 3, 2, seed=0)
+
+
+# full fine-tuning (LoRA's B starts at 0, so most LoRA gradients would be trivially equal)
+FULL = ["lora.enabled=false", "trainer.global_batch_size=4", "data.max_train_examples=16", "trainer.max_steps=4"]
+
+
+@pytest.fixture(scope="module")
+def reference(cache, tmp_path_factory):
+    """Single process, GA=4 x micro 1: gradients of step 1, losses of 4 steps, final logits."""
+    d = tmp_path_factory.mktemp("ref_ga4")
+    r = run(cache, d, *FULL, "trainer.micro_batch_size=1",
+            callbacks=[GradDump(d / "grads.pt"), LogitsDump(d / "logits.pt")])  # fmt: skip
+    return {"losses": r["step_losses"], "grads": torch.load(d / "grads.pt"), "logits": torch.load(d / "logits.pt")}
+
+
+def test_accumulation_and_ddp_ranks_give_the_same_gradients(reference, cache, tmp_path):
+    g = reference["grads"]
+    assert max(t.abs().max().item() for t in g.values()) > 1e-2  # not trivially zero
+    r1 = run(cache, tmp_path / "ga1", *FULL, "trainer.max_steps=1", "trainer.micro_batch_size=4",
+             callbacks=[GradDump(tmp_path / "ga1.pt")])  # fmt: skip
+    assert max_diff(g, torch.load(tmp_path / "ga1.pt")) < 1e-6  # GA=4 x 1 == GA=1 x 4
+    assert abs(r1["step_losses"][0] - reference["losses"][0]) < 1e-6
+    # 2 processes (torchrun, DDP over gloo), GA=2 x micro 1: all-reduced gradients at step 1.
+    # On the way: SIGTERM to rank 0 only during step 2; the ranks agree, both save step 2 and stop.
+    run_script(overrides(cache, tmp_path / "ddp", *FULL, "trainer.micro_batch_size=1", "strategy=ddp",
+                         "trainer.devices=2"), nproc=2,
+               probes={"grads": str(tmp_path / "ddp.pt"), "signal_at_step": [1, "SIGTERM"]})  # fmt: skip
+    assert max_diff(g, torch.load(tmp_path / "ddp.pt")) < 1e-6
+    res = results_of(tmp_path / "ddp")
+    assert max(abs(a - b) for a, b in zip(res["step_losses"], reference["losses"][:2])) < 1e-6
+    assert res["global_step"] == 2 and res["preempted_by_signal"] == signal.SIGTERM
+    assert Path(res["preempt_checkpoint"]).name == "preempt-step=2.ckpt" and Path(res["preempt_checkpoint"]).is_file()
+
+
+# -- 3. DeepSpeed ZeRO-2 / ZeRO-3 on CPU, 2 processes ------------------------------------------
+DS = [*FULL, "trainer.micro_batch_size=1", "trainer.devices=2"]
+
+
+def test_deepspeed_zero2_matches_single_process_and_resumes(reference, cache, tmp_path):
+    out = tmp_path / "z2"
+    # killed hard right after the step-2 checkpoint; gradients of step 1 dumped on the way
+    r = run_script(overrides(cache, out, *DS, "strategy=deepspeed_zero2", "trainer.checkpoint_every_n_steps=2"),
+                   nproc=2, probes={"grads": str(tmp_path / "g.pt"), "exit_at_step": 2}, check=False)  # fmt: skip
+    assert r.returncode != 0 and not (out / "results.json").exists()
+    assert "built successfully" not in r.stdout + r.stderr  # no DeepSpeed op was compiled
+    # DeepSpeed's engine divides by GA in backward on top of Lightning: SpeedLM._scale undoes it
+    assert max_diff(reference["grads"], torch.load(tmp_path / "g.pt")) < 1e-6
+    assert (out / "checkpoints" / "step=2.ckpt" / COMPLETE).is_file()
+    run_script(overrides(cache, out, *DS, "strategy=deepspeed_zero2", "trainer.checkpoint_every_n_steps=2"), nproc=2)
+    res = results_of(out)
+    assert res["resumed_from"].endswith("step=2.ckpt") and res["global_step"] == 4
+    assert len(res["step_losses"]) == 4
+    assert max(abs(a - b) for a, b in zip(res["step_losses"], reference["losses"])) < 1e-5
+
+
+def test_deepspeed_zero3_matches_single_process_and_exports_full_weights(reference, cache, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "z3"
+    run_script(overrides(cache, out, *DS, "strategy=deepspeed_zero3", "export=true", "eval_report=true"), nproc=2,
+               probes={"grads": str(tmp_path / "g.pt"), "logits": str(tmp_path / "logits.pt")})  # fmt: skip
+    res = results_of(out)
+    assert max_diff(reference["grads"], torch.load(tmp_path / "g.pt")) < 1e-6
+    assert max(abs(a - b) for a, b in zip(res["step_losses"], reference["losses"])) < 1e-5
+    assert math.isfinite(res["heldout_speed_adapted"])  # evaluated on the consolidated model
+    model_dir = out / "export" / "model"
+    tensors = load_file(model_dir / "model.safetensors")
+    assert min(t.numel() for t in tensors.values()) > 0  # no empty ZeRO-3 shards written
+    speed = json.loads((model_dir / "speed_config.json").read_text())
+    assert (speed["k_layers"], speed["num_layers"], speed["anchor"]) == (3, 4, "bos")
+    reloaded = AutoModelForCausalLM.from_pretrained(model_dir)
+    logits = speed_logits(reloaded, probe_batch(), speed["k_layers"])
+    assert (logits - torch.load(tmp_path / "logits.pt")).abs().max().item() < 1e-5  # == the trained model
+    assert (logits - reference["logits"]).abs().max().item() < 1e-4  # == the single-process run
+
+
+def test_deepspeed_zero3_lora_adapter_is_full_and_loads_back(cache, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from speed_train.train.build import load_model, load_tokenizer
+
+    lora = ["lora.enabled=true", "trainer.global_batch_size=4", "data.max_train_examples=16", "trainer.max_steps=2",
+            "export=true", "optim.lr=1e-2"]  # fmt: skip
+    ref = run(cache, tmp_path / "ref", *lora, "trainer.micro_batch_size=1")
+    out = tmp_path / "z3lora"
+    run_script(overrides(cache, out, *lora, "trainer.micro_batch_size=1", "trainer.devices=2",
+                         "strategy=deepspeed_zero3"), nproc=2, probes={"logits": str(tmp_path / "logits.pt")})  # fmt: skip
+    res = results_of(out)
+    assert max(abs(a - b) for a, b in zip(res["step_losses"], ref["step_losses"])) < 1e-5
+    trained = torch.load(tmp_path / "logits.pt")
+    adapter = load_file(out / "export" / "adapter" / "adapter_model.safetensors")
+    assert adapter and min(t.numel() for t in adapter.values()) > 0
+    assert max(t.abs().max().item() for k, t in adapter.items() if "lora_B" in k) > 0  # trained, not the zero init
+    assert (out / "export" / "adapter" / "speed_config.json").is_file()
+    cfg = compose_cfg(overrides(cache, tmp_path, "lora.enabled=false"))
+    base = load_model(cfg, load_tokenizer(cfg))  # the same random init (seeded)
+    with_adapter = PeftModel.from_pretrained(base, out / "export" / "adapter")
+    batch = probe_batch()
+    assert (speed_logits(with_adapter, batch, 3) - trained).abs().max().item() < 1e-6
+    merged = AutoModelForCausalLM.from_pretrained(out / "export" / "model")
+    assert (speed_logits(merged, batch, 3) - trained).abs().max().item() < 1e-5
+
+
+def test_single_process_export_reloads_to_the_trained_logits(cache, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from speed_train.train.build import load_model, load_tokenizer
+
+    r = run(cache, tmp_path, "trainer.max_steps=2", "trainer.global_batch_size=4", "trainer.micro_batch_size=2",
+            "data.max_train_examples=16", "export=true", "eval_report=true", "optim.lr=1e-2",
+            callbacks=[LogitsDump(tmp_path / "logits.pt")])  # fmt: skip
+    assert r["export"] == {"adapter": str(tmp_path / "export" / "adapter"), "model": str(tmp_path / "export" / "model")}
+    assert r["heldout_speed_adapted"] < r["heldout_speed_zero_shot"]
+    trained, batch = torch.load(tmp_path / "logits.pt"), probe_batch()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / "model")
+    assert (speed_logits(merged, batch, r["k"]) - trained).abs().max().item() < 1e-5
+    cfg = compose_cfg(overrides(cache, tmp_path, "lora.enabled=false"))
+    adapted = PeftModel.from_pretrained(load_model(cfg, load_tokenizer(cfg)), tmp_path / "export" / "adapter")
+    assert (speed_logits(adapted, batch, r["k"]) - trained).abs().max().item() < 1e-6
+
+
+# -- 5./6. exact resume: hard kill, SIGTERM, SIGUSR1 ------------------------------------------
+# LoRA with dropout (so the RNG state must travel with the checkpoint), GA=2, 24 examples of
+# which 4 per step: 6 steps per epoch, so 8 steps cross an epoch boundary.
+RESUME = ["trainer.global_batch_size=4", "trainer.micro_batch_size=2", "data.max_train_examples=24",
+          "trainer.max_steps=8", "trainer.checkpoint_every_n_steps=4", "lora.dropout=0.1", "optim.lr=1e-2"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cache, tmp_path_factory):
+    d = tmp_path_factory.mktemp("uninterrupted")
+    r = run(cache, d, *RESUME)
+    assert len(r["step_losses"]) == 8 and len(set(r["step_losses"])) == 8
+    return {"losses": r["step_losses"], "csv": csv_losses(d)}
+
+
+def test_newest_complete_checkpoint_is_picked(tmp_path):
+    d = tmp_path / "checkpoints"
+    assert newest_checkpoint(d) is None and resolve_resume("auto", d) is None
+    d.mkdir()
+    (d / "step=4.ckpt").write_bytes(b"x")
+    (d / "step=6.ckpt.tmp").write_bytes(b"half-written")  # an interrupted atomic write
+    (d / "step=7.ckpt").mkdir()  # a DeepSpeed directory without COMPLETE: save interrupted
+    (d / "step=7.ckpt" / "checkpoint").mkdir()
+    (d / "step=9.ckpt.tmp").mkdir()
+    (d / "notes-step=99.txt").write_text("not a checkpoint")
+    assert newest_checkpoint(d) == str(d / "step=4.ckpt")
+    (d / "step=7.ckpt" / COMPLETE).write_text("ok\n")
+    assert newest_checkpoint(d) == str(d / "step=7.ckpt")
+    (d / "preempt-step=8.ckpt").write_bytes(b"x")
+    assert resolve_resume("auto", d) == str(d / "preempt-step=8.ckpt")
+    assert resolve_resume("never", d) is None
+    with pytest.raises(FileNotFoundError, match="resume='/nope': no such checkpoint"):
+        resolve_resume("/nope", d)
+
+
+def test_loader_state_resumes_mid_epoch_and_at_epoch_end_and_refuses_another_split():
+    counts = [3] * 16
+    plan = StepPlan(counts, 4, 2, 1, seed=0)  # GA 2: 8 micro-batches per epoch
+    a = ResumableLoader([None] * 16, plan, 0, 0)
+    for _ in range(6):
+        a.mark_consumed(1)
+    state = a.state_dict()
+    assert (state["epoch"], state["consumed"]) == (1, 6)
+    b = ResumableLoader([None] * 16, StepPlan(counts, 4, 2, 1, seed=0), 0, 0)
+    b.load_state_dict(state)
+    assert list(b.sampler) == [(1, 6), (1, 7)]  # the very next micro-batch of the saved epoch
+    assert list(b.sampler)[0] == (1, 0)  # skipping applies to the resumed epoch only
+    for _ in range(2):
+        a.mark_consumed(1)
+    b.load_state_dict(a.state_dict())  # saved at the end of epoch 1: resume at the start of epoch 2
+    assert list(b.sampler)[:2] == [(2, 0), (2, 1)]
+    other = ResumableLoader([None] * 16, StepPlan(counts, 4, 1, 1, seed=0), 0, 0)
+    with pytest.raises(ValueError, match=r"data plan differs from this run's \(micro_batch 2 -> 1\)"):
+        other.load_state_dict(state)
+
+
+def test_hard_kill_then_resume_gives_identical_losses(uninterrupted, cache, tmp_path):
+    r = run_script(overrides(cache, tmp_path, *RESUME), probes={"exit_at_step": 4}, check=False)
+    assert r.returncode == 17, r.stderr[-3000:]  # os._exit right after the step-4 checkpoint
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step=4.ckpt"]
+    # leftovers of a crash that resume must never pick
+    (ckpts / "step=6.ckpt.tmp").write_bytes(b"half-written")
+    (ckpts / "step=7.ckpt").mkdir()
+    (ckpts / "step=7.ckpt" / "checkpoint").mkdir()
+    res = run(cache, tmp_path, *RESUME)
+    assert res["resumed_from"] == str(ckpts / "step=4.ckpt") and res["global_step"] == 8
+    assert res["step_losses"] == uninterrupted["losses"]  # bit-identical, every step
+    assert csv_losses(tmp_path) == uninterrupted["csv"]  # the log continues, nothing lost or doubled
+
+
+@pytest.mark.parametrize("signame, after_step", [("SIGTERM", 6), ("SIGUSR1", 5)])
+def test_preemption_signal_saves_and_resume_gives_identical_losses(signame, after_step, uninterrupted, cache,
+                                                                   tmp_path):  # fmt: skip
+    # the signal arrives in the first micro-batch of step after_step+1: that step is finished
+    # (GA=2), checkpointed, and the run stops cleanly. SIGUSR1 at step 6 = the end of epoch 0.
+    run_script(overrides(cache, tmp_path, *RESUME), probes={"signal_at_step": [after_step, signame]})
+    stopped = results_of(tmp_path)
+    step = after_step + 1
+    assert stopped["preempted_by_signal"] == getattr(signal, signame) and stopped["global_step"] == step
+    assert stopped["preempt_checkpoint"] == str(tmp_path / "checkpoints" / f"preempt-step={step}.ckpt")
+    assert "export" not in stopped and stopped["step_losses"] == uninterrupted["losses"][:step]
+    res = run(cache, tmp_path, *RESUME)
+    assert res["resumed_from"] == stopped["preempt_checkpoint"] and res["preempted_by_signal"] is None
+    assert res["step_losses"] == uninterrupted["losses"]
+    assert csv_losses(tmp_path) == uninterrupted["csv"]
+
+
+# -- 7. self-distillation ------------------------------------------------------------------------
+def test_distillation_loss_is_zero_at_step_0_when_k_equals_l(cache, tmp_path):
+    common = ["objective.kind=distill", "trainer.max_steps=1", "trainer.global_batch_size=4",
+              "trainer.micro_batch_size=2", "data.max_train_examples=16"]  # fmt: skip
+    full = run(cache, tmp_path / "full", *common, "speed=full")  # K = L: student = teacher
+    assert full["k"] == full["num_layers"] == 4 and full["step_losses"] == [0.0]
+    speed = run(cache, tmp_path / "speed", *common)  # K = 3 < L: a real KL to the full-depth teacher
+    assert speed["k"] == 3 and 1e-5 < speed["step_losses"][0] < 1.0

