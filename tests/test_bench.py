@@ -21,7 +21,9 @@ def test_inference_bench_kv_bytes_equal_formula(tmp_path):
 
 
 def test_step_flops_by_hand():
-    shape = ModelShape.from_config(tiny_config("llama", layers=4, hidden=32, heads=4, kv_heads=2, intermediate=64, vocab=96))
+    shape = ModelShape.from_config(
+        tiny_config("llama", layers=4, hidden=32, heads=4, kv_heads=2, intermediate=64, vocab=96)
+    )
     batch = step.synthetic_batch(batch=1, seq=16, prompt_share=0.5, vocab=96)
     # one conversation: 1 anchor + 7 prompt + 2 header + 6 response; targets = 6 response tokens
     P = 32 * (32 + 2 * 16) + 32 * 32 + 3 * 32 * 64  # layer weights
@@ -31,7 +33,9 @@ def test_step_flops_by_hand():
     assert step_flops(shape, batch, 2, "mask") == 3 * (4 * layer(16) + 6 * head)
     # gather: upper rows = anchor + header + response = 9 tokens
     assert step_flops(shape, batch, 2, "gather") == 3 * (2 * layer(16) + 2 * layer(9) + 6 * head)
-    assert flop_ratio(shape, batch, 2) == pytest.approx((2 * layer(16) + 2 * layer(9) + 6 * head) / (4 * layer(16) + 16 * head))
+    assert flop_ratio(shape, batch, 2) == pytest.approx(
+        (2 * layer(16) + 2 * layer(9) + 6 * head) / (4 * layer(16) + 16 * head)
+    )
 
 
 def test_step_bench_runs_small(tmp_path):

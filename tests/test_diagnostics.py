@@ -17,7 +17,9 @@ def test_masses_sum_to_one_and_final_layer_kl_is_zero(tmp_path):
         assert total == pytest.approx(1.0, abs=1e-5)
     assert len(curves["rep_change"]) == 3 and all(0 <= v <= 2 for v in curves["rep_change"])
     assert curves["logit_lens_kl"][-1] == pytest.approx(0.0, abs=1e-5)  # layer L-1 *is* the final layer
-    assert curves["num_queries"] == make_example("bos", 2, seed=1).roles.count(2) + make_example("none", 1, seed=2).roles.count(2)
+    assert curves["num_queries"] == make_example("bos", 2, seed=1).roles.count(2) + make_example(
+        "none", 1, seed=2
+    ).roles.count(2)
     assert model.config._attn_implementation != "eager"  # restored
     plot(curves, 3, str(tmp_path / "d.png"), "tiny")
     assert (tmp_path / "d.png").stat().st_size > 0

@@ -107,7 +107,9 @@ def test_real_dumps_parse():
 
 
 def test_tiny_end_to_end_task_run(model, tok):
-    res = evaluate_task(model, tok, SpeedConfig(k=2, anchor="bos"), load_task("arc_challenge", limit=3), batch_size=2)
+    res = evaluate_task(
+        model, tok, SpeedConfig(k=2, anchor="bos"), load_task("arc_challenge", limit=3), batch_size=2
+    )
     assert res["n"] == 3 and set(res["metrics"]) == {"acc_raw", "acc_per_token", "acc_per_char", "acc_uncond"}
     assert res["primary"] == res["metrics"]["acc_per_char"]
 

@@ -23,9 +23,19 @@ def saved_model(tmp_path_factory):
 
 
 DOCS = [
-    {"question": "What is the capital of France?", "choices": ["Paris", "Berlin", "Rome"], "gold": 0, "answer": "Paris"},
+    {
+        "question": "What is the capital of France?",
+        "choices": ["Paris", "Berlin", "Rome"],
+        "gold": 0,
+        "answer": "Paris",
+    },
     {"question": "What color is the sky?", "choices": ["green", "blue"], "gold": 1, "answer": "blue"},
-    {"question": "How many legs does a cat have?", "choices": ["four", "two", "six"], "gold": 0, "answer": "four"},
+    {
+        "question": "How many legs does a cat have?",
+        "choices": ["four", "two", "six"],
+        "gold": 0,
+        "answer": "four",
+    },
 ]
 
 
@@ -62,6 +72,8 @@ def test_lm_eval_local_tasks_under_speed(saved_model, tmp_path):
     # independent: our scorer on the same contexts and " choice" continuations
     reqs = [(f"Question: {d['question']}\nAnswer:", [" " + c for c in d["choices"]]) for d in DOCS]
     scores = score_requests(lm.model, lm.tokenizer, lm.cfg, reqs)
-    expect = sum(max(range(len(s)), key=lambda j: s[j].logprob) == d["gold"] for s, d in zip(scores, DOCS)) / len(DOCS)
+    expect = sum(
+        max(range(len(s)), key=lambda j: s[j].logprob) == d["gold"] for s, d in zip(scores, DOCS)
+    ) / len(DOCS)
     assert acc == pytest.approx(expect)
     assert "exact_match,none" in out["results"]["speed_local_gen"]

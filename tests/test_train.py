@@ -130,7 +130,12 @@ def test_step_plan_gives_each_step_the_same_examples_whatever_the_split():
 
 
 # full fine-tuning (LoRA's B starts at 0, so most LoRA gradients would be trivially equal)
-FULL = ["lora.enabled=false", "trainer.global_batch_size=4", "data.max_train_examples=16", "trainer.max_steps=4"]
+FULL = [
+    "lora.enabled=false",
+    "trainer.global_batch_size=4",
+    "data.max_train_examples=16",
+    "trainer.max_steps=4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +144,11 @@ def reference(cache, tmp_path_factory):
     d = tmp_path_factory.mktemp("ref_ga4")
     r = run(cache, d, *FULL, "trainer.micro_batch_size=1",
             callbacks=[GradDump(d / "grads.pt"), LogitsDump(d / "logits.pt")])  # fmt: skip
-    return {"losses": r["step_losses"], "grads": torch.load(d / "grads.pt"), "logits": torch.load(d / "logits.pt")}
+    return {
+        "losses": r["step_losses"],
+        "grads": torch.load(d / "grads.pt"),
+        "logits": torch.load(d / "logits.pt"),
+    }
 
 
 def test_accumulation_and_ddp_ranks_give_the_same_gradients(reference, cache, tmp_path):
@@ -158,7 +167,10 @@ def test_accumulation_and_ddp_ranks_give_the_same_gradients(reference, cache, tm
     res = results_of(tmp_path / "ddp")
     assert max(abs(a - b) for a, b in zip(res["step_losses"], reference["losses"][:2])) < 1e-6
     assert res["global_step"] == 2 and res["preempted_by_signal"] == signal.SIGTERM
-    assert Path(res["preempt_checkpoint"]).name == "preempt-step=2.ckpt" and Path(res["preempt_checkpoint"]).is_file()
+    assert (
+        Path(res["preempt_checkpoint"]).name == "preempt-step=2.ckpt"
+        and Path(res["preempt_checkpoint"]).is_file()
+    )
 
 
 # -- 3. DeepSpeed ZeRO-2 / ZeRO-3 on CPU, 2 processes ------------------------------------------
@@ -175,7 +187,9 @@ def test_deepspeed_zero2_matches_single_process_and_resumes(reference, cache, tm
     # DeepSpeed's engine divides by GA in backward on top of Lightning: SpeedLM._scale undoes it
     assert max_diff(reference["grads"], torch.load(tmp_path / "g.pt")) < 1e-6
     assert (out / "checkpoints" / "step=2.ckpt" / COMPLETE).is_file()
-    run_script(overrides(cache, out, *DS, "strategy=deepspeed_zero2", "trainer.checkpoint_every_n_steps=2"), nproc=2)
+    run_script(
+        overrides(cache, out, *DS, "strategy=deepspeed_zero2", "trainer.checkpoint_every_n_steps=2"), nproc=2
+    )
     res = results_of(out)
     assert res["resumed_from"].endswith("step=2.ckpt") and res["global_step"] == 4
     assert len(res["step_losses"]) == 4
@@ -222,7 +236,9 @@ def test_deepspeed_zero3_lora_adapter_is_full_and_loads_back(cache, tmp_path):
     trained = torch.load(tmp_path / "logits.pt")
     adapter = load_file(out / "export" / "adapter" / "adapter_model.safetensors")
     assert adapter and min(t.numel() for t in adapter.values()) > 0
-    assert max(t.abs().max().item() for k, t in adapter.items() if "lora_B" in k) > 0  # trained, not the zero init
+    assert (
+        max(t.abs().max().item() for k, t in adapter.items() if "lora_B" in k) > 0
+    )  # trained, not the zero init
     assert (out / "export" / "adapter" / "speed_config.json").is_file()
     cfg = compose_cfg(overrides(cache, tmp_path, "lora.enabled=false"))
     base = load_model(cfg, load_tokenizer(cfg))  # the same random init (seeded)
@@ -242,7 +258,10 @@ def test_single_process_export_reloads_to_the_trained_logits(cache, tmp_path):
     r = run(cache, tmp_path, "trainer.max_steps=2", "trainer.global_batch_size=4", "trainer.micro_batch_size=2",
             "data.max_train_examples=16", "export=true", "eval_report=true", "optim.lr=1e-2",
             callbacks=[LogitsDump(tmp_path / "logits.pt")])  # fmt: skip
-    assert r["export"] == {"adapter": str(tmp_path / "export" / "adapter"), "model": str(tmp_path / "export" / "model")}
+    assert r["export"] == {
+        "adapter": str(tmp_path / "export" / "adapter"),
+        "model": str(tmp_path / "export" / "model"),
+    }
     assert r["heldout_speed_adapted"] < r["heldout_speed_zero_shot"]
     trained, batch = torch.load(tmp_path / "logits.pt"), probe_batch()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / "model")

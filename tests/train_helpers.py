@@ -181,7 +181,9 @@ def run_script(overrides, *, nproc: int = 1, probes: dict | None = None, timeout
                "127.0.0.1", "--master_port", str(_free_port()), str(SCRIPT), *overrides]  # fmt: skip
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-8000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-8000:]}"
+        )
     return r
 
 

@@ -35,7 +35,9 @@ PRESETS = {
 }
 
 
-def kv_bytes_formula(shape: ModelShape, k: int, n_prompt: int, n_kept: int, batch: int, dtype_bytes: int) -> int:
+def kv_bytes_formula(
+    shape: ModelShape, k: int, n_prompt: int, n_kept: int, batch: int, dtype_bytes: int
+) -> int:
     """Active KV of one prompt: all n_prompt tokens in K layers, only anchor + decode (n_kept)
     in the L - K upper layers."""
     per_token_layer = 2 * shape.kv_heads * shape.head_dim * dtype_bytes
@@ -43,7 +45,9 @@ def kv_bytes_formula(shape: ModelShape, k: int, n_prompt: int, n_kept: int, batc
 
 
 def prefill_flops(shape: ModelShape, k: int, n: int, n_kept: int, batch: int) -> float:
-    return batch * (k * shape.layer_fwd([n]) + (shape.layers - k) * shape.layer_fwd([n_kept]) + shape.head_fwd(1))
+    return batch * (
+        k * shape.layer_fwd([n]) + (shape.layers - k) * shape.layer_fwd([n_kept]) + shape.head_fwd(1)
+    )
 
 
 def measure_bandwidth(device: str, mib: int = 512) -> float:
@@ -133,7 +137,10 @@ def main(argv=None) -> dict:
     for n in [int(x) for x in args.lengths.split(",")]:
         prompts = [make_prompt(n, p["vocab"], seed=i) for i in range(args.batch)]
         n_kept = 3  # anchor + 2 header tokens
-        res: dict[str, dict[str, list]] = {"full": {"ttft": [], "tpot": []}, "speed": {"ttft": [], "tpot": []}}
+        res: dict[str, dict[str, list]] = {
+            "full": {"ttft": [], "tpot": []},
+            "speed": {"ttft": [], "tpot": []},
+        }
         kv = {}
         for r in range(args.runs + 1):  # first round warms up
             for name, kk in (("full", L), ("speed", K)):
@@ -144,10 +151,17 @@ def main(argv=None) -> dict:
                 kv[name] = sum(cache.active_bytes_per_layer())
                 del cache
         steps_written = args.decode_steps  # run_one feeds every step's token back
-        kv_full_formula = kv_bytes_formula(shape, L, n + steps_written, n_kept + steps_written, args.batch, dbytes)
-        kv_speed_formula = kv_bytes_formula(shape, K, n + steps_written, n_kept + steps_written, args.batch, dbytes)
+        kv_full_formula = kv_bytes_formula(
+            shape, L, n + steps_written, n_kept + steps_written, args.batch, dbytes
+        )
+        kv_speed_formula = kv_bytes_formula(
+            shape, K, n + steps_written, n_kept + steps_written, args.batch, dbytes
+        )
         med = {v: {m: statistics.median(res[v][m]) for m in ("ttft", "tpot")} for v in res}
-        pf_full, pf_speed = prefill_flops(shape, L, n, n_kept, args.batch), prefill_flops(shape, K, n, n_kept, args.batch)
+        pf_full, pf_speed = (
+            prefill_flops(shape, L, n, n_kept, args.batch),
+            prefill_flops(shape, K, n, n_kept, args.batch),
+        )
         kv_prompt_full = kv_bytes_formula(shape, L, n, n_kept, args.batch, dbytes)
         kv_prompt_speed = kv_bytes_formula(shape, K, n, n_kept, args.batch, dbytes)
         tpot_pred_full = (weight_bytes + kv_prompt_full) / bw
@@ -172,7 +186,13 @@ def main(argv=None) -> dict:
         print(f"{r['length']:>7} {r['kv_full'] / 2**20:>12.2f} {r['kv_ratio']:>9.4f} {r['kv_ratio_pred']:>6.4f} "
               f"{r['ttft_ratio']:>11.3f} {r['ttft_ratio_pred']:>6.3f} {1e3 * r['tpot_full_s']:>13.3f} "
               f"{1e3 * r['tpot_full_roofline_s']:>9.3f} {r['tpot_ratio']:>11.3f} {r['tpot_ratio_pred']:>6.3f}")  # fmt: skip
-    out = {"args": vars(args), "device": dev_name, "bandwidth_Bps": bw, "weight_bytes": weight_bytes, "rows": rows}
+    out = {
+        "args": vars(args),
+        "device": dev_name,
+        "bandwidth_Bps": bw,
+        "weight_bytes": weight_bytes,
+        "rows": rows,
+    }
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

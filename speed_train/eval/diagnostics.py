@@ -45,7 +45,7 @@ def layer_diagnostics(model, examples) -> dict[str, list[float]]:
         for ex in examples:
             batch = collate([ex], pad_id=0).to(parts.embed.weight.device)
             hs: list[torch.Tensor] = []  # each layer's (un-normed) output, via hooks
-            hooks = [layer.register_forward_hook(lambda _m, _i, o: hs.append(o[0] if isinstance(o, tuple) else o))
+            hooks = [layer.register_forward_hook(lambda _m, _i, o, hs=hs: hs.append(o[0] if isinstance(o, tuple) else o))
                      for layer in parts.layers]  # fmt: skip
             try:
                 out = lm(input_ids=batch.input_ids, position_ids=batch.position_ids, output_attentions=True)
@@ -70,7 +70,9 @@ def layer_diagnostics(model, examples) -> dict[str, list[float]]:
                 lens = parts.lm_head(parts.norm(h)).float().log_softmax(-1)
                 kl[layer] += (final.exp() * (final - lens)).sum().cpu()
         if n_q == 0:
-            raise ValueError("no decode-phase tokens in the examples: diagnostics need assistant turns or answer cues")
+            raise ValueError(
+                "no decode-phase tokens in the examples: diagnostics need assistant turns or answer cues"
+            )
         return {
             "prompt_mass": (sums["prompt"] / n_q).tolist(),
             "anchor_mass": (sums["anchor"] / n_q).tolist(),

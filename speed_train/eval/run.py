@@ -17,7 +17,15 @@ from pathlib import Path
 import torch
 from rich.progress import Progress
 
-from speed_train.eval.olmes import ALL_TASKS, MC_TASKS, EvalError, Task, extract_gsm8k_answer, load_task, mc_metrics
+from speed_train.eval.olmes import (
+    ALL_TASKS,
+    MC_TASKS,
+    EvalError,
+    Task,
+    extract_gsm8k_answer,
+    load_task,
+    mc_metrics,
+)
 from speed_train.eval.scoring import generate_text, score_requests
 from speed_train.speed.config import SpeedConfig
 
@@ -120,7 +128,12 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", help="'smollm2' (packaged), a local HF dir or a hub id")
     ap.add_argument("--adapter", default=None, help="a LoRA adapter dir (from training's export)")
-    ap.add_argument("--speed", default=None, choices=list(SPEED_PRESETS), help="preset; default: the model's speed_config.json or full")
+    ap.add_argument(
+        "--speed",
+        default=None,
+        choices=list(SPEED_PRESETS),
+        help="preset; default: the model's speed_config.json or full",
+    )
     ap.add_argument("--k", default=None, help="cutoff: layers (24) or fraction (0.75)")
     ap.add_argument("--anchor", default=None, choices=["none", "bos", "system"])
     ap.add_argument("--tasks", default="olmes10", help="comma list, or olmes10 / all")

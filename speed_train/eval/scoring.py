@@ -54,7 +54,9 @@ def score_requests(
         for g, (ctx, cs) in enumerate(group):
             for c, ids in zip(cs, conts[g]):
                 if not ids:
-                    raise ValueError(f"continuation {c!r} of context ending {ctx[-40:]!r} tokenises to nothing")
+                    raise ValueError(
+                        f"continuation {c!r} of context ending {ctx[-40:]!r} tokenises to nothing"
+                    )
         n_max = max(len(ids) for cs in conts for ids in cs)
         batch = collate(prompts, tokenizer.pad_token_id or 0).to(device)
         parts.check_length(batch.input_ids.shape[1] + n_max)
@@ -104,7 +106,9 @@ def generate_text(
     eos = [t for t in {tokenizer.eos_token_id} if t is not None]
     outs: list[str] = []
     for i in range(0, len(contexts), batch_size):
-        prompts = [encode_plain(c, None, tokenizer, cfg, add_bos=add_bos) for c in contexts[i : i + batch_size]]
+        prompts = [
+            encode_plain(c, None, tokenizer, cfg, add_bos=add_bos) for c in contexts[i : i + batch_size]
+        ]
         gen = speed_generate(model, prompts, cfg, max_new_tokens=max_new_tokens, stop_token_ids=eos,
                              pad_token_id=tokenizer.pad_token_id or 0)  # fmt: skip
         for seq in gen.sequences:

@@ -43,7 +43,9 @@ class SpeedOutput:
 
 
 def resolve_k(model_or_parts, k: int | float | SpeedConfig | None) -> int:
-    parts = model_or_parts if isinstance(model_or_parts, ModelParts) else enable_speed_attention(model_or_parts)
+    parts = (
+        model_or_parts if isinstance(model_or_parts, ModelParts) else enable_speed_attention(model_or_parts)
+    )
     cfg = k if isinstance(k, SpeedConfig) else SpeedConfig(k=k)
     return cfg.resolve_k(parts.num_layers)
 
@@ -60,7 +62,9 @@ def _head(parts: ModelParts, hidden: torch.Tensor, normed: bool) -> torch.Tensor
     return parts.lm_head(hidden if normed else parts.norm(hidden))
 
 
-def mask_forward(model, batch: SpeedBatch, k, *, positions: str = "decode", backend: str = "sdpa") -> SpeedOutput:
+def mask_forward(
+    model, batch: SpeedBatch, k, *, positions: str = "decode", backend: str = "sdpa"
+) -> SpeedOutput:
     """Execution 1: a single forward with layer-dependent masks through the HF model."""
     parts = enable_speed_attention(model)
     K = resolve_k(parts, k)

@@ -109,12 +109,15 @@ class SpeedCache:
     def active_bytes_per_layer(self) -> list[int]:
         """Bytes of K/V held for real tokens (padding and unwritten slots excluded)."""
         return [
-            int((self.meta[self.depth(i)].seq_ids[:, : self.pos[self.depth(i)]] >= 0).sum()) * self._slot_bytes(i)
+            int((self.meta[self.depth(i)].seq_ids[:, : self.pos[self.depth(i)]] >= 0).sum())
+            * self._slot_bytes(i)
             for i in range(self.num_layers)
         ]
 
 
-def prefill(parts: ModelParts, k: int, batch: SpeedBatch, extra_capacity: int) -> tuple[SpeedCache, torch.Tensor]:
+def prefill(
+    parts: ModelParts, k: int, batch: SpeedBatch, extra_capacity: int
+) -> tuple[SpeedCache, torch.Tensor]:
     """Shallow prefill of right-padded prompts that end in their decode segment.
 
     Lower layers see every prompt token; the anchors + the last turn's decode tokens (the
@@ -133,7 +136,9 @@ def prefill(parts: ModelParts, k: int, batch: SpeedBatch, extra_capacity: int) -
     rows = gather_rows(meta, need=this_turn) if k < L else None
     upper_len = rows.t.shape[1] if rows is not None else 0
     T = batch.input_ids.shape[1]
-    cache = SpeedCache(parts, k, B, T + extra_capacity, upper_len + extra_capacity, parts.embed.weight.dtype, device)
+    cache = SpeedCache(
+        parts, k, B, T + extra_capacity, upper_len + extra_capacity, parts.embed.weight.dtype, device
+    )
     cache.begin("lower", meta)
     hidden = parts.embed(batch.input_ids)
     pe = parts.rope(hidden, batch.position_ids)
@@ -221,7 +226,6 @@ def speed_generate(
     decode-phase and must end the prompt). Prompts may differ in length."""
     parts = enable_speed_attention(model)
     K = resolve_k(parts, k)
-    L = parts.num_layers
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     for i, p in enumerate(prompts):
@@ -254,7 +258,9 @@ def speed_generate(
             break
         tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
         # finished rows keep stepping (batch shape) as padding that nothing attends to
-        meta = TokenMeta(torch.full_like(tok, DECODE)[:, None], turn[:, None], torch.where(done, -1, 0)[:, None])
+        meta = TokenMeta(
+            torch.full_like(tok, DECODE)[:, None], turn[:, None], torch.where(done, -1, 0)[:, None]
+        )
         logits = decode_chunk(parts, cache, tok[:, None], next_pos[:, None], meta)[:, -1]
         next_pos += 1
     return GenerationOutput(out, step_logits, cache)

@@ -83,7 +83,9 @@ def _plot(rows, metric: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     if pts:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=metric)
-    refs = [r["heldout_full_depth"] for r in rows if r["status"] == "ok" and r["heldout_full_depth"] is not None]
+    refs = [
+        r["heldout_full_depth"] for r in rows if r["status"] == "ok" and r["heldout_full_depth"] is not None
+    ]
     if refs:
         ax.axhline(sum(refs) / len(refs), color="gray", linestyle="--", label="full depth")
     ax.set_xlabel("cutoff K")

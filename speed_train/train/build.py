@@ -54,7 +54,9 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     if cfg.objective.kind not in ("ce", "distill"):
         raise ConfigError(f"objective.kind={cfg.objective.kind!r}: ce or distill")
     if cfg.objective.kind == "distill" and not cfg.lora.enabled:
-        raise ConfigError("objective.kind=distill needs lora.enabled=true (teacher = adapters disabled, K = L)")
+        raise ConfigError(
+            "objective.kind=distill needs lora.enabled=true (teacher = adapters disabled, K = L)"
+        )
     if cfg.optim.schedule not in ("linear", "cosine", "constant"):
         raise ConfigError(f"optim.schedule={cfg.optim.schedule!r}: linear, cosine or constant")
     if cfg.strategy.name not in ("auto", "ddp", "deepspeed"):

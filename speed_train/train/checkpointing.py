@@ -95,7 +95,9 @@ class PreemptionCheckpoint(L.Callback):
     Installed at train start, it replaces Lightning's own SIGTERM handler for the fit (which
     would stop without a checkpoint) and restores it at train end."""
 
-    def __init__(self, ckpt_dir: str | os.PathLike, signals=(signal.SIGTERM, signal.SIGUSR1), requeue: bool = False):
+    def __init__(
+        self, ckpt_dir: str | os.PathLike, signals=(signal.SIGTERM, signal.SIGUSR1), requeue: bool = False
+    ):
         self.ckpt_dir, self.signals, self.requeue = Path(ckpt_dir), signals, requeue
         self.received: int | None = None
         self.saved: str | None = None

@@ -56,7 +56,9 @@ def materialize(cfg: DictConfig, tokenizer, state: dict[str, torch.Tensor]) -> t
     return fresh
 
 
-def consolidate(model: torch.nn.Module, cfg: DictConfig, tokenizer, is_global_zero: bool) -> torch.nn.Module | None:
+def consolidate(
+    model: torch.nn.Module, cfg: DictConfig, tokenizer, is_global_zero: bool
+) -> torch.nn.Module | None:
     """The trained model as one full in-memory model on rank 0 (None on other ranks under
     ZeRO-3; the model itself otherwise: with DDP and ZeRO-1/2 every rank holds full weights)."""
     if not is_zero3(cfg):
@@ -87,7 +89,11 @@ def export(model, tokenizer, cfg: DictConfig, k: int, out: Path) -> dict[str, st
     """HF checkpoint (+ LoRA adapter) with ``speed_config.json`` beside it, written atomically.
     ``model`` must be a full (consolidated) model; with LoRA it is merged in place."""
     check_not_empty(model, "the model")
-    speed = {**speed_config(cfg).to_dict(), "k_layers": k, "num_layers": unwrap(model).config.num_hidden_layers}
+    speed = {
+        **speed_config(cfg).to_dict(),
+        "k_layers": k,
+        "num_layers": unwrap(model).config.num_hidden_layers,
+    }
     paths: dict[str, str] = {}
 
     def write_speed(d: Path) -> None:

@@ -28,7 +28,11 @@ class _KeepingWriter(ExperimentWriter):
         with open(self.metrics_file_path, newline="") as f:
             reader = csv.DictReader(f)
             fields = list(reader.fieldnames or [])
-            rows = [r for r in reader if r.get("step") not in (None, "") and int(float(r["step"])) < self.keep_before_step]
+            rows = [
+                r
+                for r in reader
+                if r.get("step") not in (None, "") and int(float(r["step"])) < self.keep_before_step
+            ]
         tmp = self.metrics_file_path + ".tmp"
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields)

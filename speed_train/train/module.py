@@ -68,7 +68,9 @@ class SpeedLM(L.LightningModule):
         """KL(teacher || student) on supervised positions; teacher = same weights, adapters off,
         full depth (no second copy of the model)."""
         if not hasattr(self.model, "disable_adapter"):
-            raise ValueError("objective=distill needs a LoRA model: its teacher is the model with adapters disabled")
+            raise ValueError(
+                "objective=distill needs a LoRA model: its teacher is the model with adapters disabled"
+            )
         L_ = self.shape.layers
         with torch.no_grad(), self.model.disable_adapter():
             teacher = speed_forward(self.model, batch, L_, executor="gather", positions="targets",
@@ -182,7 +184,10 @@ class SpeedLM(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [
+            {"params": decay, "weight_decay": o.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
         opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         warmup = round(o.warmup_ratio * self.total_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.schedule, warmup, self.total_steps))

@@ -113,7 +113,9 @@ def train(cfg: DictConfig, *, callbacks=()) -> dict:
         held_ex = held_ex[: cfg.data.max_eval_examples]
     plan = StepPlan(_supervised_counts(train_ex), cfg.trainer.global_batch_size,
                     cfg.trainer.micro_batch_size, world, cfg.trainer.seed)  # fmt: skip
-    total_steps = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else cfg.trainer.epochs * plan.steps_per_epoch
+    total_steps = (
+        cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else cfg.trainer.epochs * plan.steps_per_epoch
+    )
 
     model = load_model(cfg, tokenizer)
     num_layers = unwrap(model).config.num_hidden_layers
