@@ -78,12 +78,12 @@ def _mc_requests(task: Task) -> tuple[list[tuple[str, list[str]]], list[list[tup
 
 
 def evaluate_task(model, tok, cfg: SpeedConfig, task: Task, *, batch_size: int = 8, max_gen_tokens: int | None = None,
-                  progress=None) -> dict:  # fmt: skip
+                  add_bos: bool = True, progress=None) -> dict:  # fmt: skip
     t0 = time.perf_counter()
     if task.generative:
         ctxs = [d.contexts[0] for d in task.docs]
         gens = generate_text(model, tok, cfg, ctxs, max_new_tokens=max_gen_tokens or task.generation["max_gen_toks"],
-                             stop_sequences=tuple(task.generation["stop_sequences"]), batch_size=batch_size)  # fmt: skip
+                             stop_sequences=tuple(task.generation["stop_sequences"]), batch_size=batch_size, add_bos=add_bos)  # fmt: skip
         hits = [extract_gsm8k_answer(g) == d.meta["answer"] for g, d in zip(gens, task.docs)]
         metrics = {"exact_match": sum(hits) / max(len(hits), 1)}
     else:
@@ -93,7 +93,7 @@ def evaluate_task(model, tok, cfg: SpeedConfig, task: Task, *, batch_size: int =
         sorted_scores = []
         for i in range(0, len(order), batch_size * 4):
             chunk = [reqs[j] for j in order[i : i + batch_size * 4]]
-            sorted_scores += score_requests(model, tok, cfg, chunk, batch_size=batch_size)
+            sorted_scores += score_requests(model, tok, cfg, chunk, batch_size=batch_size, add_bos=add_bos)
             if progress is not None:
                 progress()
         scores = [None] * len(reqs)
@@ -103,7 +103,7 @@ def evaluate_task(model, tok, cfg: SpeedConfig, task: Task, *, batch_size: int =
         uncond = None
         if task.docs and all(d.uncond_context for d in task.docs):  # the dump has unconditional requests
             uncond = score_requests(model, tok, cfg, [(d.uncond_context, d.choices) for d in task.docs],
-                                    batch_size=batch_size)  # fmt: skip
+                                    batch_size=batch_size, add_bos=add_bos)  # fmt: skip
         metrics = mc_metrics(task.docs, cond, uncond)
     primary = metrics.get(task.primary_metric, metrics.get("acc_raw", metrics.get("exact_match")))
     return {"task": task.name, "variant": task.variant, "n": len(task.docs), "primary_metric": task.primary_metric,
@@ -145,6 +145,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", default="eval_results")
     ap.add_argument("--name", default=None, help="column name in the table")
+    ap.add_argument(
+        "--no-bos",
+        action="store_true",
+        help="do not prepend the tokenizer's BoS to plain prompts (default: prepend, so a BoS "
+        "anchor exists even for tokenizers that add none, e.g. SmolLM2's <|im_start|>)",
+    )
     args = ap.parse_args(argv)
 
     tasks = TASK_SETS.get(args.tasks, tuple(t for t in args.tasks.split(",") if t))
@@ -164,7 +170,7 @@ def main(argv=None) -> dict:
         bar = prog.add_task("tasks", total=len(loaded))
         for task in loaded:
             results.append(evaluate_task(model, tok, cfg, task, batch_size=args.batch_size,
-                                         max_gen_tokens=args.max_gen_tokens))  # fmt: skip
+                                         max_gen_tokens=args.max_gen_tokens, add_bos=not args.no_bos))  # fmt: skip
             prog.console.print(f"{task.name}: {task.primary_metric} = {100 * results[-1]['primary']:.1f} "
                                f"(n={results[-1]['n']}, {results[-1]['seconds']:.0f}s)")  # fmt: skip
             prog.advance(bar)
