@@ -62,13 +62,17 @@ def _head(parts: ModelParts, hidden: torch.Tensor, normed: bool) -> torch.Tensor
     return parts.lm_head(hidden if normed else parts.norm(hidden))
 
 
+def _prepare(model, batch: SpeedBatch, k) -> tuple[ModelParts, int]:
+    parts = enable_speed_attention(model)
+    parts.check_length(batch.input_ids.shape[1])
+    return parts, resolve_k(parts, k)
+
+
 def mask_forward(
     model, batch: SpeedBatch, k, *, positions: str = "decode", backend: str = "sdpa"
 ) -> SpeedOutput:
     """Execution 1: a single forward with layer-dependent masks through the HF model."""
-    parts = enable_speed_attention(model)
-    K = resolve_k(parts, k)
-    parts.check_length(batch.input_ids.shape[1])
+    parts, K = _prepare(model, batch, k)
     meta = batch.meta
     masks = LayerMasks(
         lower=build_mask(meta, upper=False, backend=backend),
@@ -93,6 +97,11 @@ class GatherRows:
     b: torch.Tensor
     t: torch.Tensor
     valid: torch.Tensor
+
+    def meta(self, meta: TokenMeta) -> TokenMeta:
+        """Roles and turns of the gathered tokens; each row is one conversation (0), padding -1."""
+        seq = torch.where(self.valid, 0, -1).to(meta.seq_ids.dtype)
+        return TokenMeta(meta.roles[self.b, self.t], meta.turns[self.b, self.t], seq)
 
 
 def gather_rows(meta: TokenMeta, need: torch.Tensor | None = None) -> GatherRows:
@@ -135,9 +144,7 @@ def gather_forward(
     model, batch: SpeedBatch, k, *, positions: str = "decode", backend: str = "sdpa"
 ) -> SpeedOutput:
     """Execution 2: lower layers over everything, upper layers over anchor + decode rows."""
-    parts = enable_speed_attention(model)
-    K = resolve_k(parts, k)
-    parts.check_length(batch.input_ids.shape[1])
+    parts, K = _prepare(model, batch, k)
     meta = batch.meta
     wanted = _wanted(batch, positions)
     hidden = parts.embed(batch.input_ids)
@@ -149,9 +156,7 @@ def gather_forward(
 
     rows = gather_rows(meta, need=wanted)
     rb, rt, valid = rows.b, rows.t, rows.valid
-    row_meta = TokenMeta(
-        meta.roles[rb, rt], meta.turns[rb, rt], torch.where(valid, 0, -1).to(meta.seq_ids.dtype)
-    )
+    row_meta = rows.meta(meta)
     upper = build_mask(row_meta, upper=True, backend=backend)
     row_hidden = _run_layers(parts, parts.layers[K:], hidden[rb, rt], batch.position_ids[rb, rt], upper)
     # an anchor appears in several rows; keep only the wanted (decode) cells

@@ -151,7 +151,7 @@ def prefill(
         last_hidden = hidden[torch.arange(B, device=device), last]
     else:
         rb, rt, valid = rows.b, rows.t, rows.valid
-        row_meta = TokenMeta(meta.roles[rb, rt], meta.turns[rb, rt], torch.where(valid, 0, -1))
+        row_meta = rows.meta(meta)
         cache.begin("upper", row_meta)
         h, pos = hidden[rb, rt], batch.position_ids[rb, rt]
         pe = parts.rope(h, pos)
