@@ -44,23 +44,22 @@ def main(argv=None) -> dict:
         adapted, _, _ = load_eval_model(args.model, args.adapter)
         plan.append((f"SPEED-{K}+BoS LoRA-adapted", SpeedConfig(k=k, anchor="bos"), adapted))
     t0 = time.perf_counter()
+    d = Path(args.out)
+    d.mkdir(parents=True, exist_ok=True)
+    out: dict = {}
     for name, cfg, m in plan:
         runs[name] = []
         for task in tasks:
             r = evaluate_task(m, tok, cfg, task, batch_size=args.batch_size)
             runs[name].append(r)
-            print(
-                f"{name:28} {task.name:14} {r['primary_metric']:13} {100 * r['primary']:5.1f}  ({r['seconds']:.0f}s)"
-            )
-    table = markdown_table(runs)
-    minutes = (time.perf_counter() - t0) / 60
-    out = {"args": vars(args), "K": K, "num_layers": L, "minutes": minutes, "runs": runs}
-    d = Path(args.out)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "results.json").write_text(json.dumps(out, indent=2) + "\n")
-    (d / "results.md").write_text(f"{args.variant}, {args.limit} questions per task, K={K}/{L}, "
-                                  f"{minutes:.1f} min\n\n" + table)  # fmt: skip
-    print(table)
+            print(f"{name:28} {task.name:14} {r['primary_metric']:13} {100 * r['primary']:5.1f}  ({r['seconds']:.0f}s)")
+        # written after every configuration: a long CPU run keeps what it finished
+        minutes = (time.perf_counter() - t0) / 60
+        out = {"args": vars(args), "K": K, "num_layers": L, "minutes": minutes, "runs": runs}
+        (d / "results.json").write_text(json.dumps(out, indent=2) + "\n")
+        head = f"{args.variant}, {args.limit} questions per task, K={K}/{L}, {minutes:.1f} min\n\n"
+        (d / "results.md").write_text(head + markdown_table(runs))
+    print(markdown_table(runs))
     return out
 
 
