@@ -31,6 +31,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--out", default="reproduction")
+    ap.add_argument(
+        "--sweep-k",
+        default=None,
+        help="auto-K validation instead: full depth + SPEED-K+BoS zero-shot for each K in this list",
+    )
     args = ap.parse_args(argv)
     k = float(args.k) if "." in args.k else int(args.k)
     tasks = [load_task(t, args.variant, limit=args.limit) for t in args.tasks.split(",")]
@@ -40,7 +45,12 @@ def main(argv=None) -> dict:
     runs: dict[str, list[dict]] = {}
     plan = [("full depth", SpeedConfig(k=None), model), (f"SPEED-{K}+BoS zero-shot", SpeedConfig(k=k, anchor="bos"), model),
             (f"SPEED-{K} zero-shot", SpeedConfig(k=k, anchor="none"), model)]  # fmt: skip
-    if args.adapter:
+    if args.sweep_k:
+        ks = [int(x) for x in args.sweep_k.split(",")]
+        plan = [plan[0]] + [
+            (f"SPEED-{kk}+BoS zero-shot", SpeedConfig(k=kk, anchor="bos"), model) for kk in ks
+        ]
+    elif args.adapter:
         adapted, _, _ = load_eval_model(args.model, args.adapter)
         plan.append((f"SPEED-{K}+BoS LoRA-adapted", SpeedConfig(k=k, anchor="bos"), adapted))
     t0 = time.perf_counter()
@@ -52,7 +62,9 @@ def main(argv=None) -> dict:
         for task in tasks:
             r = evaluate_task(m, tok, cfg, task, batch_size=args.batch_size)
             runs[name].append(r)
-            print(f"{name:28} {task.name:14} {r['primary_metric']:13} {100 * r['primary']:5.1f}  ({r['seconds']:.0f}s)")
+            print(
+                f"{name:28} {task.name:14} {r['primary_metric']:13} {100 * r['primary']:5.1f}  ({r['seconds']:.0f}s)"
+            )
         # written after every configuration: a long CPU run keeps what it finished
         minutes = (time.perf_counter() - t0) / 60
         out = {"args": vars(args), "K": K, "num_layers": L, "minutes": minutes, "runs": runs}
