@@ -13,8 +13,10 @@ NODE_RANK=${NODE_RANK:-0}
 NPROC=${NPROC:-$( (command -v nvidia-smi >/dev/null && nvidia-smi -L | wc -l) || echo 1)}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-python}   # e.g. PYTHON=.venv/bin/python (an interpreter with speed_train installed)
 ACCELERATOR=${ACCELERATOR:-}
+# CPU ranks share the cores: one OpenMP thread each (2 ranks x 2 threads on 2 cores ran ~30x slower)
+if [[ "$ACCELERATOR" == cpu ]]; then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; fi
 # One run folder for every rank (Hydra's timestamped default would differ between processes).
 RUN_DIR=${RUN_DIR:-outputs/torchrun-$(date +%Y%m%d-%H%M%S)}
 

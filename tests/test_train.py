@@ -12,7 +12,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -20,9 +23,13 @@ import pytest
 import torch
 from train_helpers import (
     BASE,
+    ROOT,
     GradDump,
+    HeldoutProbe,
     LogitsDump,
+    _free_port,
     compose_cfg,
+    heldout_examples,
     probe_batch,
     results_of,
     run_script,
@@ -33,7 +40,6 @@ from speed_train.train.checkpointing import COMPLETE, newest_checkpoint, resolve
 from speed_train.train.loader import ResumableLoader, StepPlan
 from speed_train.train.run import train
 
-ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 
 
@@ -65,9 +71,13 @@ def run(cache, out, *extra, callbacks=()):
     return train(compose_cfg(overrides(cache, out, *extra)), callbacks=list(callbacks))
 
 
-def csv_losses(out) -> dict[int, str]:
+def csv_losses(out, key: str = "train/loss") -> dict[int, str]:
     with open(Path(out) / "logs" / "metrics.csv", newline="") as f:
-        return {int(r["step"]): r["train/loss"] for r in csv.DictReader(f) if r.get("train/loss")}
+        return {int(r["step"]): r[key] for r in csv.DictReader(f) if r.get(key)}
+
+
+def val_losses(results) -> dict[int, float]:
+    return {int(s): v for s, v in results["val_losses"].items()}
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -129,26 +139,52 @@ def test_step_plan_gives_each_step_the_same_examples_whatever_the_split():
         StepPlan(counts, 8, 3, 2, seed=0)
 
 
-# full fine-tuning (LoRA's B starts at 0, so most LoRA gradients would be trivially equal)
+# full fine-tuning (LoRA's B starts at 0, so most LoRA gradients would be trivially equal);
+# validation after steps 3 and 4 (the end) on 3 held-out examples: over 2 ranks, shards of 2 and 1
+# (under ZeRO-3 the rank with the shorter shard must still join every parameter gather)
 FULL = [
     "lora.enabled=false",
     "trainer.global_batch_size=4",
     "data.max_train_examples=16",
     "trainer.max_steps=4",
+    "trainer.eval_every_n_steps=3",
+    "data.max_eval_examples=3",
 ]
 
 
 @pytest.fixture(scope="module")
 def reference(cache, tmp_path_factory):
-    """Single process, GA=4 x micro 1: gradients of step 1, losses of 4 steps, final logits."""
+    """Single process, GA=4 x micro 1: gradients of step 1, losses of 4 steps, final logits,
+    val/loss, and run.heldout_loss on the same held-out examples after every step."""
     d = tmp_path_factory.mktemp("ref_ga4")
+    probe = HeldoutProbe(3)
     r = run(cache, d, *FULL, "trainer.micro_batch_size=1",
-            callbacks=[GradDump(d / "grads.pt"), LogitsDump(d / "logits.pt")])  # fmt: skip
+            callbacks=[GradDump(d / "grads.pt"), LogitsDump(d / "logits.pt"), probe])  # fmt: skip
     return {
         "losses": r["step_losses"],
         "grads": torch.load(d / "grads.pt"),
         "logits": torch.load(d / "logits.pt"),
+        "val": val_losses(r),
+        "heldout": probe.losses,
+        "dir": d,
     }
+
+
+def test_validation_logs_val_loss_every_n_steps_and_at_the_end(reference, cache, tmp_path):
+    # eval_every_n_steps=3 with 4 steps: after step 3 and after the last step, not per micro-batch
+    # (GA=4 here: Lightning's val_check_interval would count micro-batches)
+    val, heldout = reference["val"], reference["heldout"]
+    assert sorted(val) == [3, 4] and sorted(heldout) == [1, 2, 3, 4]
+    for step, loss in val.items():  # == run.heldout_loss on the same examples at that step
+        assert abs(loss - heldout[step]) < 1e-6, (step, loss, heldout[step])
+    assert abs(val[3] - val[4]) > 1e-4  # the model moved: not one value logged twice
+    logged = csv_losses(reference["dir"], "val/loss")  # CSV row of step N = the row of N's train/loss
+    assert sorted(logged) == [2, 3] and all(abs(float(logged[s - 1]) - val[s]) < 1e-5 for s in val)
+    # null (the default): no validation loop at all; 0 is refused before anything is built
+    from speed_train.train.build import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="eval_every_n_steps=0"):
+        validate(compose_cfg(overrides(cache, tmp_path, "trainer.eval_every_n_steps=0")))
 
 
 def test_accumulation_and_ddp_ranks_give_the_same_gradients(reference, cache, tmp_path):
@@ -173,6 +209,25 @@ def test_accumulation_and_ddp_ranks_give_the_same_gradients(reference, cache, tm
     )
 
 
+def test_torchrun_script_two_ranks_equal_one_rank(reference, cache, tmp_path):
+    # scripts/torchrun.sh itself (python -m speed_train under torchrun, Hydra in every rank, one
+    # run folder): 2 CPU ranks x GA 2 x micro 1 == 1 rank x GA 4 x micro 1, step by step
+    env = {**os.environ, "NPROC": "2", "ACCELERATOR": "cpu", "RUN_DIR": str(tmp_path / "run"),
+           "PYTHON": sys.executable, "MASTER_PORT": str(_free_port())}  # fmt: skip
+    for var in ("OMP_NUM_THREADS", "SLURM_JOB_ID", "SLURM_NTASKS"):
+        env.pop(var, None)  # the script sets OMP_NUM_THREADS=1 for CPU ranks itself
+    args = overrides(cache, tmp_path / "unused", *FULL, "trainer.micro_batch_size=1", "strategy=ddp")
+    args = [a for a in args if not a.startswith("output_dir=")]  # the run folder is the script's RUN_DIR
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "torchrun.sh"), *args], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    res = results_of(tmp_path / "run")
+    assert res["world_size"] == 2 and res["global_step"] == 4
+    assert max(abs(a - b) for a, b in zip(res["step_losses"], reference["losses"], strict=True)) < 1e-6
+    val = val_losses(res)  # sharded over the 2 ranks, all-reduced
+    assert sorted(val) == [3, 4] and max(abs(val[s] - reference["val"][s]) for s in val) < 1e-6
+
+
 # -- 3. DeepSpeed ZeRO-2 / ZeRO-3 on CPU, 2 processes ------------------------------------------
 DS = [*FULL, "trainer.micro_batch_size=1", "trainer.devices=2"]
 
@@ -194,19 +249,62 @@ def test_deepspeed_zero2_matches_single_process_and_resumes(reference, cache, tm
     assert res["resumed_from"].endswith("step=2.ckpt") and res["global_step"] == 4
     assert len(res["step_losses"]) == 4
     assert max(abs(a - b) for a, b in zip(res["step_losses"], reference["losses"])) < 1e-5
+    # validation of the resumed run (steps 3 and 4) on all ranks == the single-process val/loss
+    val = val_losses(res)
+    assert sorted(val) == [3, 4] and max(abs(val[s] - reference["val"][s]) for s in val) < 1e-5
 
 
-def test_deepspeed_zero3_matches_single_process_and_exports_full_weights(reference, cache, tmp_path):
+@pytest.fixture(scope="module")
+def zero3(cache, tmp_path_factory):
+    """2 processes, ZeRO-3, full fine-tuning: parameter census right after construction (before
+    the DeepSpeed engine exists), gradients of step 1, final logits, export and evaluation."""
+    d = tmp_path_factory.mktemp("z3")
+    out = d / "run"
+    run_script(overrides(cache, out, *DS, "strategy=deepspeed_zero3", "export=true", "eval_report=true"), nproc=2,
+               probes={"grads": str(d / "g.pt"), "logits": str(d / "logits.pt"), "partition": str(d / "params")})  # fmt: skip
+    census = [json.loads((d / f"params.rank{r}.json").read_text()) for r in (0, 1)]
+    return {"out": out, "dir": d, "census": census, "res": results_of(out)}
+
+
+def test_deepspeed_zero3_partitions_parameters_at_construction(zero3):
+    # The memory check: the model is built partitioned (transformers' DeepSpeed integration, a live
+    # HfDeepSpeedConfig), not built whole on every rank and partitioned by the engine later.
+    assert zero3["res"]["zero3_partitioned_at_construction"] is True
+    for c in zero3["census"]:
+        assert c["world"] == 2 and c["params"] > 30
+        assert c["partitioned"] == c["params"]  # every parameter, at construction
+        assert c["visible"] == 0  # no full tensor left in p.data
+        assert c["total"] > 6_000_000  # the tiny llama: ~6.4M elements
+        # each rank holds its half (+ at most one element of padding per parameter)
+        assert c["total"] / 2 <= c["local"] <= c["total"] / 2 + c["params"], c
+    assert (
+        sum(c["local"] for c in zero3["census"])
+        < zero3["census"][0]["total"] + 2 * zero3["census"][0]["params"]
+    )
+
+
+def test_deepspeed_zero3_matches_single_process_and_exports_full_weights(reference, zero3, cache):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    out = tmp_path / "z3"
-    run_script(overrides(cache, out, *DS, "strategy=deepspeed_zero3", "export=true", "eval_report=true"), nproc=2,
-               probes={"grads": str(tmp_path / "g.pt"), "logits": str(tmp_path / "logits.pt")})  # fmt: skip
-    res = results_of(out)
-    assert max_diff(reference["grads"], torch.load(tmp_path / "g.pt")) < 1e-6
+    out, d, res = zero3["out"], zero3["dir"], zero3["res"]
+    # partitioned construction + seeded init: the same initial weights, so the same training
+    assert max_diff(reference["grads"], torch.load(d / "g.pt")) < 1e-6
     assert max(abs(a - b) for a, b in zip(res["step_losses"], reference["losses"])) < 1e-5
+    val = val_losses(res)  # validation in lockstep on all ranks (shards of 2 and 1 examples)
+    assert sorted(val) == [3, 4] and max(abs(val[s] - reference["val"][s]) for s in val) < 1e-5
+    # the before-training rows come from fit start (the partitioned model needs the engine) and
+    # equal run.heldout_loss of the same seeded model built whole in this process
+    from speed_train.train.build import load_model, load_tokenizer
+    from speed_train.train.run import heldout_loss
+
+    examples, pad_id = heldout_examples(3)
+    cfg = compose_cfg(overrides(cache, d, *FULL))
+    initial = load_model(cfg, load_tokenizer(cfg))
+    assert abs(res["heldout_full_depth"] - heldout_loss(initial, examples, 4, pad_id)) < 1e-5
+    assert abs(res["heldout_speed_zero_shot"] - heldout_loss(initial, examples, 3, pad_id)) < 1e-5
     assert math.isfinite(res["heldout_speed_adapted"])  # evaluated on the consolidated model
+    assert abs(res["heldout_speed_adapted"] - val[4]) < 1e-5  # == the last validation
     model_dir = out / "export" / "model"
     tensors = load_file(model_dir / "model.safetensors")
     assert min(t.numel() for t in tensors.values()) > 0  # no empty ZeRO-3 shards written
@@ -214,7 +312,7 @@ def test_deepspeed_zero3_matches_single_process_and_exports_full_weights(referen
     assert (speed["k_layers"], speed["num_layers"], speed["anchor"]) == (3, 4, "bos")
     reloaded = AutoModelForCausalLM.from_pretrained(model_dir)
     logits = speed_logits(reloaded, probe_batch(), speed["k_layers"])
-    assert (logits - torch.load(tmp_path / "logits.pt")).abs().max().item() < 1e-5  # == the trained model
+    assert (logits - torch.load(d / "logits.pt")).abs().max().item() < 1e-5  # == the trained model
     assert (logits - reference["logits"]).abs().max().item() < 1e-4  # == the single-process run
 
 
@@ -228,10 +326,23 @@ def test_deepspeed_zero3_lora_adapter_is_full_and_loads_back(cache, tmp_path):
     lora = ["lora.enabled=true", "trainer.global_batch_size=4", "data.max_train_examples=16", "trainer.max_steps=2",
             "export=true", "optim.lr=1e-2"]  # fmt: skip
     ref = run(cache, tmp_path / "ref", *lora, "trainer.micro_batch_size=1")
+    assert "val_losses" not in ref and not csv_losses(tmp_path / "ref", "val/loss")  # eval_every null: none
     out = tmp_path / "z3lora"
     run_script(overrides(cache, out, *lora, "trainer.micro_batch_size=1", "trainer.devices=2",
-                         "strategy=deepspeed_zero3"), nproc=2, probes={"logits": str(tmp_path / "logits.pt")})  # fmt: skip
+                         "strategy=deepspeed_zero3"), nproc=2,
+               probes={"logits": str(tmp_path / "logits.pt"), "partition": str(tmp_path / "params")})  # fmt: skip
     res = results_of(out)
+    # the base model was built partitioned; peft then added full (small) adapters, which the
+    # engine partitions at setup
+    for r in (0, 1):
+        c = json.loads((tmp_path / f"params.rank{r}.json").read_text())
+        lora_params = c["params"] - c["partitioned"]
+        assert c["partitioned"] > 30 and lora_params == 2 * 7 * 4  # A and B of 7 projections x 4 layers
+        assert (
+            c["partitioned_total"] / 2
+            <= c["partitioned_local"]
+            <= c["partitioned_total"] / 2 + c["partitioned"]
+        )
     assert max(abs(a - b) for a, b in zip(res["step_losses"], ref["step_losses"])) < 1e-5
     trained = torch.load(tmp_path / "logits.pt")
     adapter = load_file(out / "export" / "adapter" / "adapter_model.safetensors")

@@ -107,10 +107,36 @@ class SignalAtStep(L.Callback):
             os.kill(os.getpid(), self.signum)
 
 
-def probe_batch(n: int = 4, max_length: int = 256):
-    """A fixed collated batch of held-out conversations (for logits comparisons)."""
+class PartitionProbe(L.Callback):
+    """Right after the model is built — at ``setup``, before the DeepSpeed engine exists, so any
+    partitioning is construction-time — each rank writes ``<path>.rank<R>.json``: parameters,
+    how many are ZeRO-3-partitioned, elements held locally (the rank's shards, or the full tensor
+    of an unpartitioned parameter), elements in the full model, elements visible in ``p.data``."""
+
+    def __init__(self, path) -> None:
+        self.path = Path(path)
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        stats = {"rank": trainer.global_rank, "world": trainer.world_size, "params": 0, "partitioned": 0,
+                 "local": 0, "total": 0, "visible": 0, "partitioned_total": 0, "partitioned_local": 0}  # fmt: skip
+        for _, p in pl_module.model.named_parameters():
+            part = hasattr(p, "ds_id")
+            local = p.ds_tensor.numel() if part else p.numel()
+            total = p.ds_numel if part else p.numel()
+            stats["params"] += 1
+            stats["partitioned"] += part
+            stats["local"] += local
+            stats["total"] += total
+            stats["visible"] += p.numel()
+            if part:
+                stats["partitioned_total"] += total
+                stats["partitioned_local"] += local
+        Path(f"{self.path}.rank{trainer.global_rank}.json").write_text(json.dumps(stats))
+
+
+def heldout_examples(n: int = 4, max_length: int = 256):
+    """The first ``n`` held-out conversations of the BASE config's data, and the pad id."""
     from speed_train.data.tokenize import build_dataset
-    from speed_train.speed.batch import collate
     from speed_train.speed.config import SpeedConfig
     from speed_train.train.build import load_tokenizer
 
@@ -118,7 +144,33 @@ def probe_batch(n: int = 4, max_length: int = 256):
     tok = load_tokenizer(cfg)
     _, held, _ = build_dataset("packaged_chat", tok, SpeedConfig(k=0.75, anchor="bos"), max_length=max_length,
                                cache_dir=os.environ.get("SPEED_TEST_CACHE"))  # fmt: skip
-    return collate(list(held[:n]), tok.pad_token_id)
+    return list(held[:n]), tok.pad_token_id
+
+
+def probe_batch(n: int = 4, max_length: int = 256):
+    """A fixed collated batch of held-out conversations (for logits comparisons)."""
+    from speed_train.speed.batch import collate
+
+    examples, pad_id = heldout_examples(n, max_length)
+    return collate(examples, pad_id)
+
+
+class HeldoutProbe(L.Callback):
+    """After every optimizer step (single process): ``run.heldout_loss`` of the model on the first
+    ``n`` held-out examples, by step — the reference for ``val/loss``."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.losses, self._last, self._data = n, {}, 0, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        from speed_train.train.run import heldout_loss
+
+        if trainer.global_step == self._last:
+            return
+        self._last = trainer.global_step
+        self._data = self._data or heldout_examples(self.n)
+        examples, pad_id = self._data
+        self.losses[trainer.global_step] = heldout_loss(pl_module.model, examples, pl_module.k, pad_id)
 
 
 @torch.no_grad()
@@ -152,6 +204,8 @@ def probes_from_env() -> list[L.Callback]:
         cbs.append(GradDump(spec["grads"]))
     if "logits" in spec:
         cbs.append(LogitsDump(spec["logits"]))
+    if "partition" in spec:
+        cbs.append(PartitionProbe(spec["partition"]))
     if "exit_at_step" in spec:
         cbs.append(ExitAtStep(int(spec["exit_at_step"])))
     if "signal_at_step" in spec:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from omegaconf import DictConfig
 
@@ -49,6 +53,10 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
             f"trainer.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size "
             f"({t.micro_batch_size}) x data-parallel ranks ({world_size}) = {per_step}"
         )
+    if t.eval_every_n_steps is not None and t.eval_every_n_steps < 1:
+        raise ConfigError(
+            f"trainer.eval_every_n_steps={t.eval_every_n_steps}: >= 1, or null for no validation"
+        )
     if t.max_steps == 0 or (t.max_steps < 0 and t.epochs < 1):
         raise ConfigError("set trainer.max_steps > 0 or trainer.epochs >= 1")
     if cfg.objective.kind not in ("ce", "distill"):
@@ -95,6 +103,7 @@ def load_model(cfg: DictConfig, tokenizer):
         kw.setdefault("vocab", len(tokenizer))
         model = tiny_model(m.arch, layers=m.num_layers or 4, seed=cfg.trainer.seed, dtype=dtype, **kw)
         model.config.pad_token_id = tokenizer.pad_token_id
+        seeded_init(model, cfg.trainer.seed)  # the same weights whether partitioned (ZeRO-3) or not
     else:
         from transformers import AutoModelForCausalLM
 
@@ -106,8 +115,82 @@ def load_model(cfg: DictConfig, tokenizer):
     if m.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
+        # seeded here so the adapters' init does not depend on what construction drew from the RNG
+        # (ZeRO-3 construction initialises on rank 0 only; DeepSpeed broadcasts rank 0's adapters)
+        torch.manual_seed(cfg.trainer.seed)
         model = apply_lora(model, cfg.lora)
     return model
+
+
+@contextmanager
+def zero3_construction(ds_config: dict) -> Iterator[object]:
+    """Inside, transformers builds models (``from_config``/``from_pretrained``) partitioned at
+    construction under ZeRO-3: every module's parameters are split over the ranks as soon as the
+    module exists, and checkpoints are loaded shard by shard, so no rank ever holds the full model.
+
+    transformers finds the DeepSpeed config through a *weak* reference to a live
+    ``HfDeepSpeedConfig``; this context keeps it alive (keep the context open for as long as the
+    model is used: fit included) and drops it on exit, so that models built afterwards (the
+    consolidated rank-0 copy for export) are ordinary full models. torch.distributed must already
+    be initialised (``run.train`` lets the Lightning strategy do it first)."""
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    live = HfDeepSpeedConfig(ds_config)
+    if not live.is_zero3():
+        raise ValueError("zero3_construction needs a ZeRO stage 3 DeepSpeed config")
+    try:
+        yield live
+    finally:
+        unset_hf_deepspeed_config()
+        del live
+
+
+def is_partitioned(p: torch.nn.Parameter) -> bool:
+    """A ZeRO-3 parameter (its full tensor lives in shards; ``p.ds_numel`` elements in all)."""
+    return hasattr(p, "ds_id")
+
+
+@torch.no_grad()
+def seeded_init(model: torch.nn.Module, seed: int) -> None:
+    """Random init that depends only on (seed, parameter name), never on the order in which
+    construction drew random numbers nor on how the parameters are split over ranks: HF's init
+    draws differently when it builds a model ZeRO-3-partitioned (no constructor inits, rank 0
+    only), and a random-init run must start from the same weights with or without ZeRO-3.
+    Same distribution as HF's ``_init_weights`` for the decoder LMs we support: linear and
+    embedding weights ~ N(0, initializer_range) (padding row 0), norm weights 1, biases 0.
+    ZeRO-3 parameters are gathered one at a time and written by rank 0."""
+    std = float(getattr(model.config, "initializer_range", 0.02))
+    seen: set[int] = set()
+    for mod_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:  # tied weights: once
+                continue
+            seen.add(id(p))
+            name = f"{mod_name}.{p_name}" if mod_name else p_name
+            shape = tuple(p.ds_shape) if is_partitioned(p) else tuple(p.shape)
+            if p_name == "bias":
+                value = torch.zeros(shape)
+            elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+                value = torch.empty(shape).normal_(0.0, std, generator=g)
+                pad = getattr(module, "padding_idx", None)
+                if isinstance(module, torch.nn.Embedding) and pad is not None:
+                    value[pad] = 0
+            elif len(shape) == 1:  # RMSNorm / LayerNorm weights (OLMo2/Qwen3 q/k norms included)
+                value = torch.ones(shape)
+            else:
+                raise ValueError(
+                    f"seeded_init: no init rule for {name} ({type(module).__name__}, shape {shape})"
+                )
+            if is_partitioned(p):
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    if deepspeed.comm.get_rank() == 0:
+                        p.data.copy_(value.to(p.dtype))
+            else:
+                p.data.copy_(value.to(p.dtype))
 
 
 def apply_lora(model, lora_cfg):

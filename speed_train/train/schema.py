@@ -88,7 +88,7 @@ class TrainerConfig:
     epochs: int = 1
     max_steps: int = -1
     log_every_n_steps: int = 1
-    eval_every_n_steps: Optional[int] = None
+    eval_every_n_steps: Optional[int] = None  # val/loss every N optimizer steps and at the end; null: none
     checkpoint_every_n_steps: Optional[int] = None
     keep_checkpoints: int = 2
     seed: int = 0

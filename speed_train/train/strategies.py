@@ -59,7 +59,7 @@ def _disable_deepspeed_shm_op() -> None:
 
 
 def deepspeed_config(stage: int, offload_optimizer: bool, offload_parameters: bool, cpu: bool,
-                     micro_batch_size: int = 1) -> dict:  # fmt: skip
+                     micro_batch_size: int = 1, precision: str = "32-true") -> dict:  # fmt: skip
     zero: dict = {"stage": stage, "overlap_comm": not cpu, "contiguous_gradients": True}
     if stage == 3:
         # export gathers parameters itself (run.consolidated_state_dict), one at a time
@@ -70,13 +70,20 @@ def deepspeed_config(stage: int, offload_optimizer: bool, offload_parameters: bo
         zero["offload_param"] = {"device": "cpu", "pin_memory": not cpu}
     # The optimizer and its schedule come from the LightningModule; torch_adam: nothing to compile.
     # Gradient accumulation and clipping come from the Lightning Trainer (never set them here).
-    return {
+    config = {
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "torch_adam": True,
         # only used by DeepSpeed for throughput logging; our loader has no batch_sampler to read it from
         "train_micro_batch_size_per_gpu": micro_batch_size,
     }
+    # Lightning adds these itself at setup, but ZeRO-3 construction (build.zero3_construction) reads
+    # the config before that: without them zero.Init would cast a bf16 model to fp32 while partitioning.
+    if precision.startswith("bf16"):
+        config["bf16"] = {"enabled": True}
+    elif precision.startswith("16"):
+        config["fp16"] = {"enabled": True}
+    return config
 
 
 def build_strategy(cfg, accelerator: str):
@@ -87,7 +94,7 @@ def build_strategy(cfg, accelerator: str):
     if s.name == "ddp":
         return DDPStrategy(process_group_backend="gloo" if cpu else None)
     config = deepspeed_config(s.zero_stage, s.offload_optimizer, s.offload_parameters, cpu,
-                              cfg.trainer.micro_batch_size)  # fmt: skip
+                              cfg.trainer.micro_batch_size, str(cfg.trainer.precision))  # fmt: skip
     if cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         return CPUDeepSpeedStrategy(config=config, process_group_backend="gloo")
