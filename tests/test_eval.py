@@ -102,8 +102,9 @@ def test_real_dumps_parse():
     assert len(reqs) == 2 and where == [[(0, 0), (1, 0)]]
     g = load_task("gsm8k", limit=1)
     assert g.generative and g.docs[0].meta["answer"] == "18" and "Question:" in g.generation["stop_sequences"]
-    m = load_task("mmlu", "mc_5shot", limit=1)
+    m = load_task("mmlu", "mc_5shot", limit=3)
     assert m.docs[0].choices == [" A", " B", " C", " D"] and m.docs[0].contexts[0].endswith("Answer:")
+    assert len({d.meta["subject"] for d in m.docs}) == 3  # a limit spans subjects
 
 
 def test_tiny_end_to_end_task_run(model, tok):

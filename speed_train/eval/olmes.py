@@ -143,7 +143,15 @@ def _mmlu(variant: str, root: Path) -> Task:
             docs.append(
                 Doc(len(docs), [ctx] * len(choices), choices, int(row["answer"]), None, {"subject": subject})
             )
-    return Task("mmlu", variant, "acc_raw" if mc else "acc_per_char", docs)
+    # interleave subjects (round robin) so that --limit N covers many subjects, not the first one
+    by_subject: dict[str, list[Doc]] = {}
+    for doc in docs:
+        by_subject.setdefault(doc.meta["subject"], []).append(doc)
+    queues = list(by_subject.values())
+    mixed = [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+    for i, doc in enumerate(mixed):
+        doc.doc_id = i
+    return Task("mmlu", variant, "acc_raw" if mc else "acc_per_char", mixed)
 
 
 def load_task(
