@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
@@ -259,7 +260,11 @@ def _train(cfg: DictConfig, callbacks) -> dict:
         loader = ResumableLoader(train_ex, plan, trainer.global_rank, pad_id,
                                  pack_to=cfg.data.max_length if cfg.data.pack else None,
                                  num_workers=cfg.data.num_workers)  # fmt: skip
+        fit_start, step_start = time.perf_counter(), trainer.global_step
         trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt)
+        fit_seconds = time.perf_counter() - fit_start
+    results["fit_seconds"] = fit_seconds
+    results["steps_per_s"] = (trainer.global_step - step_start) / max(fit_seconds, 1e-9)
     # (transformers' ZeRO-3 config is released here: the consolidated rank-0 model is a full one)
     results.update(before.results)
     preempted = preemption.received

@@ -25,6 +25,10 @@ def print_summary(results: dict, cfg=None, console: Console | None = None) -> No
             v = results[key]
             t.add_row(label, f"{v:.4f}", f"{math.exp(v):.2f}" if v == v else "nan")
     console.print(t)
+    if results.get("steps_per_s"):
+        console.print(
+            f"training: {results['steps_per_s']:.2f} optimizer steps/s ({results['fit_seconds']:.0f} s in fit)"
+        )
     console.print(f"steps: {results['global_step']}" + (f" (resumed from {results['resumed_from']})"
                                                          if results.get("resumed_from") else ""))  # fmt: skip
     if results.get("preempted_by_signal"):
