@@ -133,10 +133,12 @@ def gather_rows(meta: TokenMeta, need: torch.Tensor | None = None) -> GatherRows
     return GatherRows(bi.to(dev), ti.to(dev), valid.to(dev))
 
 
-def _run_layers(parts: ModelParts, layers, hidden, position_ids, mask):
+def run_layers(parts: ModelParts, layers, hidden, position_ids, mask, **layer_kwargs):
+    """Run HF decoder layers over ``hidden`` at ``position_ids`` (RoPE computed once)."""
     pos_emb = parts.rope(hidden, position_ids)
     for layer in layers:
-        hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=pos_emb)
+        hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=pos_emb,
+                       **layer_kwargs)  # fmt: skip
     return hidden
 
 
@@ -149,7 +151,7 @@ def gather_forward(
     wanted = _wanted(batch, positions)
     hidden = parts.embed(batch.input_ids)
     lower = build_mask(meta, upper=False, backend=backend)
-    hidden = _run_layers(parts, parts.layers[:K], hidden, batch.position_ids, lower)
+    hidden = run_layers(parts, parts.layers[:K], hidden, batch.position_ids, lower)
     if K == parts.num_layers:
         b, t = wanted.nonzero(as_tuple=True)
         return SpeedOutput(_head(parts, hidden[b, t], normed=False), b, t)
@@ -158,7 +160,7 @@ def gather_forward(
     rb, rt, valid = rows.b, rows.t, rows.valid
     row_meta = rows.meta(meta)
     upper = build_mask(row_meta, upper=True, backend=backend)
-    row_hidden = _run_layers(parts, parts.layers[K:], hidden[rb, rt], batch.position_ids[rb, rt], upper)
+    row_hidden = run_layers(parts, parts.layers[K:], hidden[rb, rt], batch.position_ids[rb, rt], upper)
     # an anchor appears in several rows; keep only the wanted (decode) cells
     sel = valid & wanted[rb, rt]
     r, c = sel.nonzero(as_tuple=True)

@@ -18,7 +18,7 @@ import torch
 
 from .adapters import ModelParts, enable_speed_attention
 from .batch import SpeedBatch, collate
-from .executors import gather_rows, resolve_k
+from .executors import gather_rows, resolve_k, run_layers
 from .roles import DECODE, EncodedExample
 from .visibility import TokenMeta, allowed, build_mask
 
@@ -140,12 +140,8 @@ def prefill(
         parts, k, B, T + extra_capacity, upper_len + extra_capacity, parts.embed.weight.dtype, device
     )
     cache.begin("lower", meta)
-    hidden = parts.embed(batch.input_ids)
-    pe = parts.rope(hidden, batch.position_ids)
-    mask = build_mask(meta, upper=False)
-    for layer in parts.layers[:k]:
-        hidden = layer(hidden, attention_mask=mask, position_ids=batch.position_ids, cache=cache,
-                       use_cache=True, position_embeddings=pe)  # fmt: skip
+    hidden = run_layers(parts, parts.layers[:k], parts.embed(batch.input_ids), batch.position_ids,
+                        build_mask(meta, upper=False), cache=cache, use_cache=True)  # fmt: skip
     cache.advance("lower")
     if rows is None:
         last_hidden = hidden[torch.arange(B, device=device), last]
@@ -153,12 +149,8 @@ def prefill(
         rb, rt, valid = rows.b, rows.t, rows.valid
         row_meta = rows.meta(meta)
         cache.begin("upper", row_meta)
-        h, pos = hidden[rb, rt], batch.position_ids[rb, rt]
-        pe = parts.rope(h, pos)
-        mask = build_mask(row_meta, upper=True)
-        for layer in parts.layers[k:]:
-            h = layer(h, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
-                      position_embeddings=pe)  # fmt: skip
+        h = run_layers(parts, parts.layers[k:], hidden[rb, rt], batch.position_ids[rb, rt],
+                       build_mask(row_meta, upper=True), cache=cache, use_cache=True)  # fmt: skip
         cache.advance("upper")
         last_hidden = h[torch.arange(B, device=device), valid.sum(1) - 1]
     return cache, parts.lm_head(parts.norm(last_hidden))

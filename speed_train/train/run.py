@@ -17,8 +17,6 @@ from lightning.fabric.plugins.environments import LightningEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from speed_train.speed.adapters import unwrap
-from speed_train.speed.batch import collate
-from speed_train.speed.executors import speed_loss
 from speed_train.train.build import (
     ConfigError,
     load_model,
@@ -38,7 +36,7 @@ from speed_train.train.export import consolidate, export, is_zero3
 from speed_train.train.loader import ResumableLoader, StepPlan
 from speed_train.train.module import SpeedLM, StepBookkeeping
 from speed_train.train.strategies import build_strategy
-from speed_train.train.validation import HeldoutBeforeTraining, Validation
+from speed_train.train.validation import HeldoutBeforeTraining, Validation, sharded_heldout_loss
 
 # Dense bf16 peak per device, for the MFU estimate (override with trainer.peak_tflops in code).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
@@ -61,19 +59,8 @@ def _peak_flops(accelerator: str) -> float | None:
 
 @torch.no_grad()
 def heldout_loss(model, examples, k: int, pad_id: int, micro_batch: int = 8) -> float:
-    """Mean decode-token cross-entropy over held-out examples (token-weighted)."""
-    if not examples:
-        return float("nan")
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(examples), micro_batch):
-        batch = collate(examples[i : i + micro_batch], pad_id).to(next(model.parameters()).device)
-        out = speed_loss(model, batch, k)
-        total += float(out.loss_sum)
-        count += out.num_tokens
-    model.train(was_training)
-    return total / max(count, 1)
+    """Mean decode-token cross-entropy over held-out examples (token-weighted), one process."""
+    return sharded_heldout_loss(model, examples, k, pad_id, micro_batch=micro_batch)
 
 
 def _supervised_counts(examples) -> list[int]:
