@@ -21,8 +21,14 @@ for arch in ("llama", "qwen3", "olmo2"):
                 model.zero_grad(set_to_none=True)
                 loss = speed_loss(model, batch, K, executor=ex, backend=backend)
                 loss.mean.backward()
-                grads[(backend, ex)] = (loss.loss_sum.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
+                grads[(backend, ex)] = (
+                    loss.loss_sum.item(),
+                    {n: p.grad.clone() for n, p in model.named_parameters()},
+                )
         ref_loss, ref = grads[("sdpa", "mask")]
         worst = max(_rel(g[n], ref[n]) for _, (_, g) in grads.items() for n in ref)
         dl = max(abs(v[0] - ref_loss) / abs(ref_loss) for v in grads.values())
-        print(f"{arch} K={K}: max relative grad diff {worst:.2e}, loss diff {dl:.2e}", "OK" if worst < 1e-4 else "FAIL")
+        print(
+            f"{arch} K={K}: max relative grad diff {worst:.2e}, loss diff {dl:.2e}",
+            "OK" if worst < 1e-4 else "FAIL",
+        )

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from speed_train.atomic import write_json
 from speed_train.train.schema import register_schema
 
 register_schema()
@@ -25,7 +25,7 @@ def main(cfg: DictConfig) -> None:
     except Exception as e:  # leave a trace in the run folder: sweep summaries list the job as failed
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "failed.json").write_text(json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")
+        write_json(out / "failed.json", {"error": f"{type(e).__name__}: {e}"})
         raise
     print_summary(results, cfg)
 

@@ -44,3 +44,60 @@ def test_step_bench_runs_small(tmp_path):
     names = [r["variant"] for r in out["rows"]]
     assert names == ["vanilla", "full_K=L", "mask", "gather"]
     assert out["rows"][0]["ratio"] == 1.0 and out["rows"][0]["flop_ratio"] == 1.0
+
+
+def _script_invocations(path: str) -> list[tuple[str, list[str]]]:
+    """(module, argv) of every ``-m speed_train.bench.<module> ...`` line of a shell script."""
+    import shlex
+    from pathlib import Path
+
+    text = Path(path).read_text().replace("\\\n", " ")
+    calls = []
+    for line in text.splitlines():
+        words = shlex.split(line, comments=True)
+        if "-m" in words and words[words.index("-m") + 1].startswith("speed_train.bench."):
+            i = words.index("-m")
+            argv = []
+            for w in words[i + 2 :]:
+                if w.startswith(("2>", "|", ">")):
+                    break
+                argv.append(w.replace("$OUT", "/tmp/out"))
+            calls.append((words[i + 1].rsplit(".", 1)[1], argv))
+    return calls
+
+
+def test_gpu_script_arguments_are_valid():
+    """The one-shot GPU script cannot be run here: at least its every argument must parse."""
+    calls = _script_invocations("scripts/gpu_checks.sh")
+    assert [m for m, _ in calls] == ["step", "step", "inference"]
+    parsed = {m: (step if m == "step" else inference).parse_args(argv) for m, argv in calls}
+    paper = parsed["inference"]  # the paper's setting: Llama-3.1-8B shape, bf16, K = 24, 128K
+    assert (paper.preset, paper.dtype, paper.k) == ("llama31_8b", "bfloat16", 24)
+    assert max(paper.lengths) == 131072 and inference.PRESETS["llama31_8b"]["layers"] == 32
+
+
+@pytest.mark.parametrize(
+    "module,argv,message",
+    [
+        (
+            inference,
+            ["--preset", "llama31_8b", "--k", "40"],
+            "--k 40 must be in 1..32 (preset llama31_8b has 32 layers)",
+        ),
+        (inference, ["--lengths", "8k"], "--lengths '8k' must be comma-separated integers"),
+        (inference, ["--lengths", "2"], "every prompt needs at least 4 tokens"),
+        (step, ["--layers", "4", "--k", "0"], "--k 0 must be in 1..4 (--layers)"),
+        (step, ["--hidden", "100", "--heads", "3"], "--hidden 100 must be a multiple of --heads 3"),
+    ],
+)
+def test_bad_bench_arguments_fail_before_building_a_model(module, argv, message, capsys, monkeypatch):
+    import speed_train.speed.tiny as tiny
+
+    def no_model(*a, **kw):
+        raise AssertionError("a model was built before the arguments were checked")
+
+    monkeypatch.setattr(tiny, "tiny_model", no_model)
+    monkeypatch.setattr(module, "tiny_model", no_model, raising=False)
+    with pytest.raises(SystemExit) as e:
+        module.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err

@@ -15,12 +15,12 @@ interleaved (Full, SPEED, Full, SPEED, ...) and medians reported.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 
+from speed_train.atomic import atomic_write, write_json
 from speed_train.speed.adapters import enable_speed_attention
 from speed_train.speed.batch import collate
 from speed_train.speed.flops import ModelShape
@@ -103,7 +103,7 @@ def run_one(model, prompts: list[EncodedExample], k: int, decode_steps: int, dev
     return ttft, statistics.median(steps), cache
 
 
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="cpu_small", choices=list(PRESETS))
     ap.add_argument("--k", type=int, default=6)
@@ -116,7 +116,29 @@ def main(argv=None) -> dict:
     ap.add_argument("--bandwidth-gbs", type=float, default=None, help="memory bandwidth for the roofline")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="PNG: TTFT/TPOT/KV ratios vs length")
+    return ap
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Arguments, checked before the (possibly 8B-parameter) model is built."""
+    ap = build_parser()
     args = ap.parse_args(argv)
+    L = PRESETS[args.preset]["layers"]
+    if not 1 <= args.k <= L:
+        ap.error(f"--k {args.k} must be in 1..{L} (preset {args.preset} has {L} layers)")
+    try:
+        args.lengths = [int(x) for x in str(args.lengths).split(",")]
+    except ValueError:
+        ap.error(f"--lengths {args.lengths!r} must be comma-separated integers, e.g. 8192,32768,131072")
+    if min(args.lengths) < 4:
+        ap.error("--lengths: every prompt needs at least 4 tokens (anchor, prompt, 2-token header)")
+    if args.batch < 1 or args.runs < 1 or args.decode_steps < 1:
+        ap.error("--batch, --runs and --decode-steps must be >= 1")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
 
     from speed_train.speed.tiny import tiny_model
 
@@ -128,13 +150,11 @@ def main(argv=None) -> dict:
     model.to(args.device)
     shape = ModelShape.from_config(model.config)
     L, K = shape.layers, args.k
-    if not 1 <= K <= L:
-        raise SystemExit(f"--k {K} must be in 1..{L}")
     bw = args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else measure_bandwidth(args.device)
     weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
     dbytes = torch.finfo(dtype).bits // 8
     rows = []
-    for n in [int(x) for x in args.lengths.split(",")]:
+    for n in args.lengths:
         prompts = [make_prompt(n, p["vocab"], seed=i) for i in range(args.batch)]
         n_kept = 3  # anchor + 2 header tokens
         res: dict[str, dict[str, list]] = {
@@ -194,8 +214,7 @@ def main(argv=None) -> dict:
         "rows": rows,
     }
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        write_json(args.json, out)
     if args.plot:
         _plot(rows, args.plot, f"SPEED-{K}/{L} vs full depth ({dev_name})")
     return out
@@ -218,7 +237,7 @@ def _plot(rows, path: str, title: str) -> None:
     ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120), binary=True)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,12 @@ median per variant is reported as a ratio to vanilla, beside the FLOP-predicted 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 
+from speed_train.atomic import write_json
 from speed_train.speed.batch import collate
 from speed_train.speed.executors import speed_loss
 from speed_train.speed.flops import ModelShape, step_flops
@@ -39,7 +39,7 @@ def synthetic_batch(batch: int, seq: int, prompt_share: float, vocab: int, seed:
     return collate(exs, pad_id=0)
 
 
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=256)
@@ -53,7 +53,22 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--json", default=None, help="also write the results here")
+    return ap
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Arguments, checked before any model is built."""
+    ap = build_parser()
     args = ap.parse_args(argv)
+    if not 1 <= args.k <= args.layers:
+        ap.error(f"--k {args.k} must be in 1..{args.layers} (--layers)")
+    if args.hidden % args.heads:
+        ap.error(f"--hidden {args.hidden} must be a multiple of --heads {args.heads}")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
 
     dtype = getattr(torch, args.dtype)
     model = tiny_model("llama", layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.heads,
@@ -105,8 +120,7 @@ def main(argv=None) -> dict:
               f"{r['ratio_over_pred']:11.3f}")  # fmt: skip
     result = {"args": vars(args), "rows": rows, "times": times}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
     return result
 
 

@@ -21,7 +21,6 @@ import multiprocessing
 import os
 import re
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -30,6 +29,7 @@ from typing import Any, overload
 
 import torch
 
+from speed_train.atomic import atomic_write
 from speed_train.speed import roles as roles_mod
 from speed_train.speed.config import SpeedConfig
 from speed_train.speed.roles import IGNORE, EncodedExample, RoleError, encode_conversation
@@ -416,20 +416,7 @@ def _load_cache(path: Path, key: str) -> tuple[ExampleStore, ExampleStore, DataR
 
 
 def _write_cache(path: Path, blob: dict[str, Any]) -> None:
-    """Write ``blob`` to ``path`` atomically: a temp file in the same folder, fsync, os.replace."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(blob, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a shared cache wants the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: torch.save(blob, fh), binary=True)
 
 
 def build_dataset(

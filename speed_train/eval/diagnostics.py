@@ -20,11 +20,11 @@ the prompt and where their representations are still moving:
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
+from speed_train.atomic import atomic_write, write_json
 from speed_train.speed.adapters import model_parts, unwrap
 from speed_train.speed.batch import collate
 from speed_train.speed.roles import ANCHOR, DECODE, PROMPT
@@ -124,7 +124,7 @@ def plot(curves: dict, k: int, path: str, title: str) -> None:
     axes[0].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110), binary=True)
 
 
 def _examples(tokenizer, n: int, anchor: str):
@@ -165,7 +165,7 @@ def main(argv=None) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     res = {"model": args.model, "auto_k": k, "k_attn": rec["k_attn"], "k_rep": rec["k_rep"], "num_layers": L, "attn_frac": args.attn_frac,
            "rep_frac": args.rep_frac, **curves}  # fmt: skip
-    (d / "diagnostics.json").write_text(json.dumps(res, indent=2) + "\n")
+    write_json(d / "diagnostics.json", res)
     plot(curves, k, str(d / "diagnostics.png"), f"{args.model}: recommended K = {k} of {L}")
     print(f"recommended K = {k} of {L} layers ({k / L:.2f}; K_attn={rec['k_attn']}, K_rep={rec['k_rep']}); "
           f"curves and plot in {d}/")  # fmt: skip

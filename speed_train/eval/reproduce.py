@@ -12,10 +12,10 @@ questions per task. Writes results.json and results.md.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
+from speed_train.atomic import write_json, write_text
 from speed_train.eval.olmes import MC_TASKS, load_task
 from speed_train.eval.run import evaluate_task, load_eval_model, markdown_table
 from speed_train.speed.config import SpeedConfig
@@ -68,9 +68,9 @@ def main(argv=None) -> dict:
         # written after every configuration: a long CPU run keeps what it finished
         minutes = (time.perf_counter() - t0) / 60
         out = {"args": vars(args), "K": K, "num_layers": L, "minutes": minutes, "runs": runs}
-        (d / "results.json").write_text(json.dumps(out, indent=2) + "\n")
+        write_json(d / "results.json", out)
         head = f"{args.variant}, {args.limit} questions per task, K={K}/{L}, {minutes:.1f} min\n\n"
-        (d / "results.md").write_text(head + markdown_table(runs))
+        write_text(d / "results.md", head + markdown_table(runs))
     print(markdown_table(runs))
     return out
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from rich.progress import Progress
 
+from speed_train.atomic import write_json, write_text
 from speed_train.eval.olmes import (
     ALL_TASKS,
     MC_TASKS,
@@ -179,8 +180,8 @@ def main(argv=None) -> dict:
            "limit": args.limit, "tasks": results, "average": avg}  # fmt: skip
     d = Path(args.out)
     d.mkdir(parents=True, exist_ok=True)
-    (d / "results.json").write_text(json.dumps(out, indent=2) + "\n")
-    (d / "results.md").write_text(markdown_table({name: results}))
+    write_json(d / "results.json", out)
+    write_text(d / "results.md", markdown_table({name: results}))
     print(markdown_table({name: results}))
     return out
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from speed_train.atomic import atomic_write, write_text
+
 METRICS = ("heldout_speed_adapted", "heldout_speed_zero_shot", "heldout_full_depth")
 
 
@@ -67,7 +69,7 @@ def summarize(sweep_dir: str | Path, metric: str = "heldout_speed_adapted") -> d
         lines += ["", "Not finished:"] + [f"- job {r['job']} ({r['overrides']}): {r['status']}"
                                           + (f" — {r['error']}" if r["error"] else "") for r in bad]  # fmt: skip
     md = "\n".join(lines) + "\n"
-    (d / "summary.md").write_text(md)
+    write_text(d / "summary.md", md)
     _plot(rows, metric, d / "summary.png")
     print(md)
     return {"rows": rows, "markdown": md}
@@ -92,7 +94,7 @@ def _plot(rows, metric: str, path: Path) -> None:
     ax.set_ylabel(metric)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110), binary=True)
     plt.close(fig)
 
 

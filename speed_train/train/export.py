@@ -9,7 +9,6 @@ freshly built model on rank 0, which is then evaluated and exported like any oth
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from speed_train.atomic import write_json
 from speed_train.speed.adapters import unwrap
 from speed_train.train.build import load_model, speed_config
 
@@ -97,7 +97,7 @@ def export(model, tokenizer, cfg: DictConfig, k: int, out: Path) -> dict[str, st
     paths: dict[str, str] = {}
 
     def write_speed(d: Path) -> None:
-        (d / "speed_config.json").write_text(json.dumps(speed, indent=2) + "\n")
+        write_json(d / "speed_config.json", speed)
 
     if hasattr(model, "peft_config"):
 

@@ -5,7 +5,6 @@ Called by the Hydra entry point (``python -m speed_train``) with the composed co
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from contextlib import ExitStack, nullcontext
@@ -16,6 +15,7 @@ import torch
 from lightning.fabric.plugins.environments import LightningEnvironment
 from omegaconf import DictConfig, OmegaConf
 
+from speed_train.atomic import write_json
 from speed_train.speed.adapters import unwrap
 from speed_train.train.build import (
     ConfigError,
@@ -273,7 +273,7 @@ def _train(cfg: DictConfig, callbacks) -> dict:
             results["heldout_speed_adapted"] = heldout_loss(final, held_ex, k, pad_id)
         if cfg.export and final is not None:
             results["export"] = export(final, tokenizer, cfg, k, out / "export")
-        (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        write_json(out / "results.json", results, default=str)
     return results
 
 
