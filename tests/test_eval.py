@@ -8,7 +8,14 @@ import json
 import pytest
 import torch
 
-from speed_train.eval.olmes import Doc, EvalError, extract_gsm8k_answer, load_task, mc_metrics
+from speed_train.eval.olmes import (
+    Doc,
+    EvalError,
+    extract_gsm8k_answer,
+    load_task,
+    mc_metrics,
+    normalize_number,
+)
 from speed_train.eval.run import _mc_requests, evaluate_task
 from speed_train.eval.scoring import ContinuationScore, score_requests
 from speed_train.speed.batch import collate
@@ -61,8 +68,13 @@ def test_scores_equal_independent_per_choice_forward(model, tok, k, anchor):
             assert abs(s.logprob - ref) <= 1e-4, (ctx, cont, s.logprob, ref)
 
 
-def test_full_depth_scores_equal_plain_hf_forward(model, tok):
-    cfg = SpeedConfig(k=None)
+@pytest.mark.parametrize("k", [None, 4])  # full depth: no cutoff, or K = L
+def test_full_depth_scores_equal_plain_hf_forward(model, tok, k):
+    # the reference is a stock HF model in eager attention, never switched to SPEED attention
+    stock = tiny_model("qwen3", layers=4, vocab=len(tok))
+    stock.load_state_dict(model.state_dict())
+    stock.set_attn_implementation("eager")
+    cfg = SpeedConfig(k=k)
     got = score_requests(model, tok, cfg, REQS[:1])[0]
     ctx, conts = REQS[0]
     for cont, s in zip(conts, got):
@@ -70,7 +82,7 @@ def test_full_depth_scores_equal_plain_hf_forward(model, tok):
         x_ids = tok(cont, add_special_tokens=False)["input_ids"]
         ids = torch.tensor([[tok.bos_token_id, *c_ids, *x_ids]])
         with torch.no_grad():
-            lp = model(ids).logits[0].log_softmax(-1)
+            lp = stock(ids).logits[0].log_softmax(-1)
         ref = sum(float(lp[len(c_ids) + i, t]) for i, t in enumerate(x_ids))
         assert abs(s.logprob - ref) <= 1e-4
 
@@ -95,7 +107,10 @@ def test_real_dumps_parse():
     assert d.choices == [" cellular telephone", " television", " refrigerator", " airplane"] and d.gold == 0
     assert d.contexts[0].endswith("Question: Which technology was developed most recently?\nAnswer:")
     c = load_task("arc_challenge", limit=2)
-    assert c.primary_metric == "acc_per_char" and c.docs[0].uncond_context == "Answer:"
+    assert c.primary_metric == "acc_uncond" and c.docs[0].uncond_context == "Answer:"  # OLMES: pmi
+    assert load_task("arc_challenge", limit=2, primary="dump").primary_metric == "acc_per_char"  # dump config
+    assert load_task("arc_challenge", "mc_5shot", limit=2).primary_metric == "acc_raw"
+    assert load_task("arc_easy", limit=1).primary_metric == "acc_per_char"  # dump config says acc_raw
     w = load_task("winogrande", limit=1).docs[0]
     assert len(set(w.contexts)) == 2 and w.choices[0] == w.choices[1]  # context varies, continuation shared
     reqs, where = _mc_requests(load_task("winogrande", limit=1))
@@ -112,7 +127,7 @@ def test_tiny_end_to_end_task_run(model, tok):
         model, tok, SpeedConfig(k=2, anchor="bos"), load_task("arc_challenge", limit=3), batch_size=2
     )
     assert res["n"] == 3 and set(res["metrics"]) == {"acc_raw", "acc_per_token", "acc_per_char", "acc_uncond"}
-    assert res["primary"] == res["metrics"]["acc_per_char"]
+    assert res["primary_metric"] == "acc_uncond" and res["primary"] == res["metrics"]["acc_uncond"]
 
 
 def test_bad_inputs(tmp_path, monkeypatch):
@@ -139,5 +154,126 @@ def test_bad_inputs(tmp_path, monkeypatch):
 def test_gsm8k_answer_extraction():
     assert extract_gsm8k_answer("She makes 9 * 2 = $18. So the answer is 18.") == "18"
     assert extract_gsm8k_answer("So the answer is $1,250.") == "1250"
+    assert extract_gsm8k_answer("So the answer is 10.00") == "10"
+    assert extract_gsm8k_answer("So the answer is 5.50.") == "5.5"
+    assert [normalize_number(x) for x in ("1,450,000", "$18", "-0", "0.50", "7.")] == [
+        "1450000",
+        "18",
+        "0",
+        "0.5",
+        "7",
+    ]
     assert extract_gsm8k_answer("the total is 7 then 12") == "12"
     assert extract_gsm8k_answer("no idea") is None
+
+
+def _write_requests(path, rows):
+    with gzip.open(path, "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _mc_row(doc_id, idx, label, cont=" x", ctx="Q?\nAnswer:"):
+    return {"doc_id": doc_id, "idx": idx, "label": label, "request": {"context": ctx, "continuation": cont}}
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([], "holds no requests"),
+        ([_mc_row(0, 0, 2), _mc_row(0, 1, 2)], "doc 0 has label 2 but 2 choices"),
+        ([_mc_row(0, 0, "b"), _mc_row(0, 1, "b")], "doc 0 has label 'b', expected the index"),
+        ([_mc_row(0, 0, 0), _mc_row(0, 2, 0)], r"doc 0 has choice indices \[0, 2\], expected 0..1"),
+        ([_mc_row(0, 0, 0), _mc_row(1_000_000, 1, 0)], "unconditional requests for choices"),
+    ],
+)
+def test_malformed_request_files(tmp_path, rows, message):
+    with pytest.raises(EvalError, match=message):
+        load_task("mine", path=str(_write_requests(tmp_path / "r.jsonl.gz", rows)))
+
+
+def test_more_bad_inputs(tmp_path):
+    ok = [_mc_row(0, 0, 0), _mc_row(0, 1, 0)]
+    d = tmp_path / "task"
+    d.mkdir()
+    _write_requests(d / "requests.jsonl.gz", ok)
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(EvalError, match="malformed task config .*config.json"):
+        load_task("mine", path=str(d))
+    (d / "config.json").write_text(json.dumps({"task_config": {"primary_metric": "acc_uncond"}}))
+    with pytest.raises(EvalError, match="acc_uncond needs the unconditional requests"):
+        load_task("mine", path=str(d), primary="dump")
+    (d / "config.json").write_text(json.dumps({"task_config": {"primary_metric": "f1"}}))
+    with pytest.raises(EvalError, match="primary metric 'f1' is not one of"):
+        load_task("mine", path=str(d), primary="dump")
+    with pytest.raises(EvalError, match="task 'mmlu' has no variant 'rc_3shot'; available: rc_5shot"):
+        load_task("mmlu", "rc_3shot")
+    with pytest.raises(EvalError, match="task 'gsm8k' has no variant 'rc_0shot'; available: gold_bpb_5shot"):
+        load_task("gsm8k", "rc_0shot")
+    with pytest.raises(EvalError, match="--limit 0: must be >= 1"):
+        load_task("boolq", limit=0)
+
+
+def test_gsm8k_local_file_and_generative_path(model, tok, tmp_path):
+    from speed_train.eval.scoring import generate_text
+
+    rows = [{"doc_id": i, "doc": {"short_answer": a}, "request": {"context": f"Question: {q}\nAnswer:",
+             "stop_sequences": ["\n"], "generation_kwargs": {"max_gen_toks": 6}}}
+            for i, (q, a) in enumerate([("How many?", "1,450,000"), ("And now?", "5.50")])]  # fmt: skip
+    task = load_task("gsm8k", path=str(_write_requests(tmp_path / "g.jsonl.gz", rows)))
+    assert task.generative and [d.meta["answer"] for d in task.docs] == ["1450000", "5.5"]
+    assert task.generation == {"stop_sequences": ["\n"], "max_gen_toks": 6}
+    cfg = SpeedConfig(k=2, anchor="bos")
+    res = evaluate_task(model, tok, cfg, task, batch_size=2)
+    gens = generate_text(
+        model, tok, cfg, [d.contexts[0] for d in task.docs], max_new_tokens=6, stop_sequences=("\n",)
+    )
+    assert [s["generation"] for s in res["samples"]] == gens and all("\n" not in g for g in gens)
+    preds = [extract_gsm8k_answer(g) for g in gens]
+    assert [s["prediction"] for s in res["samples"]] == preds
+    assert res["primary"] == sum(p == a for p, a in zip(preds, ["1450000", "5.5"])) / 2
+
+
+def test_eval_cli_writes_results(tok, tmp_path):
+    from speed_train.eval.run import main
+
+    d = tmp_path / "m"
+    tiny_model("llama", layers=4, vocab=len(tok)).save_pretrained(d)
+    tok.save_pretrained(d)
+    (d / "speed_config.json").write_text(json.dumps({"k": 3, "anchor": "bos"}))
+    rows = [_mc_row(0, 0, 1, " blue", "Sky?"), _mc_row(0, 1, 1, " green", "Sky?"),
+            _mc_row(1, 0, 0, " four", "Legs?"), _mc_row(1, 1, 0, " six", "Legs?")]  # fmt: skip
+    f = _write_requests(tmp_path / "r.jsonl.gz", rows)
+    out = main(
+        [
+            "--model",
+            str(d),
+            "--tasks",
+            "mine",
+            "--task-path",
+            str(f),
+            "--out",
+            str(tmp_path / "o"),
+            "--device",
+            "cpu",
+        ]
+    )
+    saved = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert saved["k"] == 3 and saved["anchor"] == "bos" and saved["name"] == "SPEED-3+bos"
+    (t,) = saved["tasks"]
+    assert (
+        t["n"] == 2
+        and t["primary_metric"] == "acc_raw"
+        and saved["average"] == t["primary"] == out["average"]
+    )
+    md = (tmp_path / "o" / "results.md").read_text()
+    assert f"| mine | 2 | acc_raw | {100 * t['primary']:.1f} |" in md
+    # an independent check of the number: our scorer on the same requests
+    from speed_train.eval.run import load_eval_model
+
+    m, tk, _ = load_eval_model(str(d), device="cpu")
+    sc = score_requests(
+        m, tk, SpeedConfig(k=3, anchor="bos"), [("Sky?", [" blue", " green"]), ("Legs?", [" four", " six"])]
+    )
+    hits = [max(range(2), key=lambda j: s[j].logprob) == g for s, g in zip(sc, [1, 0])]
+    assert t["primary"] == sum(hits) / 2

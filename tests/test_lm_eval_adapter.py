@@ -60,20 +60,49 @@ def test_lm_eval_local_tasks_under_speed(saved_model, tmp_path):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from speed_train.eval.lm_eval_adapter import SpeedLMEval
-    from speed_train.eval.scoring import score_requests
+    import speed_train.eval.lm_eval_adapter  # noqa: F401  (registers "speed")
+    from speed_train.eval.scoring import generate_text, score_requests
 
     write_tasks(tmp_path)
-    lm = SpeedLMEval.create_from_arg_string(f"pretrained={saved_model},batch_size=2")
-    assert lm.cfg.k == 2 and lm.cfg.anchor == "bos"  # from speed_config.json
-    out = simple_evaluate(model=lm, tasks=["speed_local_mc", "speed_local_gen"],
+    out = simple_evaluate(model="speed", model_args=f"pretrained={saved_model},batch_size=2",  # by registered name
+                          tasks=["speed_local_mc", "speed_local_gen"], log_samples=True,
                           task_manager=TaskManager(include_path=str(tmp_path)))  # fmt: skip
+    from lm_eval.api.registry import get_model
+
+    lm = get_model("speed").create_from_arg_string(f"pretrained={saved_model}")
+    assert lm.cfg.k == 2 and lm.cfg.anchor == "bos"  # from speed_config.json
     acc = out["results"]["speed_local_mc"]["acc,none"]
     # independent: our scorer on the same contexts and " choice" continuations
-    reqs = [(f"Question: {d['question']}\nAnswer:", [" " + c for c in d["choices"]]) for d in DOCS]
-    scores = score_requests(lm.model, lm.tokenizer, lm.cfg, reqs)
-    expect = sum(
-        max(range(len(s)), key=lambda j: s[j].logprob) == d["gold"] for s, d in zip(scores, DOCS)
-    ) / len(DOCS)
-    assert acc == pytest.approx(expect)
-    assert "exact_match,none" in out["results"]["speed_local_gen"]
+    ctxs = [f"Question: {d['question']}\nAnswer:" for d in DOCS]
+    scores = score_requests(
+        lm.model, lm.tokenizer, lm.cfg, [(c, [" " + x for x in d["choices"]]) for c, d in zip(ctxs, DOCS)]
+    )
+    picks = [max(range(len(s)), key=lambda j: s[j].logprob) for s in scores]
+    assert acc == pytest.approx(sum(p == d["gold"] for p, d in zip(picks, DOCS)) / len(DOCS))
+    # generate_until: lm-eval's responses are exactly our SPEED generation, cut at "\n"
+    gens = generate_text(lm.model, lm.tokenizer, lm.cfg, ctxs, max_new_tokens=4, stop_sequences=("\n",))
+    samples = sorted(out["samples"]["speed_local_gen"], key=lambda x: x["doc_id"])
+    assert [x["resps"][0][0] for x in samples] == gens
+    em = sum(g.strip() == d["answer"] for g, d in zip(gens, DOCS)) / len(DOCS)
+    assert out["results"]["speed_local_gen"]["exact_match,none"] == pytest.approx(em)
+
+
+def test_lm_eval_cli_with_speed_model(saved_model, tmp_path, monkeypatch):
+    """`python -m speed_train.eval.lm_eval_adapter` (= `speed-lm-eval`) is lm-eval's CLI + `speed`."""
+    from speed_train.eval import lm_eval_adapter
+
+    write_tasks(tmp_path)
+    monkeypatch.setattr("sys.argv", ["x", "--model", "speed", "--model_args", f"pretrained={saved_model},k=full",
+                                     "--tasks", "speed_local_mc", "--include_path", str(tmp_path),
+                                     "--output_path", str(tmp_path / "res")])  # fmt: skip
+    lm_eval_adapter.main()
+    (res,) = (tmp_path / "res").rglob("results_*.json")
+    data = json.loads(res.read_text())
+    assert data["config"]["model"] == "speed" and "acc,none" in data["results"]["speed_local_mc"]
+
+
+def test_lm_eval_unknown_model_arg(saved_model):
+    from speed_train.eval.lm_eval_adapter import SpeedLMEval
+
+    with pytest.raises(ValueError, match="unknown model_args for --model speed: kk"):
+        SpeedLMEval.create_from_arg_string(f"pretrained={saved_model},kk=3")

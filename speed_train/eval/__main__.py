@@ -1,8 +1,4 @@
-from speed_train.eval.olmes import EvalError
-from speed_train.eval.run import main
+from speed_train.eval.run import cli
 
 if __name__ == "__main__":
-    try:
-        main()
-    except EvalError as e:
-        raise SystemExit(f"error: {e}") from None
+    cli()

@@ -3,9 +3,14 @@
     python -m speed_train.eval.lm_eval_adapter --model speed \\
         --model_args pretrained=smollm2,k=24,anchor=bos --tasks arc_easy --limit 50
 
+    speed-lm-eval --model speed --model_args pretrained=... --tasks ...     # the same, installed script
+
 lm-eval finds model types in its registry; importing this module registers ``speed``. The
-command above is lm-eval's own CLI with this module imported first (``lm_eval --model speed``
-works the same from Python after ``import speed_train.eval.lm_eval_adapter``). ``pretrained``
+commands above are lm-eval's own CLI with this module imported first. The bare ``lm_eval``
+console script cannot find ``speed``: lm-eval 0.4.x has no plugin discovery (its registry is a
+fixed table of its own modules), so ``lm_eval --model speed`` answers "no model for this name".
+From Python, ``import speed_train.eval.lm_eval_adapter`` then
+``lm_eval.simple_evaluate(model="speed", model_args=...)``. ``pretrained``
 is ``smollm2`` (the packaged model), a local HF directory (its ``speed_config.json`` gives K and
 the anchor when not set) or a hub id; ``adapter=`` loads a LoRA adapter on top.
 
@@ -17,8 +22,13 @@ from __future__ import annotations
 
 import sys
 
-from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
+import torch
+
+try:
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+except ImportError as e:  # an optional extra
+    raise ImportError(f"the lm-eval adapter needs lm-eval: pip install 'speed_train[eval]' ({e})") from None
 
 from speed_train.eval.run import load_eval_model
 from speed_train.eval.scoring import generate_text, score_requests
@@ -36,9 +46,13 @@ def _k(value):
 @register_model("speed")
 class SpeedLMEval(LM):
     def __init__(self, pretrained: str = "smollm2", k=None, anchor: str | None = None, adapter: str | None = None,
-                 batch_size: int | str = 8, dtype: str = "float32", max_gen_toks: int = 256, **kwargs) -> None:  # fmt: skip
+                 batch_size: int | str = 8, dtype: str = "auto", max_gen_toks: int = 256, device: str | None = None,
+                 **kwargs) -> None:  # fmt: skip
         super().__init__()
-        self.model, self.tokenizer, saved = load_eval_model(pretrained, adapter, dtype)
+        if kwargs:
+            raise ValueError(f"unknown model_args for --model speed: {', '.join(sorted(kwargs))} (known: pretrained, "
+                             "k, anchor, adapter, batch_size, dtype, max_gen_toks, device)")  # fmt: skip
+        self.model, self.tokenizer, saved = load_eval_model(pretrained, adapter, dtype, device)
         k = _k(k) if k is not None else saved.get("k")
         self.cfg = SpeedConfig(k=k, anchor=anchor or saved.get("anchor", "bos"))
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
@@ -46,9 +60,19 @@ class SpeedLMEval(LM):
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
-        args = dict(kv.split("=", 1) for kv in arg_string.split(",") if kv)
-        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k in ("batch_size",)}
-        return cls(**args, **extra)
+        return cls.create_from_arg_obj(
+            dict(kv.split("=", 1) for kv in arg_string.split(",") if kv), additional_config
+        )
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        # lm-eval passes its --batch_size / --device here; model_args win. Its CLI's default device
+        # is "cuda:0" even on a machine without one: then fall back to our default (cpu), like HFLM.
+        extra = {k: v for k, v in (additional_config or {}).items()
+                 if v is not None and k in ("batch_size", "device") and k not in arg_dict}  # fmt: skip
+        if str(extra.get("device", "")).startswith("cuda") and not torch.cuda.is_available():
+            del extra["device"]
+        return cls(**arg_dict, **extra)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         groups: dict[str, list[int]] = {}

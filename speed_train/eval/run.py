@@ -19,6 +19,7 @@ from rich.progress import Progress
 
 from speed_train.atomic import write_json, write_text
 from speed_train.eval.olmes import (
+    ALIASES,
     ALL_TASKS,
     MC_TASKS,
     EvalError,
@@ -34,9 +35,30 @@ SPEED_PRESETS = {"full": ("none", None), "speed_k": ("none", 0.75), "speed_k_bos
 TASK_SETS = {"olmes10": MC_TASKS, "all": ALL_TASKS}
 
 
-def load_eval_model(model: str, adapter: str | None = None, dtype: str = "float32"):
-    """(model, tokenizer, speed_config.json dict or {}) from 'smollm2', a local dir or a hub id."""
-    dt = getattr(torch, dtype)
+def resolve_device(device: str | None = None, dtype: str = "auto") -> tuple[str, torch.dtype]:
+    """``device`` None/"auto": cuda when available, else cpu. ``dtype`` "auto": bfloat16 on a
+    GPU, float32 on CPU (bf16 matmuls are slow there and the CPU tests compare in fp32)."""
+    if device in (None, "auto"):
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        dev = device
+    if dtype == "auto":
+        dtype = "bfloat16" if dev.startswith("cuda") else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise EvalError(f"--dtype {dtype!r}: choose auto, float32, bfloat16 or float16")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise EvalError(f"--device {dev}: no CUDA device is visible (use --device cpu)")
+    return dev, getattr(torch, dtype)
+
+
+def load_eval_model(model: str, adapter: str | None = None, dtype: str = "auto", device: str | None = None):
+    """(model, tokenizer, speed_config.json dict or {}) from 'smollm2', a local dir or a hub id,
+    on ``device`` (default: cuda when available)."""
+    dev, dt = resolve_device(device, dtype)
+    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
+        raise EvalError(
+            f"--adapter {adapter}: no adapter_config.json there (expected a training export/adapter folder)"
+        )
     saved: dict = {}
     if model == "smollm2":
         from speed_train.assets import load_smollm2
@@ -58,7 +80,7 @@ def load_eval_model(model: str, adapter: str | None = None, dtype: str = "float3
         lm = PeftModel.from_pretrained(lm, adapter)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return lm.eval(), tok, saved
+    return lm.to(dev).eval(), tok, saved
 
 
 def _mc_requests(task: Task) -> tuple[list[tuple[str, list[str]]], list[list[tuple[int, int]]]]:
@@ -80,35 +102,51 @@ def _mc_requests(task: Task) -> tuple[list[tuple[str, list[str]]], list[list[tup
 
 def evaluate_task(model, tok, cfg: SpeedConfig, task: Task, *, batch_size: int = 8, max_gen_tokens: int | None = None,
                   add_bos: bool = True, progress=None) -> dict:  # fmt: skip
+    """Score one task. ``progress(done, total)`` is called after every batch of requests."""
     t0 = time.perf_counter()
+    samples = None
     if task.generative:
         ctxs = [d.contexts[0] for d in task.docs]
         gens = generate_text(model, tok, cfg, ctxs, max_new_tokens=max_gen_tokens or task.generation["max_gen_toks"],
-                             stop_sequences=tuple(task.generation["stop_sequences"]), batch_size=batch_size, add_bos=add_bos)  # fmt: skip
-        hits = [extract_gsm8k_answer(g) == d.meta["answer"] for g, d in zip(gens, task.docs)]
+                             stop_sequences=tuple(task.generation["stop_sequences"]), batch_size=batch_size,
+                             add_bos=add_bos, progress=progress)  # fmt: skip
+        preds = [extract_gsm8k_answer(g) for g in gens]
+        hits = [p == d.meta["answer"] for p, d in zip(preds, task.docs)]
         metrics = {"exact_match": sum(hits) / max(len(hits), 1)}
+        samples = [{"doc_id": d.doc_id, "generation": g, "prediction": p, "answer": d.meta["answer"]}
+                   for d, g, p in zip(task.docs, gens, preds)]  # fmt: skip
     else:
         reqs, where = _mc_requests(task)
         # score in order of context length (less padding per batch), then restore the order
         order = sorted(range(len(reqs)), key=lambda i: len(reqs[i][0]))
+        has_uncond = bool(task.docs) and all(d.uncond_context for d in task.docs)  # dump has them
+        total = len(reqs) + (len(task.docs) if has_uncond else 0)
         sorted_scores = []
         for i in range(0, len(order), batch_size * 4):
             chunk = [reqs[j] for j in order[i : i + batch_size * 4]]
             sorted_scores += score_requests(model, tok, cfg, chunk, batch_size=batch_size, add_bos=add_bos)
             if progress is not None:
-                progress()
+                progress(len(sorted_scores), total)
         scores = [None] * len(reqs)
         for pos, j in enumerate(order):
             scores[j] = sorted_scores[pos]
         cond = [[scores[r][p] for r, p in loc] for loc in where]
         uncond = None
-        if task.docs and all(d.uncond_context for d in task.docs):  # the dump has unconditional requests
+        if has_uncond:
             uncond = score_requests(model, tok, cfg, [(d.uncond_context, d.choices) for d in task.docs],
                                     batch_size=batch_size, add_bos=add_bos)  # fmt: skip
+            if progress is not None:
+                progress(total, total)
         metrics = mc_metrics(task.docs, cond, uncond)
-    primary = metrics.get(task.primary_metric, metrics.get("acc_raw", metrics.get("exact_match")))
-    return {"task": task.name, "variant": task.variant, "n": len(task.docs), "primary_metric": task.primary_metric,
-            "primary": primary, "metrics": metrics, "seconds": time.perf_counter() - t0}  # fmt: skip
+    if task.primary_metric not in metrics:  # load_task checks this up front; never report another metric
+        raise EvalError(
+            f"task {task.name}: primary metric {task.primary_metric} was not computed ({sorted(metrics)})"
+        )
+    out = {"task": task.name, "variant": task.variant, "n": len(task.docs), "primary_metric": task.primary_metric,
+           "primary": metrics[task.primary_metric], "metrics": metrics, "seconds": time.perf_counter() - t0}  # fmt: skip
+    if samples is not None:
+        out["samples"] = samples
+    return out
 
 
 def markdown_table(runs: dict[str, list[dict]]) -> str:
@@ -138,12 +176,22 @@ def main(argv=None) -> dict:
     ap.add_argument("--k", default=None, help="cutoff: layers (24) or fraction (0.75)")
     ap.add_argument("--anchor", default=None, choices=["none", "bos", "system"])
     ap.add_argument("--tasks", default="olmes10", help="comma list, or olmes10 / all")
-    ap.add_argument("--variant", default=None, help="e.g. rc_5shot (default), mc_5shot, rc_0shot")
+    ap.add_argument(
+        "--variant", default=None, help="multiple-choice tasks: rc_5shot (default), mc_5shot, rc_0shot"
+    )
+    ap.add_argument("--gsm8k-variant", default=None, help="GSM8K's dump variant (default gold_bpb_5shot)")
+    ap.add_argument(
+        "--primary",
+        default="olmes",
+        choices=["olmes", "dump"],
+        help="primary metric per task: OLMES-v0.1's normalisation (default) or the dump's config",
+    )
     ap.add_argument("--task-path", default=None, help="a local requests.jsonl[.gz] (with --tasks NAME)")
     ap.add_argument("--limit", type=int, default=None, help="questions per task")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-gen-tokens", type=int, default=None)
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+    ap.add_argument("--device", default=None, help="cuda (default when available), cuda:1, cpu")
     ap.add_argument("--out", default="eval_results")
     ap.add_argument("--name", default=None, help="column name in the table")
     ap.add_argument(
@@ -155,8 +203,14 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     tasks = TASK_SETS.get(args.tasks, tuple(t for t in args.tasks.split(",") if t))
-    loaded = [load_task(t, args.variant, path=args.task_path, limit=args.limit) for t in tasks]  # fail fast
-    model, tok, saved = load_eval_model(args.model, args.adapter, args.dtype)
+    if args.batch_size < 1:
+        raise EvalError(f"--batch-size {args.batch_size}: must be >= 1")
+    loaded = [  # fail fast: every task file is read and checked before the model loads
+        load_task(t, args.gsm8k_variant if ALIASES.get(t, t) == "gsm8k" else args.variant,
+                  path=args.task_path, limit=args.limit, primary=args.primary)
+        for t in tasks
+    ]  # fmt: skip
+    model, tok, saved = load_eval_model(args.model, args.adapter, args.dtype, args.device)
     anchor, k = SPEED_PRESETS[args.speed] if args.speed else (saved.get("anchor", "bos"), saved.get("k"))
     if args.anchor:
         anchor = args.anchor
@@ -170,14 +224,17 @@ def main(argv=None) -> dict:
     with Progress() as prog:
         bar = prog.add_task("tasks", total=len(loaded))
         for task in loaded:
+            sub = prog.add_task(f"  {task.name}", total=None)
             results.append(evaluate_task(model, tok, cfg, task, batch_size=args.batch_size,
-                                         max_gen_tokens=args.max_gen_tokens, add_bos=not args.no_bos))  # fmt: skip
+                                         max_gen_tokens=args.max_gen_tokens, add_bos=not args.no_bos,
+                                         progress=lambda done, total, sub=sub: prog.update(sub, completed=done, total=total)))  # fmt: skip
+            prog.remove_task(sub)
             prog.console.print(f"{task.name}: {task.primary_metric} = {100 * results[-1]['primary']:.1f} "
                                f"(n={results[-1]['n']}, {results[-1]['seconds']:.0f}s)")  # fmt: skip
             prog.advance(bar)
     avg = sum(r["primary"] for r in results) / max(len(results), 1)
     out = {"name": name, "model": args.model, "adapter": args.adapter, "k": K, "anchor": anchor,
-           "limit": args.limit, "tasks": results, "average": avg}  # fmt: skip
+           "limit": args.limit, "primary": args.primary, "tasks": results, "average": avg}  # fmt: skip
     d = Path(args.out)
     d.mkdir(parents=True, exist_ok=True)
     write_json(d / "results.json", out)
@@ -186,8 +243,12 @@ def main(argv=None) -> dict:
     return out
 
 
-if __name__ == "__main__":
+def cli() -> None:
     try:
         main()
     except EvalError as e:
         raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    cli()

@@ -101,8 +101,10 @@ def generate_text(
     stop_sequences: tuple[str, ...] = (),
     batch_size: int = 4,
     add_bos: bool = True,
+    progress=None,
 ) -> list[str]:
-    """Greedy SPEED generation from plain prompts, cut at the first stop sequence."""
+    """Greedy SPEED generation from plain prompts, cut at the first stop sequence.
+    ``progress(done, total)`` is called after every batch."""
     eos = [t for t in {tokenizer.eos_token_id} if t is not None]
     outs: list[str] = []
     for i in range(0, len(contexts), batch_size):
@@ -115,4 +117,6 @@ def generate_text(
             text = tokenizer.decode([t for t in seq if t not in eos], skip_special_tokens=True)
             cut = min([text.find(s) for s in stop_sequences if s and s in text], default=len(text))
             outs.append(text[:cut])
+        if progress is not None:
+            progress(len(outs), len(contexts))
     return outs
