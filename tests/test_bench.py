@@ -9,15 +9,23 @@ from speed_train.speed.flops import ModelShape, flop_ratio, step_flops
 from speed_train.speed.tiny import tiny_config
 
 
-def test_inference_bench_kv_bytes_equal_formula(tmp_path):
-    out = inference.main(["--lengths", "64,128", "--runs", "1", "--decode-steps", "3", "--k", "5",
+@pytest.mark.parametrize("batch", [1, 2])
+def test_inference_bench_kv_bytes_equal_formula(tmp_path, batch):
+    out = inference.main(["--lengths", "64,128", "--runs", "1", "--decode-steps", "3", "--k", "5", "--batch", str(batch),
                           "--bandwidth-gbs", "10", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "p.png")])  # fmt: skip
     for r in out["rows"]:
-        assert r["kv_matches_formula"], r
+        assert r["kv_matches_formula"] and r["kv_written_matches"], r
         # cpu_small: 8 layers, 2 KV heads x 64 dims, fp32 -> 1 KiB per token per layer
         n, kept = r["length"] + 3, 3 + 3
-        assert r["kv_full"] == 8 * n * 1024 and r["kv_speed"] == (5 * n + 3 * kept) * 1024
+        assert r["kv_full"] == batch * 8 * n * 1024 and r["kv_speed"] == batch * (5 * n + 3 * kept) * 1024
     assert (tmp_path / "p.png").stat().st_size > 0 and (tmp_path / "r.json").exists()
+    # decode roofline: all weights but the untied input embedding table (one row read per step)
+    p = inference.PRESETS["cpu_small"]
+    table = p["vocab"] * p["hidden"] * 4
+    assert out["decode_weight_bytes"] == out["weight_bytes"] - table + batch * p["hidden"] * 4
+    r = out["rows"][0]
+    kv = batch * 8 * r["length"] * 1024  # the prompt's KV, read by every decode step
+    assert r["tpot_full_roofline_s"] == pytest.approx((out["decode_weight_bytes"] + kv) / 10e9)
 
 
 def test_step_flops_by_hand():
@@ -69,7 +77,7 @@ def _script_invocations(path: str) -> list[tuple[str, list[str]]]:
 def test_gpu_script_arguments_are_valid():
     """The one-shot GPU script cannot be run here: at least its every argument must parse."""
     calls = _script_invocations("scripts/gpu_checks.sh")
-    assert [m for m, _ in calls] == ["step", "step", "inference"]
+    assert [m for m, _ in calls] == ["inference", "step", "step"]  # 128K first
     parsed = {m: (step if m == "step" else inference).parse_args(argv) for m, argv in calls}
     paper = parsed["inference"]  # the paper's setting: Llama-3.1-8B shape, bf16, K = 24, 128K
     assert (paper.preset, paper.dtype, paper.k) == ("llama31_8b", "bfloat16", 24)
@@ -101,3 +109,14 @@ def test_bad_bench_arguments_fail_before_building_a_model(module, argv, message,
     with pytest.raises(SystemExit) as e:
         module.main(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_gpu_script_fits_its_time_box():
+    """The sum of the per-check timeouts is the script's worst case: it must fit an 8.5-minute run."""
+    import re
+    from pathlib import Path
+
+    total = sum(
+        int(t) for t in re.findall(r"^timeout (\d+) ", Path("scripts/gpu_checks.sh").read_text(), re.M)
+    )
+    assert 0 < total <= 510, total

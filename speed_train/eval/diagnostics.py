@@ -3,17 +3,21 @@
     python -m speed_train.eval.diagnostics --model smollm2 --n 16 --out diag/
 
 Per layer l (decode-token queries only, averaged over heads, queries and conversations):
-- attention mass on prompt / anchor / decode keys (sums to 1 per query);
-- representation change 1 - cos(h_l, h_{l+1}) of decode tokens between consecutive layers;
+- attention mass on prompt / anchor / decode keys (sums to 1 per query), with SPEED's meaning
+  of the roles: for a query of assistant turn t, "decode" is turn t's own decode tokens and
+  earlier turns' answers count as prompt (they are history that upper layers never see);
+- representation change r_l = 1 - cos(h_{l-1}, h_l) of decode tokens: the change made by layer
+  l (l = 1..L-1; h_l is layer l's output). JSON ``rep_change[i]`` is r_{i+1};
 - logit-lens KL(p_final || p_l), with p_l = softmax(lm_head(norm(h_l))).
 
 auto-K rule (documented choice). SPEED must keep, below K, the layers where decode tokens read
 the prompt and where their representations are still moving:
 - K_attn: the smallest K whose layers 0..K-1 hold ``attn_frac`` (0.9) of the decode queries'
   total prompt attention mass summed over layers;
-- K_rep: the smallest K after which the representation change r_l stays at or below
-  ``rep_frac`` (0.5) x its maximum, for l in K..L-2 (the last transition, into the final norm,
-  is excluded: it is large in every model we looked at and says nothing about the prompt);
+- K_rep: the smallest K such that every prompt-blind layer l in K..L-2 changes the decode
+  tokens by at most ``rep_frac`` (0.5) x the largest change: r_l <= 0.5 max r (the maximum and
+  the test both over layers 1..L-2; the last layer's own update is excluded: it is large in
+  every model we looked at, it shapes the output distribution and says nothing about the prompt);
 - recommended K = max(K_attn, K_rep). The upper layers K..L-1 become prompt-blind.
 """
 
@@ -27,7 +31,7 @@ import torch
 from speed_train.atomic import atomic_write, write_json
 from speed_train.speed.adapters import model_parts, unwrap
 from speed_train.speed.batch import collate
-from speed_train.speed.roles import ANCHOR, DECODE, PROMPT
+from speed_train.speed.roles import ANCHOR, DECODE
 
 
 @torch.no_grad()
@@ -52,15 +56,20 @@ def layer_diagnostics(model, examples) -> dict[str, list[float]]:
             finally:
                 for h in hooks:
                     h.remove()
-            roles = batch.roles[0]
+            roles, turns = batch.roles[0], batch.turns[0]
             dec = (roles == DECODE).nonzero().flatten()
             if len(dec) == 0:
                 continue
             n_q += len(dec)
+            # key classes per query [Q, T]: own turn's decode tokens; anchors; everything else
+            # (prompt tokens and earlier turns' answers) is prompt, as SPEED's upper layers see it
+            own = (roles == DECODE)[None, :] & (turns[None, :] == turns[dec][:, None])
+            anc = (roles == ANCHOR)[None, :].expand_as(own)
+            classes = {"decode": own, "anchor": anc, "prompt": ~own & ~anc}
             for layer, att in enumerate(out.attentions):  # [1, H, T, T]
                 a = att[0][:, dec].mean(0)  # [Q, T], averaged over heads
-                for name, role in (("prompt", PROMPT), ("anchor", ANCHOR), ("decode", DECODE)):
-                    sums[name][layer] += a[:, roles == role].sum().float().cpu()
+                for name, keys in classes.items():
+                    sums[name][layer] += (a * keys).sum().float().cpu()
             final = out.logits[0, dec].float().log_softmax(-1)
             for layer in range(L):
                 h = hs[layer][0, dec]
@@ -95,9 +104,11 @@ def auto_k(curves: dict, attn_frac: float = 0.9, rep_frac: float = 0.5) -> dict:
         if acc >= attn_frac * total:
             k_attn = i + 1
             break
-    inner = r[:-1] if len(r) > 1 else r  # the last transition feeds the final norm: excluded
+    # r[i] is the change made by layer i + 1; the last layer's own change is excluded
+    inner = r[:-1] if len(r) > 1 else r
     thr = rep_frac * max(inner) if inner else 0.0
-    k_rep = next((k for k in range(1, L + 1) if all(v <= thr for v in inner[k:])), L)
+    # cutoff K: layers K..L-2 (changes r[K-1:]) go prompt-blind and must be quiet
+    k_rep = next((k for k in range(1, L + 1) if all(v <= thr for v in inner[k - 1 :])), L)
     return {"k": max(k_attn, k_rep), "k_attn": k_attn, "k_rep": k_rep}
 
 
@@ -113,8 +124,8 @@ def plot(curves: dict, k: int, path: str, title: str) -> None:
     for key in ("prompt_mass", "anchor_mass", "decode_mass"):
         axes[0].plot(x, curves[key], label=key.replace("_", " "))
     axes[0].set_title("attention mass of decode queries")
-    axes[1].plot(x[:-1], curves["rep_change"])
-    axes[1].set_title("1 - cos(h_l, h_l+1), decode tokens")
+    axes[1].plot(x[1:], curves["rep_change"])  # at the layer that makes the change
+    axes[1].set_title("change made by layer l: 1 - cos(h_l-1, h_l)")
     axes[2].plot(x, curves["logit_lens_kl"])
     axes[2].set_yscale("log")
     axes[2].set_title("logit-lens KL to final layer")

@@ -106,6 +106,18 @@ class SpeedCache:
     def allocated_bytes_per_layer(self) -> list[int]:
         return [2 * k.numel() * k.element_size() for k in self.keys]
 
+    def written_bytes_per_layer(self) -> list[int]:
+        """Bytes of K/V in slots that hold data (any nonzero K or V element), read from the
+        tensors themselves: an independent check of :meth:`active_bytes_per_layer`."""
+        out = []
+        for i in range(self.num_layers):
+            k, v = self.keys[i], self.values[i]
+            slots = sum(
+                int(((k[b] != 0).any(-1) | (v[b] != 0).any(-1)).any(0).sum()) for b in range(k.shape[0])
+            )
+            out.append(slots * self._slot_bytes(i))
+        return out
+
     def active_bytes_per_layer(self) -> list[int]:
         """Bytes of K/V held for real tokens (padding and unwritten slots excluded)."""
         return [
