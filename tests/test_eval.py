@@ -277,3 +277,23 @@ def test_eval_cli_writes_results(tok, tmp_path):
     )
     hits = [max(range(2), key=lambda j: s[j].logprob) == g for s, g in zip(sc, [1, 0])]
     assert t["primary"] == sum(hits) / 2
+
+
+def test_reproduce_rebuild_switches_primary_metric_without_scoring(tmp_path):
+    from speed_train.eval.reproduce import main as reproduce
+
+    m = {"acc_raw": 0.1, "acc_per_token": 0.2, "acc_per_char": 0.3, "acc_uncond": 0.4}
+    runs = {"full depth": [{"task": t, "variant": "rc_0shot", "n": 5, "primary_metric": "x", "primary": 0.0,
+                            "metrics": m, "seconds": 1.0} for t in ("arc_challenge", "arc_easy")]}  # fmt: skip
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps({"args": {"variant": "rc_0shot", "limit": 5}, "K": 22, "num_layers": 30,
+                               "minutes": 1.0, "runs": runs}))  # fmt: skip
+    out = reproduce(["--rebuild-from", str(src), "--out", str(tmp_path / "o")])
+    got = [(r["primary_metric"], r["primary"]) for r in out["runs"]["full depth"]]
+    assert got == [("acc_uncond", 0.4), ("acc_per_char", 0.3)]  # OLMES: pmi for ARC-C, per char for ARC-E
+    dump = reproduce(["--rebuild-from", str(src), "--primary", "dump", "--out", str(tmp_path / "d")])
+    assert [r["primary_metric"] for r in dump["runs"]["full depth"]] == [
+        "acc_per_char",
+        "acc_raw",
+    ]  # dumps' configs
+    assert "| **average** | | | **35.0** |" in (tmp_path / "o" / "results.md").read_text()

@@ -240,6 +240,16 @@ def test_generation_stops_and_samples_reproducibly():
     stop = greedy[2]
     stopped = speed_generate(model, [prompt], 2, max_new_tokens=6, stop_token_ids=[stop]).sequences[0]
     assert stopped == greedy[: greedy.index(stop) + 1]
+    # a stop predicate (stop strings) ends one row early; the other row runs on unchanged
+    ex2 = make_example("bos", 1, seed=2)
+    n2 = ex2.roles.index(DECODE) + 2
+    prompt2 = EncodedExample(ex2.input_ids[:n2], ex2.roles[:n2], ex2.turns[:n2], [IGNORE] * n2)
+    greedy2 = speed_generate(model, [prompt2], 2, max_new_tokens=6).sequences[0]
+    assert greedy2[:3] != greedy[:3]
+    out = speed_generate(
+        model, [prompt, prompt2], 2, max_new_tokens=6, stop_fn=lambda ids: ids == greedy[:3]
+    ).sequences
+    assert out == [greedy[:3], greedy2]
 
     def sample(seed):
         g = torch.Generator().manual_seed(seed)

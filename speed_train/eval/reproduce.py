@@ -6,17 +6,21 @@
 Columns: full depth; SPEED-K+BoS zero-shot; SPEED-K (no anchor) zero-shot; SPEED-K+BoS after the
 LoRA adaptation of `python -m speed_train` (when --adapter is given). K defaults to the embedded
 default's 0.75 x 30 = 22. Variant rc_0shot keeps a 2-core CPU run within ~30 minutes at 100
-questions per task. Writes results.json and results.md.
+questions per task. Writes results.json and results.md. Primary metrics are OLMES-v0.1's
+(``--primary olmes``) or the dumps' own (``--primary dump``); every metric is stored, so
+``--rebuild-from results.json --primary ...`` rewrites the table with the other choice without
+scoring again.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
 from speed_train.atomic import write_json, write_text
-from speed_train.eval.olmes import MC_TASKS, load_task
+from speed_train.eval.olmes import MC_TASKS, EvalError, load_task
 from speed_train.eval.run import evaluate_task, load_eval_model, markdown_table
 from speed_train.speed.config import SpeedConfig
 
@@ -31,15 +35,22 @@ def main(argv=None) -> dict:
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--out", default="reproduction")
+    ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    ap.add_argument("--primary", default="olmes", choices=["olmes", "dump"])
+    ap.add_argument("--rebuild-from", default=None, help="a results.json of this command: re-table only")
     ap.add_argument(
         "--sweep-k",
         default=None,
         help="auto-K validation instead: full depth + SPEED-K+BoS zero-shot for each K in this list",
     )
     args = ap.parse_args(argv)
+    if args.rebuild_from:
+        return rebuild(args.rebuild_from, args.primary, Path(args.out))
     k = float(args.k) if "." in args.k else int(args.k)
-    tasks = [load_task(t, args.variant, limit=args.limit) for t in args.tasks.split(",")]
-    model, tok, _ = load_eval_model(args.model)
+    tasks = [
+        load_task(t, args.variant, limit=args.limit, primary=args.primary) for t in args.tasks.split(",")
+    ]
+    model, tok, _ = load_eval_model(args.model, device=args.device)
     L = model.config.num_hidden_layers
     K = SpeedConfig(k=k).resolve_k(L)
     runs: dict[str, list[dict]] = {}
@@ -51,7 +62,7 @@ def main(argv=None) -> dict:
             (f"SPEED-{kk}+BoS zero-shot", SpeedConfig(k=kk, anchor="bos"), model) for kk in ks
         ]
     elif args.adapter:
-        adapted, _, _ = load_eval_model(args.model, args.adapter)
+        adapted, _, _ = load_eval_model(args.model, args.adapter, device=args.device)
         plan.append((f"SPEED-{K}+BoS LoRA-adapted", SpeedConfig(k=k, anchor="bos"), adapted))
     t0 = time.perf_counter()
     d = Path(args.out)
@@ -69,9 +80,34 @@ def main(argv=None) -> dict:
         minutes = (time.perf_counter() - t0) / 60
         out = {"args": vars(args), "K": K, "num_layers": L, "minutes": minutes, "runs": runs}
         write_json(d / "results.json", out)
-        head = f"{args.variant}, {args.limit} questions per task, K={K}/{L}, {minutes:.1f} min\n\n"
-        write_text(d / "results.md", head + markdown_table(runs))
+        write_text(d / "results.md", _header(out) + markdown_table(runs))
     print(markdown_table(runs))
+    return out
+
+
+def _header(out: dict) -> str:
+    a = out["args"]
+    return (f"{a['variant']}, {a['limit']} questions per task, K={out['K']}/{out['num_layers']}, "
+            f"primary metrics: {a.get('primary', 'dump')}, {out['minutes']:.1f} min\n\n")  # fmt: skip
+
+
+def rebuild(path: str, primary: str, out_dir: Path) -> dict:
+    """Re-derive each task's primary metric from the stored metrics of an earlier run."""
+    out = json.loads(Path(path).read_text())
+    for results in out["runs"].values():
+        for r in results:
+            # the same rule as a fresh run (reads the task's dump config, scores nothing)
+            r["primary_metric"] = load_task(r["task"], r["variant"], limit=1, primary=primary).primary_metric
+            if r["primary_metric"] not in r["metrics"]:
+                raise EvalError(
+                    f"{path}: task {r['task']} has no {r['primary_metric']} stored ({sorted(r['metrics'])})"
+                )
+            r["primary"] = r["metrics"][r["primary_metric"]]
+    out["args"]["primary"] = primary
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "results.json", out)
+    write_text(out_dir / "results.md", _header(out) + markdown_table(out["runs"]))
+    print(markdown_table(out["runs"]))
     return out
 
 

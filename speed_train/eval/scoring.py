@@ -106,13 +106,23 @@ def generate_text(
     """Greedy SPEED generation from plain prompts, cut at the first stop sequence.
     ``progress(done, total)`` is called after every batch."""
     eos = [t for t in {tokenizer.eos_token_id} if t is not None]
+    stop_fn = None
+    if any(stop_sequences):
+        # a row stops as soon as its text holds a stop string (e.g. GSM8K's "Question:"): a string
+        # of m characters spans at most m tokens, so the tail of m + 2 tokens is enough to look at
+        tail = max(len(x) for x in stop_sequences) + 2
+
+        def stop_fn(ids: list[int]) -> bool:
+            text = tokenizer.decode(ids[-tail:], skip_special_tokens=True)
+            return any(x and x in text for x in stop_sequences)
+
     outs: list[str] = []
     for i in range(0, len(contexts), batch_size):
         prompts = [
             encode_plain(c, None, tokenizer, cfg, add_bos=add_bos) for c in contexts[i : i + batch_size]
         ]
         gen = speed_generate(model, prompts, cfg, max_new_tokens=max_new_tokens, stop_token_ids=eos,
-                             pad_token_id=tokenizer.pad_token_id or 0)  # fmt: skip
+                             pad_token_id=tokenizer.pad_token_id or 0, stop_fn=stop_fn)  # fmt: skip
         for seq in gen.sequences:
             text = tokenizer.decode([t for t in seq if t not in eos], skip_special_tokens=True)
             cut = min([text.find(s) for s in stop_sequences if s and s in text], default=len(text))

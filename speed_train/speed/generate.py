@@ -12,6 +12,7 @@ is masked out by a per-depth ``valid`` map.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -225,9 +226,11 @@ def speed_generate(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     keep_logits: bool = False,
+    stop_fn: Callable[[list[int]], bool] | None = None,
 ) -> GenerationOutput:
     """Generate a continuation for each prompt (roles from the core: the assistant header is
-    decode-phase and must end the prompt). Prompts may differ in length."""
+    decode-phase and must end the prompt). Prompts may differ in length. A row stops at a token
+    of ``stop_token_ids`` or when ``stop_fn(tokens so far)`` is true (e.g. a stop string)."""
     parts = enable_speed_attention(model)
     K = resolve_k(parts, k)
     if max_new_tokens < 1:
@@ -257,6 +260,8 @@ def speed_generate(
         tok = _sample(logits, do_sample, temperature, top_k, top_p, generator)
         for b in (~done).nonzero().flatten().tolist():
             out[b].append(int(tok[b]))
+            if stop_fn is not None and stop_fn(out[b]):
+                done[b] = True
         done |= torch.isin(tok, stops)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
