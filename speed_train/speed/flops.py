@@ -78,5 +78,10 @@ def step_flops(shape: ModelShape, batch: SpeedBatch, k: int, execution: str) -> 
 
 def flop_ratio(shape: ModelShape, batch: SpeedBatch, k: int, execution: str = "gather",
                baseline: str = "full_hf") -> float:  # fmt: skip
-    """Predicted step-FLOP ratio of a SPEED execution to a baseline on the same batch."""
+    """Predicted step-FLOP ratio of a SPEED execution to a baseline on the same batch.
+
+    The default baseline "full_hf" is a standard Full-IT step (LM head at every token), so the
+    ratio includes the saving of computing logits only at targets. For SPEED's own saving, pass
+    ``baseline="gather"`` (K = L through the same path: head at targets only).
+    """
     return step_flops(shape, batch, k, execution) / step_flops(shape, batch, shape.layers, baseline)
