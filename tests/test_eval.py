@@ -297,3 +297,25 @@ def test_reproduce_rebuild_switches_primary_metric_without_scoring(tmp_path):
         "acc_raw",
     ]  # dumps' configs
     assert "| **average** | | | **35.0** |" in (tmp_path / "o" / "results.md").read_text()
+
+
+def test_generation_stops_at_a_stop_string_while_generating(model, tok, monkeypatch):
+    from speed_train.eval import scoring
+
+    cfg = SpeedConfig(k=2, anchor="bos")
+    ctx = ["Question: How many apples?\nAnswer:"]
+    full = scoring.generate_text(model, tok, cfg, ctx, max_new_tokens=12)[0]
+    stop = full[len(full) // 3 : len(full) // 3 + 2]  # a string the unrestricted text holds early on
+    assert stop and len(full) > 6
+    lengths = []
+    real = scoring.speed_generate
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        lengths.extend(len(seq) for seq in out.sequences)
+        return out
+
+    monkeypatch.setattr(scoring, "speed_generate", spy)
+    cut = scoring.generate_text(model, tok, cfg, ctx, max_new_tokens=12, stop_sequences=(stop,))[0]
+    assert cut == full[: full.find(stop)]
+    assert lengths[0] < 12  # generation itself ended at the stop string, not at max_new_tokens

@@ -71,6 +71,9 @@ def test_lm_eval_local_tasks_under_speed(saved_model, tmp_path):
 
     lm = get_model("speed").create_from_arg_string(f"pretrained={saved_model}")
     assert lm.cfg.k == 2 and lm.cfg.anchor == "bos"  # from speed_config.json
+    for full in ("k=full", "k=None"):  # explicit full depth wins over the saved K, string or parsed
+        assert get_model("speed").create_from_arg_string(f"pretrained={saved_model},{full}").cfg.k is None
+    assert get_model("speed").create_from_arg_obj({"pretrained": str(saved_model), "k": None}).cfg.k is None
     acc = out["results"]["speed_local_mc"]["acc,none"]
     # independent: our scorer on the same contexts and " choice" continuations
     ctxs = [f"Question: {d['question']}\nAnswer:" for d in DOCS]

@@ -161,7 +161,14 @@ def main(argv=None) -> dict:
         emb.numel() * emb.element_size() - args.batch * row_bytes if untied else 0
     )
     dbytes = torch.finfo(dtype).bits // 8
-    rows = []
+    dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(f"inference benchmark: {args.preset} ({L} layers, K={K}), {args.dtype}, batch {args.batch}, "
+          f"{dev_name}, bandwidth {bw / 1e9:.1f} GB/s, medians of {args.runs} interleaved runs")  # fmt: skip
+    print(f"{'length':>7} {'KV full MiB':>12} {'KV ratio':>9} {'pred':>6} {'TTFT ratio':>11} {'pred':>6} "
+          f"{'TPOT full ms':>13} {'roofline':>9} {'TPOT ratio':>11} {'pred':>6}", flush=True)  # fmt: skip
+    out = {"args": vars(args), "device": dev_name, "bandwidth_Bps": bw, "weight_bytes": weight_bytes,
+           "decode_weight_bytes": decode_weight_bytes, "rows": []}  # fmt: skip
+    rows = out["rows"]
     for n in args.lengths:
         prompts = [make_prompt(n, p["vocab"], seed=i) for i in range(args.batch)]
         n_kept = 3  # anchor + 2 header tokens
@@ -177,7 +184,7 @@ def main(argv=None) -> dict:
                     res[name]["ttft"].append(ttft)
                     res[name]["tpot"].append(tpot)
                 kv[name] = sum(cache.active_bytes_per_layer())
-                kv[name + "_written"] = sum(cache.written_bytes_per_layer())
+                kv[name + "_written"] = sum(cache.written_bytes_per_layer())  # no padding here
                 del cache
         steps_written = args.decode_steps  # run_one feeds every step's token back
         kv_full_formula = kv_bytes_formula(
@@ -207,27 +214,16 @@ def main(argv=None) -> dict:
             "tpot_ratio": med["speed"]["tpot"] / med["full"]["tpot"], "tpot_ratio_pred": tpot_pred_speed / tpot_pred_full,
             "tpot_full_roofline_s": tpot_pred_full, "tpot_speed_roofline_s": tpot_pred_speed,
         })  # fmt: skip
-    dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    print(f"inference benchmark: {args.preset} ({L} layers, K={K}), {args.dtype}, batch {args.batch}, "
-          f"{dev_name}, bandwidth {bw / 1e9:.1f} GB/s, medians of {args.runs} interleaved runs")  # fmt: skip
-    print(f"{'length':>7} {'KV full MiB':>12} {'KV ratio':>9} {'pred':>6} {'TTFT ratio':>11} {'pred':>6} "
-          f"{'TPOT full ms':>13} {'roofline':>9} {'TPOT ratio':>11} {'pred':>6}")  # fmt: skip
-    for r in rows:
+        r = rows[-1]
         print(f"{r['length']:>7} {r['kv_full'] / 2**20:>12.2f} {r['kv_ratio']:>9.4f} {r['kv_ratio_pred']:>6.4f} "
               f"{r['ttft_ratio']:>11.3f} {r['ttft_ratio_pred']:>6.3f} {1e3 * r['tpot_full_s']:>13.3f} "
-              f"{1e3 * r['tpot_full_roofline_s']:>9.3f} {r['tpot_ratio']:>11.3f} {r['tpot_ratio_pred']:>6.3f}")  # fmt: skip
-    out = {
-        "args": vars(args),
-        "device": dev_name,
-        "bandwidth_Bps": bw,
-        "weight_bytes": weight_bytes,
-        "decode_weight_bytes": decode_weight_bytes,
-        "rows": rows,
-    }
-    if args.json:
-        write_json(args.json, out)
-    if args.plot:
-        _plot(rows, args.plot, f"SPEED-{K}/{L} vs full depth ({dev_name})")
+              f"{1e3 * r['tpot_full_roofline_s']:>9.3f} {r['tpot_ratio']:>11.3f} {r['tpot_ratio_pred']:>6.3f}",
+              flush=True)  # fmt: skip
+        # written after every length: a run cut off by a timeout keeps the lengths it finished
+        if args.json:
+            write_json(args.json, out)
+        if args.plot:
+            _plot(rows, args.plot, f"SPEED-{K}/{L} vs full depth ({dev_name})")
     return out
 
 
@@ -237,6 +233,7 @@ def _plot(rows, path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = sorted(rows, key=lambda r: r["length"])
     x = [r["length"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in (("kv_ratio", "active KV"), ("ttft_ratio", "TTFT"), ("tpot_ratio", "TPOT")):
@@ -249,6 +246,7 @@ def _plot(rows, path: str, title: str) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120), binary=True)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

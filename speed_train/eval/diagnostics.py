@@ -136,6 +136,7 @@ def plot(curves: dict, k: int, path: str, title: str) -> None:
     fig.suptitle(title)
     fig.tight_layout()
     atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110), binary=True)
+    plt.close(fig)
 
 
 def _examples(tokenizer, n: int, anchor: str):

@@ -12,9 +12,9 @@ fixed table of its own modules), so ``lm_eval --model speed`` answers "no model 
 From Python, ``import speed_train.eval.lm_eval_adapter`` then
 ``lm_eval.simple_evaluate(model="speed", model_args=...)``. ``pretrained``
 is ``smollm2`` (the packaged model), a local HF directory (its ``speed_config.json`` gives K and
-the anchor when not set) or a hub id; ``adapter=`` loads a LoRA adapter on top.
+the anchor when not set; ``k=full`` forces full depth) or a hub id; ``adapter=`` loads a LoRA adapter on top.
 
-loglikelihood uses the shared-context SPEED scorer (the context's answer cue and the
+``batch_size=auto`` is taken as 8 (no memory probing). loglikelihood uses the shared-context SPEED scorer (the context's answer cue and the
 continuation are decode phase); generate_until uses shallow-prefill generation.
 """
 
@@ -45,7 +45,7 @@ def _k(value):
 
 @register_model("speed")
 class SpeedLMEval(LM):
-    def __init__(self, pretrained: str = "smollm2", k=None, anchor: str | None = None, adapter: str | None = None,
+    def __init__(self, pretrained: str = "smollm2", k="saved", anchor: str | None = None, adapter: str | None = None,
                  batch_size: int | str = 8, dtype: str = "auto", max_gen_toks: int = 256, device: str | None = None,
                  **kwargs) -> None:  # fmt: skip
         super().__init__()
@@ -53,7 +53,9 @@ class SpeedLMEval(LM):
             raise ValueError(f"unknown model_args for --model speed: {', '.join(sorted(kwargs))} (known: pretrained, "
                              "k, anchor, adapter, batch_size, dtype, max_gen_toks, device)")  # fmt: skip
         self.model, self.tokenizer, saved = load_eval_model(pretrained, adapter, dtype, device)
-        k = _k(k) if k is not None else saved.get("k")
+        # k left out: the model's speed_config.json (else full depth); k=None / "None" / "full":
+        # full depth, however lm-eval hands the value over (string or parsed None)
+        k = saved.get("k") if k == "saved" else _k(k)
         self.cfg = SpeedConfig(k=k, anchor=anchor or saved.get("anchor", "bos"))
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_gen_toks = int(max_gen_toks)

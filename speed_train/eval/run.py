@@ -41,7 +41,7 @@ def resolve_device(device: str | None = None, dtype: str = "auto") -> tuple[str,
     if device in (None, "auto"):
         dev = "cuda" if torch.cuda.is_available() else "cpu"
     else:
-        dev = device
+        dev = str(device)  # lm-eval may pass a torch.device
     if dtype == "auto":
         dtype = "bfloat16" if dev.startswith("cuda") else "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
@@ -55,10 +55,9 @@ def load_eval_model(model: str, adapter: str | None = None, dtype: str = "auto",
     """(model, tokenizer, speed_config.json dict or {}) from 'smollm2', a local dir or a hub id,
     on ``device`` (default: cuda when available)."""
     dev, dt = resolve_device(device, dtype)
-    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
-        raise EvalError(
-            f"--adapter {adapter}: no adapter_config.json there (expected a training export/adapter folder)"
-        )
+    if adapter and Path(adapter).exists() and not (Path(adapter) / "adapter_config.json").is_file():
+        raise EvalError(f"--adapter {adapter}: no adapter_config.json in that folder "
+                        "(expected a training export/adapter folder, or a hub id)")  # fmt: skip
     saved: dict = {}
     if model == "smollm2":
         from speed_train.assets import load_smollm2

@@ -50,6 +50,7 @@ class SpeedCache:
         }
         self.pos = {"lower": 0, "upper": 0}
         self.step_len = {"lower": 0, "upper": 0}
+        self.high = [0] * self.num_layers  # per layer: slots written by update() so far
 
     def depth(self, layer_idx: int) -> str:
         return "upper" if layer_idx >= self.k else "lower"
@@ -73,6 +74,7 @@ class SpeedCache:
         p, n = self.pos[d], key_states.shape[2]
         self.keys[layer_idx][:, :, p : p + n] = key_states
         self.values[layer_idx][:, :, p : p + n] = value_states
+        self.high[layer_idx] = max(self.high[layer_idx], p + n)
         return self.keys[layer_idx][:, :, : p + n], self.values[layer_idx][:, :, : p + n]
 
     def step_mask(self, depth: str) -> torch.Tensor:
@@ -97,6 +99,7 @@ class SpeedCache:
         new.values = [t.index_select(0, index) for t in self.values]
         new.meta = {d: m.index(index, slice(None)) for d, m in self.meta.items()}
         new.pos, new.step_len = dict(self.pos), dict(self.step_len)
+        new.high = list(self.high)
         return new
 
     # -- accounting ---------------------------------------------------------------------
@@ -108,16 +111,10 @@ class SpeedCache:
         return [2 * k.numel() * k.element_size() for k in self.keys]
 
     def written_bytes_per_layer(self) -> list[int]:
-        """Bytes of K/V in slots that hold data (any nonzero K or V element), read from the
-        tensors themselves: an independent check of :meth:`active_bytes_per_layer`."""
-        out = []
-        for i in range(self.num_layers):
-            k, v = self.keys[i], self.values[i]
-            slots = sum(
-                int(((k[b] != 0).any(-1) | (v[b] != 0).any(-1)).any(0).sum()) for b in range(k.shape[0])
-            )
-            out.append(slots * self._slot_bytes(i))
-        return out
+        """Bytes of K/V in the slots each layer's attention actually wrote (per-layer high-water
+        mark of ``update`` x rows): a check of :meth:`active_bytes_per_layer` that does not use the
+        slot map. The two agree when no slot holds padding (equal-length prompts, no row stopped)."""
+        return [self.keys[i].shape[0] * self.high[i] * self._slot_bytes(i) for i in range(self.num_layers)]
 
     def active_bytes_per_layer(self) -> list[int]:
         """Bytes of K/V held for real tokens (padding and unwritten slots excluded)."""
