@@ -42,3 +42,13 @@ def write_json(path: str | os.PathLike, obj: Any, **dumps_kw: Any) -> Path:
     """JSON with indent 2 and a trailing newline; serialised before the file is touched."""
     text = json.dumps(obj, indent=2, **dumps_kw) + "\n"
     return write_text(path, text)
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """A matplotlib figure as PNG, written atomically; the figure is closed (no leak in loops)."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=dpi), binary=True)
+    finally:
+        plt.close(fig)

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from speed_train.atomic import atomic_write, write_json
+from speed_train.atomic import save_figure, write_json
 from speed_train.speed.adapters import enable_speed_attention
 from speed_train.speed.batch import collate
 from speed_train.speed.flops import ModelShape
@@ -245,8 +245,7 @@ def _plot(rows, path: str, title: str) -> None:
     ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120), binary=True)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

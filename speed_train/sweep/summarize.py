@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from speed_train.atomic import atomic_write, write_text
+from speed_train.atomic import save_figure, write_text
 
 METRICS = ("heldout_speed_adapted", "heldout_speed_zero_shot", "heldout_full_depth")
 
@@ -94,8 +94,7 @@ def _plot(rows, metric: str, path: Path) -> None:
     ax.set_ylabel(metric)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110), binary=True)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv=None) -> None:
