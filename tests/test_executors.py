@@ -7,7 +7,7 @@ import torch
 from reference import reference_logits
 
 from speed_train.speed.adapters import SUPPORTED_ARCHITECTURES, UnsupportedModelError, model_parts
-from speed_train.speed.batch import collate
+from speed_train.speed.batch import collate, pack_first_fit
 from speed_train.speed.config import SpeedConfig, SpeedConfigError
 from speed_train.speed.executors import gather_forward, mask_forward, speed_forward, speed_loss
 from speed_train.speed.generate import speed_generate
@@ -147,7 +147,7 @@ def test_mask_and_gather_gradients_agree(model, anchor, K):
 def test_packed_row_equals_unpacked(executor, K):
     model = tiny_model("llama", layers=L)
     exs = [make_example("bos", 2, seed=3), make_example("bos", 1, seed=4), make_example("system", 3, seed=5)]
-    unpacked, packed = collate(exs, pad_id=0), collate(exs, pad_id=0, pack_to=128)
+    unpacked, packed = collate(exs, pad_id=0), collate(pack_first_fit(exs, 128), pad_id=0, pack_to=128)
     assert packed.input_ids.shape[0] == 1 and int(packed.seq_ids.max()) == 2
     with torch.no_grad():
         a = speed_forward(model, unpacked, K, executor=executor, positions="targets")

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from speed_train.speed.batch import collate
+from speed_train.speed.chat_roles import encode_generation_prompt
 from speed_train.speed.config import SpeedConfig
 from speed_train.speed.executors import gather_forward, mask_forward
 from speed_train.speed.generate import speed_generate
-from speed_train.speed.roles import DECODE, IGNORE, EncodedExample, encode_generation_prompt
+from speed_train.speed.roles import DECODE, IGNORE, EncodedExample
 
 pytestmark = pytest.mark.slow
 

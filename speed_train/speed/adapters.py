@@ -88,13 +88,20 @@ class ModelParts:
         return self.rotary(hidden, position_ids=position_ids)
 
     def check_length(self, length: int) -> None:
-        window = getattr(self.config, "sliding_window", None)
+        window = attention_window(self.config)
         if window is not None and length > window:
             raise UnsupportedModelError(
                 f"sequence of {length} tokens exceeds the model's sliding window ({window}); SPEED "
                 "masks implement full causal attention only. Use shorter sequences or a config "
                 "with sliding_window=None."
             )
+
+
+def attention_window(config) -> int | None:
+    """The sliding attention window a config uses (None: full causal attention)."""
+    if getattr(config, "use_sliding_window", True) is False:  # Qwen2/3 keep a window size but switch it off
+        return None
+    return getattr(config, "sliding_window", None)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -113,6 +120,8 @@ def model_parts(model: nn.Module) -> ModelParts:
     lm = unwrap(model)
     config = getattr(lm, "config", None)
     model_type = getattr(config, "model_type", None)
+    if isinstance(model_type, str):
+        model_type = model_type.removeprefix("speed_")  # an HF-native SPEED class of the same layout
     if model_type not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelError(
             f"SPEED has no adapter for architecture {model_type!r} ({type(lm).__name__}); "

@@ -1,18 +1,66 @@
-"""SpeedConfig: the three knobs of SPEED, validated once, with errors that say what to do."""
+"""SpeedConfig: the SPEED knobs, validated once, with errors that say what to do.
+
+This dataclass is also the ``speed`` section of the training config (``train/schema.py``
+extends it with the executor), so the allowed values below are the only copy: OmegaConf rejects
+anything else when a config is composed, and the core checks them when called directly.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from enum import Enum
+from typing import Any
 
-ANCHOR_POLICIES = ("none", "bos", "system")
-LOSS_SCOPES = ("last_turn", "all_assistant")
+
+class StrEnum(str, Enum):
+    """An enum whose members are their string values (also in f-strings and JSON)."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+
+class Anchor(StrEnum):
+    none = "none"  # SPEED-K
+    bos = "bos"  # SPEED-K+BoS: the first token (the model's BoS) stays visible at full depth
+    system = "system"  # the whole leading system message
+
+
+class LossScope(StrEnum):
+    last_turn = "last_turn"
+    all_assistant = "all_assistant"  # token-weighted mean over all assistant turns
+
+
+class Executor(StrEnum):
+    gather = "gather"  # upper layers on anchor + decode rows only (training default)
+    mask = "mask"  # one HF forward with per-layer masks
+
+
+class AttentionBackend(StrEnum):
+    sdpa = "sdpa"  # boolean masks (CPU and GPU)
+    flex = "flex"  # flex_attention BlockMasks (GPU: no backward on CPU)
+
+
+ANCHOR_POLICIES = Anchor.values()
+LOSS_SCOPES = LossScope.values()
 
 
 class SpeedConfigError(ValueError):
     """A SPEED setting is out of range or of the wrong kind."""
 
 
-@dataclass(frozen=True)
+def choice(enum: type[StrEnum], value: Any, what: str) -> StrEnum:
+    """``value`` as a member of ``enum``, or SpeedConfigError naming ``what`` and the choices."""
+    try:
+        return enum(value)
+    except ValueError:
+        raise SpeedConfigError(f"unknown {what} {value!r}: choose one of {', '.join(enum.values())}") from None
+
+
+@dataclass
 class SpeedConfig:
     """SPEED-K settings.
 
@@ -23,19 +71,13 @@ class SpeedConfig:
     loss_scope: ``last_turn`` or ``all_assistant`` (token-weighted mean over turns).
     """
 
-    k: int | float | None = None
-    anchor: str = "bos"
-    loss_scope: str = "all_assistant"
+    k: Any = None
+    anchor: Anchor = Anchor.bos
+    loss_scope: LossScope = LossScope.all_assistant
 
     def __post_init__(self) -> None:
-        if self.anchor not in ANCHOR_POLICIES:
-            raise SpeedConfigError(
-                f"unknown anchor policy {self.anchor!r}: choose one of {', '.join(ANCHOR_POLICIES)}"
-            )
-        if self.loss_scope not in LOSS_SCOPES:
-            raise SpeedConfigError(
-                f"unknown loss scope {self.loss_scope!r}: choose one of {', '.join(LOSS_SCOPES)}"
-            )
+        self.anchor = choice(Anchor, self.anchor, "anchor policy")
+        self.loss_scope = choice(LossScope, self.loss_scope, "loss scope")
         k = self.k
         if k is None:
             return
@@ -55,8 +97,7 @@ class SpeedConfig:
         if self.k is None:
             return num_layers
         if isinstance(self.k, float):
-            k = max(1, min(num_layers, round(self.k * num_layers)))
-            return k
+            return max(1, min(num_layers, round(self.k * num_layers)))
         if self.k > num_layers:
             raise SpeedConfigError(
                 f"cutoff k={self.k} exceeds the model's {num_layers} layers; use 1..{num_layers} "
@@ -64,5 +105,30 @@ class SpeedConfig:
             )
         return self.k
 
+    def core(self) -> SpeedConfig:
+        """Only the method's knobs (drops what a subclass, e.g. the training schema, adds)."""
+        return SpeedConfig(k=self.k, anchor=self.anchor, loss_scope=self.loss_scope)
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: (str(v) if isinstance(v, StrEnum) else v) for k, v in asdict(self.core()).items()}
+
+
+def parse_k(value: object) -> int | float | None:
+    """The one reader of a cutoff given as text or a number (command lines, lm-eval model_args,
+    configs): ``None``, ``""``, ``"none"``, ``"null"``, ``"full"`` -> None (full depth);
+    ``"24"`` / 24 -> 24 layers; ``"0.75"`` / 0.75 -> a fraction of the layers."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null", "full")):
+        return None
+    if isinstance(value, bool):
+        raise SpeedConfigError(f"cutoff k={value!r}: give a layer count (24), a fraction (0.75) or 'full'")
+    if isinstance(value, (int, float)):
+        return value
+    text = str(value).strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise SpeedConfigError(f"cutoff k={value!r}: give a layer count (24), a fraction (0.75) or 'full'") from None

@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import LayerMasks, ModelParts, enable_speed_attention
-from .batch import SpeedBatch
-from .config import SpeedConfig
-from .roles import ANCHOR, DECODE, IGNORE
-from .visibility import TokenMeta, build_mask
+from .batch import SpeedBatch, gather_rows
+from .config import Executor, SpeedConfig, choice
+from .roles import DECODE, IGNORE
+from .visibility import build_mask
 
-EXECUTORS = ("gather", "mask")
+EXECUTORS = Executor.values()
 
 
 @dataclass
@@ -55,7 +55,9 @@ def _wanted(batch: SpeedBatch, positions: str) -> torch.Tensor:
         return (batch.roles == DECODE) & (batch.seq_ids >= 0)
     if positions == "targets":
         return batch.targets() != IGNORE
-    raise ValueError(f"positions must be 'decode' or 'targets', got {positions!r}")
+    if positions == "all":
+        return batch.seq_ids >= 0
+    raise ValueError(f"positions must be 'decode', 'targets' or 'all', got {positions!r}")
 
 
 def _head(parts: ModelParts, hidden: torch.Tensor, normed: bool) -> torch.Tensor:
@@ -90,49 +92,6 @@ def mask_forward(
     return SpeedOutput(_head(parts, hidden[b, t], normed=True), b, t)
 
 
-@dataclass
-class GatherRows:
-    """Index of the upper-layer rows: row r, column c holds token (b[r, c], t[r, c])."""
-
-    b: torch.Tensor
-    t: torch.Tensor
-    valid: torch.Tensor
-
-    def meta(self, meta: TokenMeta) -> TokenMeta:
-        """Roles and turns of the gathered tokens; each row is one conversation (0), padding -1."""
-        seq = torch.where(self.valid, 0, -1).to(meta.seq_ids.dtype)
-        return TokenMeta(meta.roles[self.b, self.t], meta.turns[self.b, self.t], seq)
-
-
-def gather_rows(meta: TokenMeta, need: torch.Tensor | None = None) -> GatherRows:
-    """One row per (row, conversation, assistant turn): its anchors, then that turn's decode
-    tokens, in original order. With ``need`` ([B, T] bool) only turns with a needed token."""
-    roles, turns, seqs = (x.cpu() for x in (meta.roles, meta.turns, meta.seq_ids))
-    need = need.cpu() if need is not None else None
-    rows: list[tuple[int, torch.Tensor]] = []
-    for b in range(roles.shape[0]):
-        for s in seqs[b][seqs[b] >= 0].unique().tolist():
-            in_s = seqs[b] == s
-            anchors = (in_s & (roles[b] == ANCHOR)).nonzero().flatten()
-            dec = in_s & (roles[b] == DECODE)
-            for j in turns[b][dec].unique().tolist():
-                turn = dec & (turns[b] == j)
-                if need is not None and not bool((turn & need[b]).any()):
-                    continue
-                rows.append((b, torch.cat([anchors, turn.nonzero().flatten()])))
-    R = len(rows)
-    M = max((len(ix) for _, ix in rows), default=0)
-    bi = torch.zeros(R, M, dtype=torch.long)
-    ti = torch.zeros(R, M, dtype=torch.long)
-    valid = torch.zeros(R, M, dtype=torch.bool)
-    for r, (b, ix) in enumerate(rows):
-        bi[r, :] = b
-        ti[r, : len(ix)] = ix
-        valid[r, : len(ix)] = True
-    dev = meta.roles.device
-    return GatherRows(bi.to(dev), ti.to(dev), valid.to(dev))
-
-
 def run_layers(parts: ModelParts, layers, hidden, position_ids, mask, **layer_kwargs):
     """Run HF decoder layers over ``hidden`` at ``position_ids`` (RoPE computed once)."""
     pos_emb = parts.rope(hidden, position_ids)
@@ -156,7 +115,7 @@ def gather_forward(
         b, t = wanted.nonzero(as_tuple=True)
         return SpeedOutput(_head(parts, hidden[b, t], normed=False), b, t)
 
-    rows = gather_rows(meta, need=wanted)
+    rows = batch.target_rows() if positions == "targets" else gather_rows(meta, need=wanted)
     rb, rt, valid = rows.b, rows.t, rows.valid
     row_meta = rows.meta(meta)
     upper = build_mask(row_meta, upper=True, backend=backend)
@@ -168,11 +127,8 @@ def gather_forward(
 
 
 def speed_forward(model, batch: SpeedBatch, k, *, executor: str = "gather", **kw) -> SpeedOutput:
-    if executor == "gather":
-        return gather_forward(model, batch, k, **kw)
-    if executor == "mask":
-        return mask_forward(model, batch, k, **kw)
-    raise ValueError(f"unknown executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
+    run = gather_forward if choice(Executor, executor, "executor") == Executor.gather else mask_forward
+    return run(model, batch, k, **kw)
 
 
 @dataclass

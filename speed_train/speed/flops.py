@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .batch import SpeedBatch
-from .executors import gather_rows
 from .roles import IGNORE
 
 
@@ -65,8 +64,7 @@ def step_flops(shape: ModelShape, batch: SpeedBatch, k: int, execution: str) -> 
     elif execution == "mask":
         fwd = shape.layers * shape.layer_fwd(lengths) + shape.head_fwd(n_targets)
     elif execution == "gather":
-        rows = gather_rows(batch.meta, need=batch.targets() != IGNORE)
-        row_lengths = rows.valid.sum(1).tolist()
+        row_lengths = batch.target_rows().valid.sum(1).tolist()
         upper = shape.layer_fwd(row_lengths) if k < shape.layers else 0.0
         lower_layers = k if k < shape.layers else shape.layers
         fwd = lower_layers * shape.layer_fwd(lengths) + (shape.layers - lower_layers) * upper

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .adapters import ModelParts, enable_speed_attention
-from .batch import SpeedBatch, collate
-from .executors import gather_rows, resolve_k, run_layers
+from .batch import SpeedBatch, collate, gather_rows
+from .executors import resolve_k, run_layers
 from .roles import DECODE, EncodedExample
 from .visibility import TokenMeta, allowed, build_mask
 
@@ -58,12 +58,26 @@ class SpeedCache:
     def begin(self, depth: str, meta: TokenMeta) -> None:
         """Announce the next step's tokens ([B, n] roles/turns/conversation ids) for one depth."""
         p, n = self.pos[depth], meta.roles.shape[1]
-        cap = self.meta[depth].roles.shape[1]
-        if p + n > cap:
-            raise RuntimeError(f"SpeedCache {depth} capacity {cap} exceeded")
+        self._ensure(depth, p + n)
         for name in ("roles", "turns", "seq_ids"):
             getattr(self.meta[depth], name)[:, p : p + n] = getattr(meta, name)
         self.step_len[depth] = n
+
+    def _ensure(self, depth: str, need: int) -> None:
+        """Grow one depth's slots (doubling) when a step needs more than were allocated: a caller
+        that knows its length up front (speed_generate) never grows; HF generate() may."""
+        cap = self.meta[depth].roles.shape[1]
+        if need <= cap:
+            return
+        extra = max(need, 2 * cap) - cap
+        for i in range(self.num_layers):
+            if self.depth(i) == depth:
+                pad = self.keys[i].new_zeros(*self.keys[i].shape[:2], extra, self.keys[i].shape[3])
+                self.keys[i] = torch.cat([self.keys[i], pad], 2)
+                self.values[i] = torch.cat([self.values[i], pad.clone()], 2)
+        m = self.meta[depth]
+        grow = [torch.cat([t, t.new_full((t.shape[0], extra), -1)], 1) for t in (m.roles, m.turns, m.seq_ids)]
+        self.meta[depth] = TokenMeta(*grow)
 
     def advance(self, depth: str) -> None:
         self.pos[depth] += self.step_len[depth]
@@ -190,22 +204,26 @@ class GenerationOutput:
     cache: SpeedCache | None = None
 
 
-def _sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
-            top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:  # fmt: skip
-    if not do_sample:
-        return logits.argmax(-1)
-    logits = logits.float() / max(temperature, 1e-6)
+def sampling_processors(temperature: float, top_k: int | None, top_p: float | None):
+    """transformers' logits warpers, in the order generate() applies them (temperature, top-k, top-p)."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    procs = LogitsProcessorList()
+    if temperature is not None and temperature != 1.0:
+        procs.append(TemperatureLogitsWarper(temperature))
     if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        procs.append(TopKLogitsWarper(top_k))
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        procs.append(TopPLogitsWarper(top_p))
+    return procs
+
+
+def _next_tokens(logits: torch.Tensor, do_sample: bool, procs, generator: torch.Generator | None) -> torch.Tensor:
+    scores = logits.float()
+    if not do_sample:
+        return scores.argmax(-1)
+    scores = procs(None, scores)
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
 @torch.no_grad()
@@ -224,10 +242,12 @@ def speed_generate(
     generator: torch.Generator | None = None,
     keep_logits: bool = False,
     stop_fn: Callable[[list[int]], bool] | None = None,
+    streamer=None,
 ) -> GenerationOutput:
     """Generate a continuation for each prompt (roles from the core: the assistant header is
     decode-phase and must end the prompt). Prompts may differ in length. A row stops at a token
-    of ``stop_token_ids`` or when ``stop_fn(tokens so far)`` is true (e.g. a stop string)."""
+    of ``stop_token_ids`` or when ``stop_fn(tokens so far)`` is true (e.g. a stop string).
+    ``streamer``: a transformers streamer (``put``/``end``, e.g. TextStreamer) for one prompt."""
     parts = enable_speed_attention(model)
     K = resolve_k(parts, k)
     if max_new_tokens < 1:
@@ -239,12 +259,17 @@ def speed_generate(
                 "cue); encode it with the core's generation-prompt encoder"
             )
     device = parts.embed.weight.device
-    batch = collate(prompts, pad_token_id).to(device)
+    batch = collate(prompts, pad_token_id, gather=False).to(device)
     B = batch.input_ids.shape[0]
     lengths = batch.attention_mask.sum(1)
     parts.check_length(int(lengths.max()) + max_new_tokens)
     turn = torch.tensor([p.turns[-1] for p in prompts], device=device)
     cache, logits = prefill(parts, K, batch, max_new_tokens)
+    procs = sampling_processors(temperature, top_k, top_p) if do_sample else None
+    if streamer is not None:
+        if B != 1:
+            raise ValueError("a streamer follows one prompt; generate a batch without it")
+        streamer.put(torch.tensor(prompts[0].input_ids))  # as generate() does: the prompt first
 
     stops = torch.tensor(sorted(set(stop_token_ids or [])), device=device, dtype=torch.long)
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -254,7 +279,9 @@ def speed_generate(
     for step in range(max_new_tokens):
         if keep_logits:
             step_logits.append(logits.float().cpu())
-        tok = _sample(logits, do_sample, temperature, top_k, top_p, generator)
+        tok = _next_tokens(logits, do_sample, procs, generator)
+        if streamer is not None and not bool(done[0]):
+            streamer.put(tok.cpu())
         for b in (~done).nonzero().flatten().tolist():
             out[b].append(int(tok[b]))
             if stop_fn is not None and stop_fn(out[b]):
@@ -269,4 +296,6 @@ def speed_generate(
         )
         logits = decode_chunk(parts, cache, tok[:, None], next_pos[:, None], meta)[:, -1]
         next_pos += 1
+    if streamer is not None:
+        streamer.end()
     return GenerationOutput(out, step_logits, cache)

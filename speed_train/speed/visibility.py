@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import AttentionBackend, choice
 from .roles import ANCHOR, DECODE, PROMPT
 
 
@@ -99,8 +100,7 @@ def is_plain_causal(meta: TokenMeta, upper: bool) -> bool:
 
 def build_mask(meta: TokenMeta, upper: bool, backend: str = "sdpa"):
     """The mask an attention layer needs: None (plain causal), dense bool, or a BlockMask."""
-    if backend not in ("sdpa", "flex"):
-        raise ValueError(f"unknown attention backend {backend!r}: choose 'sdpa' (CPU/GPU) or 'flex' (GPU)")
+    backend = choice(AttentionBackend, backend, "attention backend")
     if is_plain_causal(meta, upper):
         return None
-    return flex_block_mask(meta, upper) if backend == "flex" else dense_mask(meta, upper)
+    return flex_block_mask(meta, upper) if backend == AttentionBackend.flex else dense_mask(meta, upper)
