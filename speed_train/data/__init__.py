@@ -6,9 +6,9 @@ train, held_out, report = build_dataset(recipe, tokenizer, SpeedConfig(anchor="b
 
 from .errors import DataError, HubUnavailableError, RecipeError
 from .formats import BAD_ROW_REASONS, FORMATS, BadRow, to_conversation
+from .pipeline import EncodedDataset, build_dataset, cache_key, default_num_proc, encode_dataset
 from .recipes import Recipe, SourceSpec, available_recipes, load_conversations, load_recipe
 from .report import DataReport, SourceReport, TokenizeStats
-from .tokenize import ExampleStore, build_dataset, cache_key, tokenize_conversations
 
 __all__ = [
     "BAD_ROW_REASONS",
@@ -16,7 +16,7 @@ __all__ = [
     "BadRow",
     "DataError",
     "DataReport",
-    "ExampleStore",
+    "EncodedDataset",
     "HubUnavailableError",
     "Recipe",
     "RecipeError",
@@ -26,8 +26,9 @@ __all__ = [
     "available_recipes",
     "build_dataset",
     "cache_key",
+    "default_num_proc",
+    "encode_dataset",
     "load_conversations",
     "load_recipe",
     "to_conversation",
-    "tokenize_conversations",
 ]

@@ -188,3 +188,9 @@ def normalize_messages(messages: Conversation, system_prompt: str | None = None)
 def to_conversation(row: Any, fmt: str, system_prompt: str | None = None) -> Conversation:
     """Adapter + shared checks. Raises :class:`BadRow`."""
     return normalize_messages(ADAPTERS[fmt](row), system_prompt)
+
+
+from .qa_formats import QA_ADAPTERS  # noqa: E402  (sciq, trivia_qa, nq_open, mmlu, mtbench)
+
+ADAPTERS.update(QA_ADAPTERS)
+FORMATS = tuple(ADAPTERS)

