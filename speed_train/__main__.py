@@ -1,7 +1,19 @@
-"""`python -m speed_train [overrides]`: the thin Hydra entry point (see conf/config.yaml)."""
+"""`python -m speed_train [overrides]`: the thin Hydra entry point (see conf/config.yaml).
+
+Errors the framework raises for a user to fix (config, data, recipe, SPEED settings, missing
+assets, a full disk or a read-only folder) print one line, ``error: ...``, and exit with status 1;
+``HYDRA_FULL_ERROR=1`` shows the traceback. A run stopped by SIGTERM/SIGUSR1 saves a checkpoint,
+prints the command that resumes it and exits with 128 + the signal number, so wrappers know the
+run is unfinished.
+"""
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
+import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -12,6 +24,39 @@ from speed_train.train.schema import register_schema
 
 register_schema()
 
+# OS errors a user fixes (space, permissions, paths), as opposed to bugs
+USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT}
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from speed_train.assets import AssetError
+    from speed_train.data.errors import DataError
+    from speed_train.loading import ModelNotFoundError
+    from speed_train.speed.adapters import UnsupportedModelError
+    from speed_train.speed.config import SpeedConfigError
+    from speed_train.speed.roles import RoleError
+    from speed_train.train.build import ConfigError
+
+    return (ConfigError, DataError, SpeedConfigError, RoleError, AssetError, ModelNotFoundError, UnsupportedModelError)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    if isinstance(exc, user_errors()):
+        return True
+    return isinstance(exc, OSError) and exc.errno in USER_OS_ERRORS
+
+
+def quiet_console() -> None:
+    """One copy of each log line: Lightning attaches its own console handler beside Hydra's root
+    handler; its start-up tips and transformers' deprecation notices are not for this console."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+
 
 # version_base=None: Hydra 1.3 defaults; configs are the package `speed_train.conf` (mapped from
 # the top-level conf/ by setuptools), so source, editable and wheel installs all find them.
@@ -20,14 +65,34 @@ def main(cfg: DictConfig) -> None:
     from speed_train.train.run import train
     from speed_train.train.summary import print_summary
 
+    quiet_console()
     try:
-        results = train(cfg)
+        result = train(cfg)
     except Exception as e:  # leave a trace in the run folder: sweep summaries list the job as failed
+        _record_failure(cfg, e)
+        # a multirun goes on with its other jobs: let Hydra record this one as failed
+        if is_user_error(e) and os.environ.get("HYDRA_FULL_ERROR") != "1" and not _in_multirun():
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        raise
+    print_summary(result, cfg)
+    if result.preempted_by_signal and not _in_multirun():
+        sys.exit(128 + int(result.preempted_by_signal))
+
+
+def _in_multirun() -> bool:
+    from speed_train.train.trainer import hydra_job
+
+    return hydra_job() is not None
+
+
+def _record_failure(cfg: DictConfig, e: BaseException) -> None:
+    try:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "failed.json", {"error": f"{type(e).__name__}: {e}"})
-        raise
-    print_summary(results, cfg)
+    except OSError:
+        pass  # the run folder itself is the problem (read-only, full): the message says so
 
 
 if __name__ == "__main__":

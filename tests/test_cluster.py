@@ -68,7 +68,7 @@ def test_multirun_two_k_values_and_a_crash_are_summarised(tmp_path):
     status = {row["k"]: row["status"] for row in s["rows"]}
     assert status == {2: "ok", "9": "failed", 3: "ok"}
     ok = [row for row in s["rows"] if row["status"] == "ok"]
-    assert len(ok) == 2 and all(isinstance(row["heldout_speed_adapted"], float) for row in ok)
+    assert len(ok) == 2 and all(isinstance(row["heldout_after"], float) for row in ok)
     assert "job 1 (" in s["markdown"] and "exceeds the model's 4 layers" in s["markdown"]
     assert (sweep / "summary.png").stat().st_size > 0
     res = json.loads((sweep / "0" / "results.json").read_text())
@@ -90,7 +90,7 @@ def test_under_slurm_lightning_gets_a_slurm_environment_without_auto_requeue(mon
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
     from speed_train.train.checkpointing import AtomicCheckpointIO
-    from speed_train.train.run import trainer_plugins, under_slurm
+    from speed_train.train.trainer import trainer_plugins, under_slurm
 
     sys.path.insert(0, str(ROOT / "tests"))
     from train_helpers import BASE, compose_cfg
@@ -185,7 +185,7 @@ def test_wandb_multirun_gives_one_offline_run_per_job_in_one_group(tmp_path):
     args = [sys.executable, "-m", "speed_train", "-m", "model=tiny_llama", "logger=wandb", "logger.group=g",
             "speed.k=2,3", "trainer.max_steps=1", "trainer.global_batch_size=4", "trainer.micro_batch_size=2",
             "data.max_length=128", "data.max_train_examples=8", "data.max_eval_examples=2", "trainer.progress_bar=false",
-            "eval_report=false", "export=false", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+            "eval_report=false", "export.enabled=false", f"hydra.sweep.dir={sweep}"]  # fmt: skip
     r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     runs = sorted(sweep.glob("*/wandb/offline-run-*")) + sorted(wandb_dir.glob("**/offline-run-*"))

@@ -67,8 +67,9 @@ def overrides(cache, out, *extra):
     return [*BASE, f"data.cache_dir={cache}", f"output_dir={out}", *extra]
 
 
-def run(cache, out, *extra, callbacks=()):
-    return train(compose_cfg(overrides(cache, out, *extra)), callbacks=list(callbacks))
+def run(cache, out, *extra, callbacks=()) -> dict:
+    """An in-process run; its result as results.json has it."""
+    return train(compose_cfg(overrides(cache, out, *extra)), callbacks=list(callbacks)).to_dict()
 
 
 def csv_losses(out, key: str = "train/loss") -> dict[int, str]:
@@ -110,7 +111,9 @@ def test_experiment_trains_two_steps_on_a_tiny_model(exp, cache, tmp_path):
     cfg = compose_cfg(overrides(cache, tmp_path, f"+experiment={exp}"))
     assert r["global_step"] == 2 and len(r["step_losses"]) == 2
     assert all(math.isfinite(x) and 5 < x < 15 for x in r["step_losses"]), r["step_losses"]
-    assert r["num_layers"] == 32 and r["k"] == (cfg.speed.k or 32) and r["anchor"] == cfg.speed.anchor
+    from speed_train.speed.config import SpeedConfig
+
+    assert r["num_layers"] == 32 and r["k"] == SpeedConfig(k=cfg.speed.k).resolve_k(32) and r["anchor"] == cfg.speed.anchor
     assert list(csv_losses(tmp_path)) == [0, 1]
     assert json.loads((tmp_path / "results.json").read_text())["step_losses"] == r["step_losses"]
 
@@ -155,7 +158,7 @@ FULL = [
 @pytest.fixture(scope="module")
 def reference(cache, tmp_path_factory):
     """Single process, GA=4 x micro 1: gradients of step 1, losses of 4 steps, final logits,
-    val/loss, and run.heldout_loss on the same held-out examples after every step."""
+    val/loss, and sharded_heldout_loss on the same held-out examples after every step."""
     d = tmp_path_factory.mktemp("ref_ga4")
     probe = HeldoutProbe(3)
     r = run(cache, d, *FULL, "trainer.micro_batch_size=1",
@@ -175,7 +178,7 @@ def test_validation_logs_val_loss_every_n_steps_and_at_the_end(reference, cache,
     # (GA=4 here: Lightning's val_check_interval would count micro-batches)
     val, heldout = reference["val"], reference["heldout"]
     assert sorted(val) == [3, 4] and sorted(heldout) == [1, 2, 3, 4]
-    for step, loss in val.items():  # == run.heldout_loss on the same examples at that step
+    for step, loss in val.items():  # == sharded_heldout_loss on the same examples at that step
         assert abs(loss - heldout[step]) < 1e-6, (step, loss, heldout[step])
     assert abs(val[3] - val[4]) > 1e-4  # the model moved: not one value logged twice
     logged = csv_losses(reference["dir"], "val/loss")  # CSV row of step N = the row of N's train/loss
@@ -260,7 +263,7 @@ def zero3(cache, tmp_path_factory):
     the DeepSpeed engine exists), gradients of step 1, final logits, export and evaluation."""
     d = tmp_path_factory.mktemp("z3")
     out = d / "run"
-    run_script(overrides(cache, out, *DS, "strategy=deepspeed_zero3", "export=true", "eval_report=true"), nproc=2,
+    run_script(overrides(cache, out, *DS, "strategy=deepspeed_zero3", "export.enabled=true", "eval_report=true"), nproc=2,
                probes={"grads": str(d / "g.pt"), "logits": str(d / "logits.pt"), "partition": str(d / "params")})  # fmt: skip
     census = [json.loads((d / f"params.rank{r}.json").read_text()) for r in (0, 1)]
     return {"out": out, "dir": d, "census": census, "res": results_of(out)}
@@ -294,17 +297,17 @@ def test_deepspeed_zero3_matches_single_process_and_exports_full_weights(referen
     val = val_losses(res)  # validation in lockstep on all ranks (shards of 2 and 1 examples)
     assert sorted(val) == [3, 4] and max(abs(val[s] - reference["val"][s]) for s in val) < 1e-5
     # the before-training rows come from fit start (the partitioned model needs the engine) and
-    # equal run.heldout_loss of the same seeded model built whole in this process
+    # equal sharded_heldout_loss of the same seeded model built whole in this process
     from speed_train.train.build import load_model, load_tokenizer
-    from speed_train.train.run import heldout_loss
+    from speed_train.train.validation import sharded_heldout_loss as heldout_loss
 
     examples, pad_id = heldout_examples(3)
     cfg = compose_cfg(overrides(cache, d, *FULL))
     initial = load_model(cfg, load_tokenizer(cfg))
     assert abs(res["heldout_full_depth"] - heldout_loss(initial, examples, 4, pad_id)) < 1e-5
     assert abs(res["heldout_speed_zero_shot"] - heldout_loss(initial, examples, 3, pad_id)) < 1e-5
-    assert math.isfinite(res["heldout_speed_adapted"])  # evaluated on the consolidated model
-    assert abs(res["heldout_speed_adapted"] - val[4]) < 1e-5  # == the last validation
+    assert math.isfinite(res["heldout_after"])  # evaluated sharded on the ranks, before consolidation
+    assert abs(res["heldout_after"] - val[4]) < 1e-5  # == the last validation
     model_dir = out / "export" / "model"
     tensors = load_file(model_dir / "model.safetensors")
     assert min(t.numel() for t in tensors.values()) > 0  # no empty ZeRO-3 shards written
@@ -324,9 +327,9 @@ def test_deepspeed_zero3_lora_adapter_is_full_and_loads_back(cache, tmp_path):
     from speed_train.train.build import load_model, load_tokenizer
 
     lora = ["lora.enabled=true", "trainer.global_batch_size=4", "data.max_train_examples=16", "trainer.max_steps=2",
-            "export=true", "optim.lr=1e-2"]  # fmt: skip
+            "export.enabled=true", "optim.lr=1e-2"]  # fmt: skip
     ref = run(cache, tmp_path / "ref", *lora, "trainer.micro_batch_size=1")
-    assert "val_losses" not in ref and not csv_losses(tmp_path / "ref", "val/loss")  # eval_every null: none
+    assert ref["val_losses"] == {} and not csv_losses(tmp_path / "ref", "val/loss")  # eval_every null: none
     out = tmp_path / "z3lora"
     run_script(overrides(cache, out, *lora, "trainer.micro_batch_size=1", "trainer.devices=2",
                          "strategy=deepspeed_zero3"), nproc=2,
@@ -367,13 +370,13 @@ def test_single_process_export_reloads_to_the_trained_logits(cache, tmp_path):
     from speed_train.train.build import load_model, load_tokenizer
 
     r = run(cache, tmp_path, "trainer.max_steps=2", "trainer.global_batch_size=4", "trainer.micro_batch_size=2",
-            "data.max_train_examples=16", "export=true", "eval_report=true", "optim.lr=1e-2",
+            "data.max_train_examples=16", "export.enabled=true", "eval_report=true", "optim.lr=1e-2",
             callbacks=[LogitsDump(tmp_path / "logits.pt")])  # fmt: skip
     assert r["export"] == {
         "adapter": str(tmp_path / "export" / "adapter"),
         "model": str(tmp_path / "export" / "model"),
     }
-    assert r["heldout_speed_adapted"] < r["heldout_speed_zero_shot"]
+    assert r["heldout_after"] < r["heldout_speed_zero_shot"]
     trained, batch = torch.load(tmp_path / "logits.pt"), probe_batch()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / "model")
     assert (speed_logits(merged, batch, r["k"]) - trained).abs().max().item() < 1e-5
@@ -401,7 +404,7 @@ def test_newest_complete_checkpoint_is_picked(tmp_path):
     d = tmp_path / "checkpoints"
     assert newest_checkpoint(d) is None and resolve_resume("auto", d) is None
     d.mkdir()
-    (d / "step=4.ckpt").write_bytes(b"x")
+    torch.save({"step": 4}, d / "step=4.ckpt")
     (d / "step=6.ckpt.tmp").write_bytes(b"half-written")  # an interrupted atomic write
     (d / "step=7.ckpt").mkdir()  # a DeepSpeed directory without COMPLETE: save interrupted
     (d / "step=7.ckpt" / "checkpoint").mkdir()
@@ -410,7 +413,7 @@ def test_newest_complete_checkpoint_is_picked(tmp_path):
     assert newest_checkpoint(d) == str(d / "step=4.ckpt")
     (d / "step=7.ckpt" / COMPLETE).write_text("ok\n")
     assert newest_checkpoint(d) == str(d / "step=7.ckpt")
-    (d / "preempt-step=8.ckpt").write_bytes(b"x")
+    torch.save({"step": 8}, d / "preempt-step=8.ckpt")
     assert resolve_resume("auto", d) == str(d / "preempt-step=8.ckpt")
     assert resolve_resume("never", d) is None
     with pytest.raises(FileNotFoundError, match="resume='/nope': no such checkpoint"):
@@ -442,15 +445,49 @@ def test_hard_kill_then_resume_gives_identical_losses(uninterrupted, cache, tmp_
     r = run_script(overrides(cache, tmp_path, *RESUME), probes={"exit_at_step": 4}, check=False)
     assert r.returncode == 17, r.stderr[-3000:]  # os._exit right after the step-4 checkpoint
     ckpts = tmp_path / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step=4.ckpt"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step=4.ckpt", "step=4.ckpt.complete"]
     # leftovers of a crash that resume must never pick
     (ckpts / "step=6.ckpt.tmp").write_bytes(b"half-written")
     (ckpts / "step=7.ckpt").mkdir()
     (ckpts / "step=7.ckpt" / "checkpoint").mkdir()
+    # and a newest checkpoint that was truncated after it was written (a bad disk, a partial copy)
+    whole = (ckpts / "step=4.ckpt").read_bytes()
+    (ckpts / "step=8.ckpt").write_bytes(whole[: len(whole) // 2])
+    (ckpts / "step=8.ckpt.complete").write_text(json.dumps({"bytes": len(whole)}))
     res = run(cache, tmp_path, *RESUME)
     assert res["resumed_from"] == str(ckpts / "step=4.ckpt") and res["global_step"] == 8
     assert res["step_losses"] == uninterrupted["losses"]  # bit-identical, every step
     assert csv_losses(tmp_path) == uninterrupted["csv"]  # the log continues, nothing lost or doubled
+    # the damaged ones were set aside (never overwritten, never loaded), step 8 saved afresh under
+    # its own name (no step=8-v1), retention (keep 2) applied, stray temporaries gone
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "step=4.ckpt", "step=4.ckpt.complete", "step=7.ckpt.corrupt", "step=8.ckpt", "step=8.ckpt.complete",
+        "step=8.ckpt.corrupt"]  # fmt: skip
+
+
+def test_checkpoint_verification_and_retention(tmp_path):
+    from speed_train.train.checkpointing import prune, verify
+
+    d = tmp_path / "checkpoints"
+    d.mkdir()
+    for step in (2, 4, 6):
+        torch.save({"step": step}, d / f"step={step}.ckpt")
+    torch.save({"step": 5}, d / "preempt-step=5.ckpt")
+    assert verify(d / "step=6.ckpt") is None
+    (d / "step=6.ckpt.complete").write_text(json.dumps({"bytes": 1}))
+    assert "bytes" in verify(d / "step=6.ckpt")  # size differs from what was written
+    (d / "step=6.ckpt.complete").unlink()
+    (d / "step=6.ckpt").write_bytes((d / "step=6.ckpt").read_bytes()[:20])
+    assert verify(d / "step=6.ckpt").startswith("unreadable")  # the zip directory is gone
+    assert newest_checkpoint(d, quarantine=True) == str(d / "preempt-step=5.ckpt")  # step 6 skipped
+    assert (d / "step=6.ckpt.corrupt").is_file() and not (d / "step=6.ckpt").exists()
+    (d / "step=3.ckpt.tmp").write_bytes(b"x")
+    (d / ".step=4.ckpt.tmp-abc").write_bytes(b"x")
+    prune(d, keep=1)  # newest regular kept; the older pre-emption one and temporaries removed
+    assert sorted(p.name for p in d.iterdir()) == ["preempt-step=5.ckpt", "step=4.ckpt", "step=6.ckpt.corrupt"]
+    torch.save({"step": 7}, d / "step=7.ckpt")
+    prune(d, keep=1)
+    assert sorted(p.name for p in d.iterdir()) == ["step=6.ckpt.corrupt", "step=7.ckpt"]
 
 
 @pytest.mark.parametrize("signame, after_step", [("SIGTERM", 6), ("SIGUSR1", 5)])
@@ -463,7 +500,7 @@ def test_preemption_signal_saves_and_resume_gives_identical_losses(signame, afte
     step = after_step + 1
     assert stopped["preempted_by_signal"] == getattr(signal, signame) and stopped["global_step"] == step
     assert stopped["preempt_checkpoint"] == str(tmp_path / "checkpoints" / f"preempt-step={step}.ckpt")
-    assert "export" not in stopped and stopped["step_losses"] == uninterrupted["losses"][:step]
+    assert stopped["export"] == {} and stopped["step_losses"] == uninterrupted["losses"][:step]
     res = run(cache, tmp_path, *RESUME)
     assert res["resumed_from"] == stopped["preempt_checkpoint"] and res["preempted_by_signal"] is None
     assert res["step_losses"] == uninterrupted["losses"]
@@ -478,3 +515,66 @@ def test_distillation_loss_is_zero_at_step_0_when_k_equals_l(cache, tmp_path):
     assert full["k"] == full["num_layers"] == 4 and full["step_losses"] == [0.0]
     speed = run(cache, tmp_path / "speed", *common)  # K = 3 < L: a real KL to the full-depth teacher
     assert speed["k"] == 3 and 1e-5 < speed["step_losses"][0] < 1.0
+
+
+# -- 8. packing across the dataset, reduce=sum ----------------------------------------------------
+def test_pack_rows_best_fit_is_deterministic_and_complete():
+    from speed_train.train.loader import pack_rows
+
+    lengths = [(i * 37) % 200 + 5 for i in range(300)]
+    rows = pack_rows(lengths, 256, seed=3)
+    assert sorted(i for r in rows for i in r) == list(range(300))  # every example exactly once
+    assert all(sum(lengths[i] for i in r) <= 256 for r in rows)
+    assert rows == pack_rows(lengths, 256, seed=3) and rows != pack_rows(lengths, 256, seed=4)
+    assert len(rows) <= 1.1 * sum(lengths) / 256 + 1  # best fit: rows nearly full
+    with pytest.raises(ValueError, match="example 0 has 300 tokens > the packed row length 256"):
+        pack_rows([300], 256, seed=0)
+
+
+def test_packed_rows_give_the_unpacked_losses(cache):
+    from speed_train.speed.batch import collate
+    from speed_train.speed.executors import speed_loss
+    from speed_train.speed.tiny import tiny_model
+    from speed_train.train.loader import pack_rows
+
+    examples, pad_id = heldout_examples(12)
+    model = tiny_model("llama", layers=4, hidden=64, vocab=49152)
+    rows = pack_rows([len(ex) for ex in examples], 512, seed=0)
+    assert len(rows) < len(examples)  # several conversations share a row
+    with torch.no_grad():
+        unpacked = speed_loss(model, collate(examples, pad_id), 3)
+        packed = speed_loss(model, collate([[examples[i] for i in r] for r in rows], pad_id, pack_to=512), 3)
+    assert packed.num_tokens == unpacked.num_tokens
+    assert abs(packed.loss_sum.item() - unpacked.loss_sum.item()) / unpacked.loss_sum.item() < 1e-6
+
+
+def test_step_plan_normalisers_for_mean_and_sum():
+    counts = [3, 5, 7, 2, 4, 6, 1, 8]
+    mean = StepPlan(counts, 4, 2, 1, seed=0)
+    total = StepPlan(counts, 4, 2, 1, seed=0, reduce="sum")
+    perm = mean._perm(0)
+    assert mean.items(0, 0, 0)[1] == sum(counts[i] for i in perm[:4])  # the step's supervised tokens
+    assert total.items(0, 0, 1)[1] == 4  # the step's conversations
+    rows = [[0, 1], [2], [3, 4, 5], [6, 7]]  # packed: 4 rows of 8 conversations
+    packed = StepPlan(counts, 2, 1, 1, seed=0, rows=rows, reduce="sum")
+    first = packed._perm(0)[:2]
+    assert packed.items(0, 0, 0)[1] == sum(len(rows[r]) for r in first)
+    assert packed.num_rows == 4 and packed.steps_per_epoch == 2
+
+
+def test_reduce_sum_gradients_are_split_invariant(cache, tmp_path):
+    common = ["trainer.global_batch_size=4", "data.max_train_examples=16", "trainer.max_steps=1",
+              "lora.enabled=false", "objective.reduce=sum"]  # fmt: skip
+    run(cache, tmp_path / "a", *common, "trainer.micro_batch_size=1", callbacks=[GradDump(tmp_path / "a.pt")])
+    run(cache, tmp_path / "b", *common, "trainer.micro_batch_size=4", callbacks=[GradDump(tmp_path / "b.pt")])
+    ga4, ga1 = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
+    scale = max(t.abs().max().item() for t in ga1.values())  # sum: not divided by tokens, so larger
+    assert scale > 1e-2 and max_diff(ga4, ga1) / scale < 1e-6
+    run(cache, tmp_path / "m", *common[:-1], "trainer.micro_batch_size=4", callbacks=[GradDump(tmp_path / "m.pt")])
+    mean = torch.load(tmp_path / "m.pt")
+    # sum / 4 conversations vs sum / supervised tokens: the same direction, a larger scale
+    name = next(iter(mean))
+    ratio = (ga1[name].norm() / mean[name].norm()).item()
+    assert ratio > 2 and all(
+        torch.allclose(ga1[n] / ratio, mean[n], atol=1e-6, rtol=1e-3) for n in mean
+    )  # fmt: skip

@@ -33,7 +33,7 @@ BASE = [
     "data.max_eval_examples=4",
     "trainer.progress_bar=false",
     "eval_report=false",
-    "export=false",
+    "export.enabled=false",
 ]
 
 
@@ -136,7 +136,7 @@ class PartitionProbe(L.Callback):
 
 def heldout_examples(n: int = 4, max_length: int = 256):
     """The first ``n`` held-out conversations of the BASE config's data, and the pad id."""
-    from speed_train.data.tokenize import build_dataset
+    from speed_train.data.pipeline import build_dataset
     from speed_train.speed.config import SpeedConfig
     from speed_train.train.build import load_tokenizer
 
@@ -156,14 +156,14 @@ def probe_batch(n: int = 4, max_length: int = 256):
 
 
 class HeldoutProbe(L.Callback):
-    """After every optimizer step (single process): ``run.heldout_loss`` of the model on the first
+    """After every optimizer step (single process): ``sharded_heldout_loss`` of the model on the first
     ``n`` held-out examples, by step — the reference for ``val/loss``."""
 
     def __init__(self, n: int) -> None:
         self.n, self.losses, self._last, self._data = n, {}, 0, None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        from speed_train.train.run import heldout_loss
+        from speed_train.train.validation import sharded_heldout_loss as heldout_loss
 
         if trainer.global_step == self._last:
             return

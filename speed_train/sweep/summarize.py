@@ -1,6 +1,6 @@
 """Summarise a Hydra multirun folder: one row per job, failed/unfinished jobs named, a plot.
 
-    python -m speed_train.sweep.summarize multirun/2026-11-26/12-00-00 [--metric heldout_speed_adapted]
+    python -m speed_train.sweep.summarize multirun/2026-11-26/12-00-00 [--metric heldout_after]
 
 A job is ``ok`` when it wrote results.json; ``failed`` when it wrote failed.json (the entry point
 does on any exception); ``unfinished`` otherwise (still running, killed, or pre-empted before finishing). Writes
@@ -18,7 +18,7 @@ import yaml
 
 from speed_train.atomic import save_figure, write_text
 
-METRICS = ("heldout_speed_adapted", "heldout_speed_zero_shot", "heldout_full_depth")
+METRICS = ("heldout_after", "heldout_after_full_depth", "heldout_speed_zero_shot", "heldout_full_depth")
 
 
 def _overrides(job: Path) -> list[str]:
@@ -45,7 +45,7 @@ def _k_of(overrides: list[str], results: dict):
     return None
 
 
-def summarize(sweep_dir: str | Path, metric: str = "heldout_speed_adapted") -> dict:
+def summarize(sweep_dir: str | Path, metric: str = "heldout_after") -> dict:
     d = Path(sweep_dir)
     jobs = sorted((p for p in d.iterdir() if p.is_dir() and (p / ".hydra").exists()),
                   key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else p.name))  # fmt: skip
@@ -100,7 +100,7 @@ def _plot(rows, metric: str, path: Path) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sweep_dir")
-    ap.add_argument("--metric", default="heldout_speed_adapted", choices=METRICS)
+    ap.add_argument("--metric", default="heldout_after", choices=METRICS)
     args = ap.parse_args(argv)
     summarize(args.sweep_dir, args.metric)
 

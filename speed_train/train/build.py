@@ -1,16 +1,22 @@
-"""Build the tokenizer, the model (+ LoRA) and validate the config before anything heavy."""
+"""Validate the config, then build the tokenizer and the model (+ LoRA), before anything heavy.
+
+``validate`` runs before any data or weight is read: every error names the key and what to do.
+"""
 
 from __future__ import annotations
 
+import os
+import tempfile
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
 from speed_train.speed.config import SpeedConfig, SpeedConfigError
-from speed_train.speed.executors import EXECUTORS
+from speed_train.speed.roles import RoleError, check_add_bos
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -26,25 +32,51 @@ def speed_config(cfg: DictConfig) -> SpeedConfig:
         raise ConfigError(f"speed: {e}") from None
 
 
+def _check(ok: bool, key: str, value, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {rule}")
+
+
 def validate(cfg: DictConfig, world_size: int = 1) -> None:
-    """Checks that need arithmetic or cross-field knowledge (types/unknown keys: the schema)."""
+    """Checks that need arithmetic, ranges or cross-field knowledge (types, unknown keys and enum
+    values: the schema, at composition). Reads the model's config (not its weights) to check K
+    and the attention window against the data."""
     sc = speed_config(cfg)
-    if cfg.model.num_layers is not None:
-        try:
-            sc.resolve_k(cfg.model.num_layers)
-        except SpeedConfigError as e:
-            raise ConfigError(f"speed.k: {e}") from None
-    if cfg.speed.executor not in EXECUTORS:
-        raise ConfigError(f"speed.executor={cfg.speed.executor!r}: choose one of {', '.join(EXECUTORS)}")
-    if cfg.model.source not in ("smollm2", "hub", "tiny"):
-        raise ConfigError(f"model.source={cfg.model.source!r}: choose smollm2, hub or tiny")
-    if cfg.model.source == "hub" and not cfg.model.pretrained:
-        raise ConfigError("model.source=hub needs model.pretrained (a hub id or a local directory)")
-    if cfg.model.dtype not in DTYPES:
-        raise ConfigError(f"model.dtype={cfg.model.dtype!r}: choose one of {', '.join(DTYPES)}")
-    if cfg.model.attn_backend not in ("sdpa", "flex"):
-        raise ConfigError(f"model.attn_backend={cfg.model.attn_backend!r}: sdpa or flex")
-    t = cfg.trainer
+    m, d, o, t, obj = cfg.model, cfg.data, cfg.optim, cfg.trainer, cfg.objective
+    if m.source == "hub" and not m.pretrained:
+        raise ConfigError("model.source=hub needs model.pretrained (a Hub id or a local directory)")
+    # numbers a user can get wrong, checked here rather than deep inside torch after loading
+    _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas),
+           "must be two numbers in [0, 1)")  # fmt: skip
+    _check(o.eps > 0, "optim.eps", o.eps, "must be > 0")
+    _check(0 <= o.warmup_ratio <= 1, "optim.warmup_ratio", o.warmup_ratio, "must be in [0, 1]")
+    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+    _check(0 <= o.decay_ratio <= 1, "optim.decay_ratio", o.decay_ratio, "must be in [0, 1]")
+    _check(o.gradient_clip >= 0, "optim.gradient_clip", o.gradient_clip, "must be >= 0 (0: no clipping)")
+    _check(obj.temperature > 0, "objective.temperature", obj.temperature, "must be > 0")
+    _check(obj.ce_weight >= 0, "objective.ce_weight", obj.ce_weight, "must be >= 0")
+    _check(d.max_length >= 2, "data.max_length", d.max_length, "must be >= 2 tokens")
+    _check(d.num_proc is None or d.num_proc >= 1, "data.num_proc", d.num_proc, "must be >= 1 (null: every core)")
+    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    _check(d.max_bad_fraction is None or 0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction",
+           d.max_bad_fraction, "must be in [0, 1] (null: the recipe's)")  # fmt: skip
+    for key in ("max_train_examples", "max_eval_examples"):
+        v = d[key]
+        _check(v is None or v >= 0, f"data.{key}", v, "must be >= 0 (null: all)")
+    try:
+        check_add_bos(d.add_bos)
+    except RoleError as e:
+        raise ConfigError(f"data.{e}") from None
+    if d.held_out is not None:
+        from speed_train.data.recipes import parse_held_out
+
+        parse_held_out(d.held_out, "data.held_out", ConfigError)
+    if cfg.lora.enabled:
+        _check(cfg.lora.r >= 1, "lora.r", cfg.lora.r, "must be >= 1")
+        _check(cfg.lora.alpha > 0, "lora.alpha", cfg.lora.alpha, "must be > 0")
+        _check(0 <= cfg.lora.dropout < 1, "lora.dropout", cfg.lora.dropout, "must be in [0, 1)")
     if t.micro_batch_size < 1 or t.global_batch_size < 1:
         raise ConfigError("trainer.micro_batch_size and trainer.global_batch_size must be >= 1")
     per_step = t.micro_batch_size * world_size
@@ -54,44 +86,105 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
             f"({t.micro_batch_size}) x data-parallel ranks ({world_size}) = {per_step}"
         )
     if t.eval_every_n_steps is not None and t.eval_every_n_steps < 1:
-        raise ConfigError(
-            f"trainer.eval_every_n_steps={t.eval_every_n_steps}: >= 1, or null for no validation"
-        )
+        raise ConfigError(f"trainer.eval_every_n_steps={t.eval_every_n_steps}: >= 1, or null for no validation")
+    _check(t.checkpoint_every_n_steps is None or t.checkpoint_every_n_steps >= 1, "trainer.checkpoint_every_n_steps",
+           t.checkpoint_every_n_steps, "must be >= 1 (null: at the end only)")  # fmt: skip
+    _check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
+    _check(t.log_every_n_steps >= 1, "trainer.log_every_n_steps", t.log_every_n_steps, "must be >= 1")
     if t.max_steps == 0 or (t.max_steps < 0 and t.epochs < 1):
         raise ConfigError("set trainer.max_steps > 0 or trainer.epochs >= 1")
-    if cfg.objective.kind not in ("ce", "distill"):
-        raise ConfigError(f"objective.kind={cfg.objective.kind!r}: ce or distill")
-    if cfg.objective.kind == "distill" and not cfg.lora.enabled:
-        raise ConfigError(
-            "objective.kind=distill needs lora.enabled=true (teacher = adapters disabled, K = L)"
-        )
-    if cfg.optim.schedule not in ("linear", "cosine", "constant"):
-        raise ConfigError(f"optim.schedule={cfg.optim.schedule!r}: linear, cosine or constant")
-    if cfg.strategy.name not in ("auto", "ddp", "deepspeed"):
-        raise ConfigError(f"strategy.name={cfg.strategy.name!r}: auto, ddp or deepspeed")
+    if obj.kind == "distill" and not cfg.lora.enabled:
+        raise ConfigError("objective.kind=distill needs lora.enabled=true (teacher = adapters disabled, K = L)")
     if cfg.strategy.name == "deepspeed" and cfg.strategy.zero_stage not in (1, 2, 3):
         raise ConfigError(f"strategy.zero_stage={cfg.strategy.zero_stage}: 1, 2 or 3 with deepspeed")
-    if cfg.data.pack and cfg.speed.executor not in EXECUTORS:
-        raise ConfigError("data.pack needs a SPEED executor")
+    if cfg.export.enabled and cfg.export.push_to_hub:
+        check_hub_upload(cfg.export.push_to_hub)
+    config = _model_config_or_none(cfg)
+    layers = config.num_hidden_layers if config is not None else m.num_layers
+    if layers is not None:
+        if m.num_layers is not None and m.num_layers != layers:
+            raise ConfigError(f"model.num_layers={m.num_layers} but {m.name} has {layers} layers; fix the config")
+        try:
+            sc.resolve_k(layers)
+        except SpeedConfigError as e:
+            raise ConfigError(f"speed.k: {e}") from None
+    if config is not None:
+        check_window(config, d.max_length, m.name)
+
+
+def _model_config_or_none(cfg: DictConfig):
+    """The model's config when it can be read without weights or network (else None: the
+    checks then run on the loaded model, still before training)."""
+    try:
+        return model_config(cfg)
+    except (OSError, ValueError):
+        return None
+
+
+def model_config(cfg: DictConfig):
+    """The HF config of the model the run will build."""
+    from transformers import AutoConfig
+
+    m = cfg.model
+    if m.source == "smollm2":
+        from speed_train.assets import smollm2_path
+
+        return AutoConfig.from_pretrained(smollm2_path())
+    if m.source == "tiny":
+        from speed_train.speed.tiny import tiny_config
+
+        return tiny_config(m.arch, layers=m.num_layers or 4, **dict(m.tiny))
+    # local folders and the HF cache only: validation must not wait on the network
+    return AutoConfig.from_pretrained(m.pretrained, local_files_only=True)
+
+
+def check_window(config, max_length: int, name: str) -> None:
+    """SPEED masks are full causal attention: refuse a model whose attention window is shorter."""
+    from speed_train.speed.adapters import attention_window
+
+    window = attention_window(config)
+    if window is not None and window < max_length:
+        raise ConfigError(
+            f"model {name} attends within a sliding window of {window} tokens, shorter than data.max_length="
+            f"{max_length}: SPEED masks implement full causal attention only; set data.max_length<={window}"
+        )
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """Create the run folder and prove it is writable, or say why not (before any work)."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"output folder {out} is not writable ({e.strerror or e}): choose another output_dir") from None
+    return out
+
+
+def check_hub_upload(repo: str) -> None:
+    """export.push_to_hub needs a reachable Hub: fail now, not after training."""
+    from speed_train.data.sources import hub_reachable
+
+    if not hub_reachable():
+        raise ConfigError(
+            f"export.push_to_hub={repo!r}: the Hugging Face Hub is unreachable (offline or HF_HUB_OFFLINE=1); "
+            "unset export.push_to_hub and upload the export folder later with `hf upload`"
+        )
 
 
 def load_tokenizer(cfg: DictConfig):
+    """The run's tokenizer: ``model.tokenizer`` (or the model's own), with ``model.chat_template``."""
+    from speed_train.loading import load_tokenizer as load
+
     m = cfg.model
-    if m.source in ("smollm2", "tiny") and not m.tokenizer:
-        from speed_train.assets import load_smollm2_tokenizer
-
-        return load_smollm2_tokenizer()
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(m.tokenizer or m.pretrained)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
+    name = m.tokenizer or ("smollm2" if m.source in ("smollm2", "tiny") else m.pretrained)
+    return load(name, chat_template=m.chat_template)
 
 
 def load_model(cfg: DictConfig, tokenizer):
     m = cfg.model
-    dtype = DTYPES[m.dtype]
+    dtype = DTYPES[str(m.dtype)]
     if m.source == "smollm2":
         from speed_train.assets import load_smollm2
 
@@ -108,10 +201,6 @@ def load_model(cfg: DictConfig, tokenizer):
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(m.pretrained, dtype=dtype)
-    if m.num_layers is not None and model.config.num_hidden_layers != m.num_layers:
-        raise ConfigError(
-            f"model.num_layers={m.num_layers} but {m.name} has {model.config.num_hidden_layers} layers; fix the config"
-        )
     if m.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
@@ -180,9 +269,7 @@ def seeded_init(model: torch.nn.Module, seed: int) -> None:
             elif len(shape) == 1:  # RMSNorm / LayerNorm weights (OLMo2/Qwen3 q/k norms included)
                 value = torch.ones(shape)
             else:
-                raise ValueError(
-                    f"seeded_init: no init rule for {name} ({type(module).__name__}, shape {shape})"
-                )
+                raise ValueError(f"seeded_init: no init rule for {name} ({type(module).__name__}, shape {shape})")
             if is_partitioned(p):
                 import deepspeed
 

@@ -1,46 +1,106 @@
-"""Atomic checkpoints, newest-complete-checkpoint resume, and pre-emption signals.
+"""Checkpoints that are verifiable, resume from the newest complete one, retention, pre-emption.
 
-A checkpoint file is written as ``<name>.tmp`` and renamed into place (``os.replace`` is
-atomic on POSIX), so a crash mid-write leaves the previous checkpoints intact and no file that
-resume could mistake for complete. DeepSpeed checkpoints are directories written by the
-engine; they count as complete once ``COMPLETE`` is written inside them after the save.
+A checkpoint counts only once it is complete and checked:
+- a file (``step=N.ckpt``) is written as ``<name>.tmp``, fsync-ed and renamed into place, and
+  ``<name>.complete`` (its byte size) is written after it; resume checks the size and that the
+  file's zip directory opens (a truncated torch checkpoint fails there, in milliseconds);
+- a DeepSpeed directory gets ``COMPLETE`` (every file's byte size) after all ranks saved.
+A checkpoint that fails its check is renamed ``<name>.corrupt`` and resume falls back to the
+next newest, saying which it skipped, so the step is saved afresh later under its own name
+(no ``-v1`` beside a corrupt file). Retention (``keep_checkpoints``) is applied by this module
+after every save and at resume: the newest N complete checkpoints stay, older ones, finished
+pre-emption checkpoints and stray ``*.tmp`` files go.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
+import shutil
 import signal
+import zipfile
 from pathlib import Path
 
 import lightning as L
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from speed_train.atomic import atomic_write
+
+log = logging.getLogger(__name__)
+
 COMPLETE = "COMPLETE"
 _STEP = re.compile(r"step=(\d+)")
+_SUFFIXES = (".tmp", ".complete", ".corrupt", ".lock")
+
+
+class CheckpointError(OSError):
+    """A checkpoint could not be written (disk full, read-only folder, ...)."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint files through ``speed_train.atomic`` (temp file, fsync, rename), then the
+    ``.complete`` record; a failed write leaves nothing behind and says what to do."""
+
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        import torch
+
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, path)
+        try:
+            atomic_write(path, lambda fh: torch.save(checkpoint, fh), binary=True)
+            _write_record(path.with_name(path.name + ".complete"), {"bytes": path.stat().st_size})
+        except OSError as e:
+            raise CheckpointError(e.errno, f"cannot write checkpoint {path}: {e.strerror or e}; free space "
+                                  "or choose a writable output_dir, then resume (resume=auto)") from None  # fmt: skip
+
+
+def _write_record(path: Path, record: dict) -> None:
+    atomic_write(path, lambda fh: fh.write(json.dumps(record)))
 
 
 def mark_complete(path: str | os.PathLike) -> None:
+    """Record a saved DeepSpeed directory as complete, with every file's size."""
     p = Path(path)
     if p.is_dir():
-        (p / COMPLETE).write_text("ok\n")
+        files = {str(f.relative_to(p)): f.stat().st_size for f in sorted(p.rglob("*")) if f.is_file() and f.name != COMPLETE}
+        _write_record(p / COMPLETE, {"files": files})
 
 
-def is_complete(path: Path) -> bool:
-    if path.name.endswith(".tmp"):
-        return False
+def verify(path: Path) -> str | None:
+    """None when the checkpoint is complete and intact, else why not."""
+    if path.name.endswith(_SUFFIXES):
+        return "not a checkpoint"
     if path.is_dir():
-        return (path / COMPLETE).exists()
-    return path.is_file() and path.suffix == ".ckpt"
+        marker = path / COMPLETE
+        if not marker.is_file():
+            return "no COMPLETE marker (the save was interrupted)"
+        try:
+            files = json.loads(marker.read_text()).get("files", {})
+        except ValueError:
+            return None  # a marker from an older version: presence only
+        for name, size in files.items():
+            f = path / name
+            if not f.is_file() or f.stat().st_size != size:
+                return f"{name} is missing or truncated"
+        return None
+    if not path.is_file() or path.suffix != ".ckpt":
+        return "not a checkpoint file"
+    record = path.with_name(path.name + ".complete")
+    if record.is_file():
+        try:
+            want = json.loads(record.read_text())["bytes"]
+        except (ValueError, KeyError):
+            want = None
+        if want is not None and path.stat().st_size != want:
+            return f"{path.stat().st_size} bytes, {want} written"
+    try:
+        with zipfile.ZipFile(path) as z:
+            z.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        return f"unreadable ({e})"
+    return None
 
 
 def checkpoint_step(path: str | os.PathLike) -> int | None:
@@ -49,40 +109,94 @@ def checkpoint_step(path: str | os.PathLike) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def newest_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
-    """The complete checkpoint with the highest step in ``ckpt_dir`` (None if there is none)."""
+def _candidates(d: Path) -> list[Path]:
+    """Checkpoint-like entries, newest first (by step, then modification time)."""
+    found = [p for p in d.iterdir()
+             if _STEP.search(p.name) and not p.name.endswith(_SUFFIXES) and not p.name.startswith(".")]  # fmt: skip
+    return sorted(found, key=lambda p: (checkpoint_step(p), p.stat().st_mtime), reverse=True)
+
+
+def newest_checkpoint(ckpt_dir: str | os.PathLike, *, quarantine: bool = False) -> str | None:
+    """The complete, intact checkpoint with the highest step in ``ckpt_dir`` (None if none).
+    ``quarantine``: rename the damaged ones met on the way to ``<name>.corrupt`` (logged)."""
     d = Path(ckpt_dir)
     if not d.is_dir():
         return None
-    best: tuple[int, float, Path] | None = None
-    for p in d.iterdir():
-        m = _STEP.search(p.name)
-        if not m or not is_complete(p):
-            continue
-        key = (int(m.group(1)), p.stat().st_mtime, p)
-        if best is None or key[:2] > best[:2]:
-            best = key
-    return str(best[2]) if best else None
+    for p in _candidates(d):
+        why = verify(p)
+        if why is None:
+            return str(p)
+        if quarantine:
+            log.warning("skipping checkpoint %s: %s (renamed to %s.corrupt)", p.name, why, p.name)
+            os.replace(p, p.with_name(p.name + ".corrupt"))
+            p.with_name(p.name + ".complete").unlink(missing_ok=True)
+    return None
 
 
-def resolve_resume(resume: str, ckpt_dir: str | os.PathLike) -> str | None:
+def resolve_resume(resume: str, ckpt_dir: str | os.PathLike, *, quarantine: bool = False) -> str | None:
     if resume == "never":
         return None
     if resume == "auto":
-        return newest_checkpoint(ckpt_dir)
-    if not Path(resume).exists():
+        return newest_checkpoint(ckpt_dir, quarantine=quarantine)
+    path = Path(resume)
+    if not path.exists():
         raise FileNotFoundError(f"resume={resume!r}: no such checkpoint; use resume=auto, never or a path")
+    why = verify(path)
+    if why is not None:
+        raise FileNotFoundError(f"resume={resume!r}: the checkpoint is damaged ({why}); use resume=auto")
     return resume
 
 
+def _remove(p: Path) -> None:
+    if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+    p.with_name(p.name + ".complete").unlink(missing_ok=True)
+
+
+def prune(ckpt_dir: str | os.PathLike, keep: int) -> list[str]:
+    """Apply retention: keep the newest ``keep`` complete step checkpoints; remove older ones,
+    pre-emption checkpoints older than the newest complete checkpoint, and ``*.tmp`` leftovers
+    (call it when no save is in progress). Returns the removed names."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    removed: list[str] = []
+    for p in [*d.glob("*.tmp"), *d.glob(".*.tmp-*")]:  # interrupted writes (ours and speed_train.atomic's)
+        _remove(p)
+        removed.append(p.name)
+    complete = [p for p in _candidates(d) if verify(p) is None]  # newest first
+    regular = [p for p in complete if not p.name.startswith("preempt-")]
+    stale = [p for p in complete[1:] if p.name.startswith("preempt-")]  # a newer checkpoint exists
+    for p in regular[keep:] + stale:
+        _remove(p)
+        removed.append(p.name)
+    return removed
+
+
 class CompleteCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint that marks a DeepSpeed checkpoint directory complete after its save."""
+    """ModelCheckpoint that records a save as complete (DeepSpeed directories: after every rank
+    saved), cleans up a failed save, and applies this module's retention after each save."""
+
+    def __init__(self, *, keep: int, **kw) -> None:
+        super().__init__(save_top_k=-1, enable_version_counter=False, **kw)
+        self.keep = keep
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
-        super()._save_checkpoint(trainer, filepath)
+        try:
+            super()._save_checkpoint(trainer, filepath)
+        except OSError as e:
+            if trainer.is_global_zero:
+                _remove(Path(filepath))
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(e.errno, f"cannot write checkpoint {filepath}: {e.strerror or e}; free space or "
+                                  "choose a writable output_dir, then resume (resume=auto)") from None  # fmt: skip
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             mark_complete(filepath)
+            prune(self.dirpath, self.keep)
 
 
 class PreemptionCheckpoint(L.Callback):
@@ -95,9 +209,7 @@ class PreemptionCheckpoint(L.Callback):
     Installed at train start, it replaces Lightning's own SIGTERM handler for the fit (which
     would stop without a checkpoint) and restores it at train end."""
 
-    def __init__(
-        self, ckpt_dir: str | os.PathLike, signals=(signal.SIGTERM, signal.SIGUSR1), requeue: bool = False
-    ):
+    def __init__(self, ckpt_dir: str | os.PathLike, signals=(signal.SIGTERM, signal.SIGUSR1), requeue: bool = False):
         self.ckpt_dir, self.signals, self.requeue = Path(ckpt_dir), signals, requeue
         self.received: int | None = None
         self.saved: str | None = None

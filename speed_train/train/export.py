@@ -9,16 +9,18 @@ freshly built model on rank 0, which is then evaluated and exported like any oth
 
 from __future__ import annotations
 
-import os
-import shutil
+import logging
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
-from speed_train.atomic import write_json
+from speed_train.atomic import atomic_dir, write_json, write_text
 from speed_train.speed.adapters import unwrap
+from speed_train.speed.roles import check_add_bos
 from speed_train.train.build import load_model, speed_config
+
+log = logging.getLogger(__name__)
 
 
 def is_zero3(cfg: DictConfig) -> bool:
@@ -74,26 +76,24 @@ def check_not_empty(model: torch.nn.Module, what: str) -> None:
                            "a ZeRO-3 model must be consolidated first (export.consolidate)")  # fmt: skip
 
 
-def _atomic_dir(final: Path, write) -> None:
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+def export(model, tokenizer, cfg: DictConfig, k: int, out: Path, result=None) -> dict[str, str]:
+    """The trained model, written atomically under ``out``:
 
+    - ``model/``: an HF-native SPEED model (``speed_train.hf.export``: loads with transformers alone,
+      ``trust_remote_code=True``, and ``generate()`` runs it as trained), its tokenizer, a model
+      card (README.md) and ``speed_config.json``; with LoRA, the adapters merged in;
+    - ``adapter/``: the LoRA adapter (peft format) with ``speed_config.json``, when LoRA was trained.
 
-def export(model, tokenizer, cfg: DictConfig, k: int, out: Path) -> dict[str, str]:
-    """HF checkpoint (+ LoRA adapter) with ``speed_config.json`` beside it, written atomically.
-    ``model`` must be a full (consolidated) model; with LoRA it is merged in place."""
+    ``model`` must be a full (consolidated) model; with LoRA it is merged in place. With
+    ``export.push_to_hub`` the model folder is uploaded to that Hub repository."""
+    from speed_train.hf.card import model_card
+    from speed_train.hf.export import make_hf_native
+
     check_not_empty(model, "the model")
-    speed = {
-        **speed_config(cfg).to_dict(),
-        "k_layers": k,
-        "num_layers": unwrap(model).config.num_hidden_layers,
-    }
+    config = unwrap(model).config
+    num_layers = config.num_hidden_layers
+    speed = {**speed_config(cfg).to_dict(), "k_layers": k, "num_layers": num_layers,
+             "add_bos": check_add_bos(cfg.data.add_bos)}  # fmt: skip
     paths: dict[str, str] = {}
 
     def write_speed(d: Path) -> None:
@@ -105,17 +105,29 @@ def export(model, tokenizer, cfg: DictConfig, k: int, out: Path) -> dict[str, st
             model.save_pretrained(d)
             write_speed(d)
 
-        _atomic_dir(out / "adapter", write_adapter)
+        atomic_dir(out / "adapter", write_adapter)
         paths["adapter"] = str(out / "adapter")
         merged = model.merge_and_unload()  # last use of the model: merging in place is fine
     else:
         merged = model
+    repo = cfg.export.push_to_hub
 
     def write_model(d: Path) -> None:
         merged.save_pretrained(d)
         tokenizer.save_pretrained(d)
+        if str(cfg.speed.anchor) == "system":  # token roles cannot find a system message: plain folder
+            log.warning("anchor=system: the export is a plain HF checkpoint (use speed_train.speed.generate)")
+        else:
+            make_hf_native(d, tokenizer, k=k, num_layers=num_layers, anchor=str(cfg.speed.anchor),
+                           add_bos=cfg.data.add_bos)  # fmt: skip
         write_speed(d)
+        write_text(d / "README.md", model_card(cfg, config, k, result, repo))
 
-    _atomic_dir(out / "model", write_model)
+    atomic_dir(out / "model", write_model)
     paths["model"] = str(out / "model")
+    if repo:
+        from huggingface_hub import upload_folder
+
+        upload_folder(repo_id=repo, folder_path=paths["model"], commit_message="speed-train export")
+        paths["hub"] = f"https://huggingface.co/{repo}"
     return paths

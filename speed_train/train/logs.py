@@ -16,6 +16,8 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from speed_train.atomic import atomic_write
+
 
 class _KeepingWriter(ExperimentWriter):
     def __init__(self, log_dir: str, keep_before_step: int | None) -> None:
@@ -33,12 +35,12 @@ class _KeepingWriter(ExperimentWriter):
                 for r in reader
                 if r.get("step") not in (None, "") and int(float(r["step"])) < self.keep_before_step
             ]
-        tmp = self.metrics_file_path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
+        def write(fh) -> None:
+            writer = csv.DictWriter(fh, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, self.metrics_file_path)
+
+        atomic_write(self.metrics_file_path, write)
         self.metrics_keys = fields
 
 

@@ -1,16 +1,17 @@
 """The LightningModule: an HF causal LM (optionally peft-wrapped) trained with the SPEED loss.
 
-Loss normalisation: each micro-batch carries ``step_tokens``, the supervised-token count of
-its whole optimizer step (all micro-batches, all ranks; see loader.StepPlan). The module
-returns ``loss_sum * scale / step_tokens`` where ``scale`` undoes the averaging that the
-training stack applies afterwards (Lightning divides by the accumulation steps, data
-parallelism averages over ranks), so the gradient of a step is exactly
-d(sum of token losses)/d(theta) / (tokens in the step), whatever the split.
+Loss normalisation: each micro-batch carries ``step_norm``, the normaliser of its whole
+optimizer step (all micro-batches, all ranks; see loader.StepPlan): the step's supervised tokens
+(``objective.reduce=mean``) or its conversations (``reduce=sum``, open-instruct's
+``--reduce_loss sum`` made independent of the split). The module returns
+``loss_sum * scale / step_norm`` where ``scale`` undoes the averaging that the training stack
+applies afterwards (Lightning divides by the accumulation steps, data parallelism averages over
+ranks), so the gradient of a step is exactly d(sum of token losses)/d(theta) / step_norm,
+whatever the split.
 """
 
 from __future__ import annotations
 
-import math
 import time
 
 import lightning as L
@@ -22,58 +23,59 @@ from speed_train.speed.flops import ModelShape, step_flops
 from speed_train.speed.roles import DECODE, PROMPT
 from speed_train.train.schema import ObjectiveConfig, OptimConfig
 
+# Our schedule names -> transformers.get_scheduler's (all with linear warm-up).
+SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup",
+              "cosine_with_min_lr": "cosine_with_min_lr", "warmup_stable_decay": "warmup_stable_decay"}  # fmt: skip
 
-def lr_lambda(schedule: str, warmup: int, total: int):
-    def f(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        raise ValueError(f"unknown schedule {schedule!r}: linear, cosine or constant")
 
-    return f
+def build_scheduler(optimizer, optim: OptimConfig, total_steps: int):
+    """transformers.get_scheduler for ``optim.schedule`` with ``warmup_ratio`` x total steps of
+    linear warm-up (stepped once per optimizer step)."""
+    from transformers import get_scheduler
+
+    warmup = round(optim.warmup_ratio * total_steps)
+    name = str(optim.schedule)
+    extra: dict = {}
+    if name == "cosine_with_min_lr":
+        extra = {"min_lr_rate": optim.min_lr_ratio}
+    elif name == "warmup_stable_decay":
+        decay = round(optim.decay_ratio * total_steps)
+        extra = {"num_decay_steps": decay, "num_stable_steps": max(0, total_steps - warmup - decay)}
+    return get_scheduler(SCHEDULERS[name], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+                         scheduler_specific_kwargs=extra or None)  # fmt: skip
 
 
 class SpeedLM(L.LightningModule):
     def __init__(self, model, *, k: int, executor: str, backend: str, optim: OptimConfig,
                  objective: ObjectiveConfig, total_steps: int, accumulation: int,
-                 peak_flops: float | None = None, loss_scale_ranks: bool = True) -> None:  # fmt: skip
+                 peak_flops: float | None = None) -> None:  # fmt: skip
         super().__init__()
         self.model = model
-        self.k, self.executor, self.backend = k, executor, backend
+        self.k, self.executor, self.backend = k, str(executor), str(backend)
         self.optim_cfg, self.objective = optim, objective
         self.total_steps, self.accumulation = total_steps, accumulation
         self.peak_flops = peak_flops
-        self.loss_scale_ranks = loss_scale_ranks
         self.shape = ModelShape.from_config(_config_of(model))
-        self._acc = {"loss": 0.0, "tokens": 0, "all_tokens": 0, "prompt": 0, "decode": 0, "flops": 0.0}
+        self._acc = {"loss": 0.0, "tokens": 0, "all_tokens": 0, "cells": 0, "prompt": 0, "decode": 0, "flops": 0.0}
         self._t0: float | None = None
         self._last_step = 0
+        self.step_losses: list[float] = []  # per optimizer step (restored from the checkpoint on resume)
+        self.last_metrics: dict[str, float] = {}  # of the newest step, for the progress bar
 
     # -- loss ------------------------------------------------------------------------------
     def _objective_sum(self, batch) -> tuple[torch.Tensor, int]:
-        if self.objective.kind == "ce":
-            out = speed_loss(self.model, batch, self.k, executor=self.executor, backend=self.backend)
-            return out.loss_sum, out.num_tokens
         if self.objective.kind == "distill":
             return self._distill_sum(batch)
-        raise ValueError(f"unknown objective {self.objective.kind!r}: ce or distill")
+        out = speed_loss(self.model, batch, self.k, executor=self.executor, backend=self.backend)
+        return out.loss_sum, out.num_tokens
 
     def _distill_sum(self, batch) -> tuple[torch.Tensor, int]:
         """KL(teacher || student) on supervised positions; teacher = same weights, adapters off,
         full depth (no second copy of the model)."""
         if not hasattr(self.model, "disable_adapter"):
-            raise ValueError(
-                "objective=distill needs a LoRA model: its teacher is the model with adapters disabled"
-            )
-        L_ = self.shape.layers
+            raise ValueError("objective=distill needs a LoRA model: its teacher is the model with adapters disabled")
         with torch.no_grad(), self.model.disable_adapter():
-            teacher = speed_forward(self.model, batch, L_, executor="gather", positions="targets",
+            teacher = speed_forward(self.model, batch, self.shape.layers, executor="gather", positions="targets",
                                     backend=self.backend)  # fmt: skip
         student = speed_forward(self.model, batch, self.k, executor=self.executor, positions="targets",
                                 backend=self.backend)  # fmt: skip
@@ -87,12 +89,11 @@ class SpeedLM(L.LightningModule):
             kl = kl + self.objective.ce_weight * F.cross_entropy(student.logits.float(), tgt, reduction="sum")
         return kl, n
 
-    def _scale(self, step_tokens: int) -> float:
+    def _scale(self, step_norm: int) -> float:
         """Undo what the stack divides by afterwards: Lightning's closure divides the returned loss
         by GA; DDP and ZeRO average gradients over ranks; and the DeepSpeed engine's backward
         divides by GA once more (``scale_wrt_gas``; tests/test_train.py checks the gradients)."""
-        world = self.trainer.world_size if self.loss_scale_ranks else 1
-        scale = self.accumulation * world / max(step_tokens, 1)
+        scale = self.accumulation * self.trainer.world_size / max(step_norm, 1)
         if self._is_deepspeed():
             scale *= self.accumulation
         return scale
@@ -107,10 +108,11 @@ class SpeedLM(L.LightningModule):
         a["tokens"] += n
         real = batch.seq_ids >= 0
         a["all_tokens"] += int(real.sum())
+        a["cells"] += real.numel()
         a["prompt"] += int(((batch.roles == PROMPT) & real).sum())
         a["decode"] += int(((batch.roles == DECODE) & real).sum())
         a["flops"] += step_flops(self.shape, batch, self.k, "mask" if self.executor == "mask" else "gather")
-        return loss_sum * self._scale(item["step_tokens"])
+        return loss_sum * self._scale(item["step_norm"])
 
     def end_of_micro_batch(self, item) -> None:
         """Book-keeping after each micro-batch, called by :class:`StepBookkeeping` — a callback, so
@@ -123,16 +125,17 @@ class SpeedLM(L.LightningModule):
         if self.trainer.global_step == self._last_step:  # still accumulating (key off global_step)
             return
         self._last_step = self.trainer.global_step
-        stats = torch.tensor([self._acc[k] for k in ("loss", "tokens", "all_tokens", "prompt", "decode", "flops")],
-                             dtype=torch.float64, device=self.device)  # fmt: skip
+        keys = ("loss", "tokens", "all_tokens", "cells", "prompt", "decode", "flops")
+        stats = torch.tensor([self._acc[k] for k in keys], dtype=torch.float64, device=self.device)
         stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
-        loss, tokens, all_tokens, prompt, decode, flops = stats.tolist()
+        loss, tokens, all_tokens, cells, prompt, decode, flops = stats.tolist()
         dt = time.perf_counter() - (self._t0 or time.perf_counter())
         metrics = {
             "train/loss": loss / max(tokens, 1),
             "train/supervised_tokens": tokens,
             "train/prompt_tokens": prompt,
             "train/decode_tokens": decode,
+            "train/padding_share": 1.0 - all_tokens / max(cells, 1),
             "train/tokens_per_s": all_tokens / max(dt, 1e-9),
             "train/supervised_tokens_per_s": tokens / max(dt, 1e-9),
             "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],
@@ -144,8 +147,8 @@ class SpeedLM(L.LightningModule):
             if norm is not None:
                 metrics["train/grad_norm"] = float(norm)
         self.log_dict(metrics, on_step=True, prog_bar=False, logger=True, rank_zero_only=True)
-        self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, rank_zero_only=True)
         self.step_losses.append(metrics["train/loss"])
+        self.last_metrics = metrics
         for k in self._acc:
             self._acc[k] = 0.0 if k in ("loss", "flops") else 0
         self._t0 = time.perf_counter()
@@ -159,13 +162,6 @@ class SpeedLM(L.LightningModule):
     def on_train_start(self) -> None:
         self._last_step = self.trainer.global_step
 
-    @property
-    def step_losses(self) -> list[float]:
-        """Loss of every optimizer step so far (restored from the checkpoint on resume)."""
-        if not hasattr(self, "_step_losses"):
-            self._step_losses: list[float] = []
-        return self._step_losses
-
     def _is_deepspeed(self) -> bool:
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
@@ -174,9 +170,11 @@ class SpeedLM(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         if self._is_deepspeed():  # called per micro-batch and grads are partitioned: logged at step end
             return
-        norms = [p.grad.detach().float().norm() for p in self.parameters() if p.grad is not None]
+        from lightning.pytorch.utilities import grad_norm
+
+        norms = grad_norm(self.model, norm_type=2)
         if norms:
-            self.log("train/grad_norm", torch.stack(norms).norm(), on_step=True, rank_zero_only=True)
+            self.log("train/grad_norm", norms["grad_2.0_norm_total"], on_step=True, rank_zero_only=True)
 
     # -- optimiser ---------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -184,13 +182,12 @@ class SpeedLM(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
-        groups = [
-            {"params": decay, "weight_decay": o.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-        warmup = round(o.warmup_ratio * self.total_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.schedule, warmup, self.total_steps))
+        groups = [g for g in ({"params": decay, "weight_decay": o.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]  # fmt: skip
+        # fused AdamW (one kernel for all parameters) where every trained parameter is on a GPU
+        fused = o.fused if o.fused is not None else bool(params) and all(p.is_cuda for p in params)
+        opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None)
+        sched = build_scheduler(opt, o, self.total_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- exact resume: RNG state travels with the checkpoint ---------------------------------
@@ -201,7 +198,7 @@ class SpeedLM(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "speed_rng" in checkpoint:
             torch.set_rng_state(checkpoint["speed_rng"]["torch"])
-        self._step_losses = list(checkpoint.get("speed_step_losses", []))
+        self.step_losses = list(checkpoint.get("speed_step_losses", []))
 
 
 class StepBookkeeping(L.Callback):

@@ -1,280 +1,227 @@
-"""The training recipe, top to bottom: validate -> data -> model -> fit -> evaluate -> export.
+"""The training recipe, read top to bottom: validate -> data -> trainer -> model -> fit -> results -> export.
 
-Called by the Hydra entry point (``python -m speed_train``) with the composed config.
+Called by the Hydra entry point (``python -m speed_train``) with the composed config; each step
+is a function of its own below :func:`train`.
 """
 
 from __future__ import annotations
 
-import os
+import logging
+import shlex
+import sys
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import lightning as L
-import torch
 from lightning.fabric.plugins.environments import LightningEnvironment
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig
 
 from speed_train.atomic import write_json
 from speed_train.speed.adapters import unwrap
 from speed_train.train.build import (
     ConfigError,
+    check_output_dir,
+    check_window,
     load_model,
     load_tokenizer,
     speed_config,
     validate,
     zero3_construction,
 )
-from speed_train.train.checkpointing import (
-    AtomicCheckpointIO,
-    CompleteCheckpoint,
-    PreemptionCheckpoint,
-    checkpoint_step,
-    resolve_resume,
-)
+from speed_train.train.checkpointing import checkpoint_step, prune, resolve_resume
 from speed_train.train.export import consolidate, export, is_zero3
-from speed_train.train.loader import ResumableLoader, StepPlan
-from speed_train.train.module import SpeedLM, StepBookkeeping
-from speed_train.train.strategies import build_strategy
-from speed_train.train.validation import HeldoutBeforeTraining, Validation, sharded_heldout_loss
+from speed_train.train.loader import ResumableLoader, StepPlan, pack_rows
+from speed_train.train.module import SpeedLM
+from speed_train.train.trainer import build_trainer, peak_flops, run_callbacks, world_size_of
 
-# Dense bf16 peak per device, for the MFU estimate (override with trainer.peak_tflops in code).
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
+log = logging.getLogger("speed_train")
 
 
-def world_size_of(cfg: DictConfig) -> int:
-    devices = cfg.trainer.devices
-    n = devices if isinstance(devices, int) else (len(devices) if isinstance(devices, (list, tuple)) else 1)
-    return max(1, n) * cfg.trainer.num_nodes
+@dataclass
+class RunResult:
+    """What a run did; written to ``<output_dir>/results.json`` by rank 0."""
+
+    k: int
+    num_layers: int
+    anchor: str
+    data_report: str
+    global_step: int = 0
+    rank: int = 0
+    world_size: int = 1
+    step_losses: list[float] = field(default_factory=list)
+    val_losses: dict[str, float] = field(default_factory=dict)
+    # held-out decode-token loss: heldout_full_depth, heldout_speed_zero_shot (before training);
+    # heldout_after (as served), heldout_after_full_depth (K < L: the same weights at full depth)
+    heldout: dict[str, float] = field(default_factory=dict)
+    fit_seconds: float = 0.0
+    heldout_seconds: float = 0.0
+    steps_per_s: float = 0.0
+    resumed_from: str | None = None
+    preempted_by_signal: int | None = None
+    preempt_checkpoint: str | None = None
+    export: dict[str, str] = field(default_factory=dict)
+    zero3_partitioned_at_construction: bool = False
+    packed_rows: int | None = None
+
+    @property
+    def full_it(self) -> bool:
+        return self.k == self.num_layers
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(d.pop("heldout"))  # flat keys in results.json
+        return d
 
 
-def _peak_flops(accelerator: str) -> float | None:
-    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        for key, tflops in PEAK_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12
-    return None
+@dataclass
+class TrainData:
+    tokenizer: Any
+    train: Any  # EncodedDataset
+    held_out: Any
+    report: Any  # DataReport
+    plan: StepPlan
+    total_steps: int
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
 
 
-@torch.no_grad()
-def heldout_loss(model, examples, k: int, pad_id: int, micro_batch: int = 8) -> float:
-    """Mean decode-token cross-entropy over held-out examples (token-weighted), one process."""
-    return sharded_heldout_loss(model, examples, k, pad_id, micro_batch=micro_batch)
-
-
-def _supervised_counts(examples) -> list[int]:
-    if hasattr(examples, "supervised_counts"):
-        return [int(x) for x in examples.supervised_counts()]
-    return [ex.num_supervised() for ex in examples]
-
-
-def _wandb_mode(cfg: DictConfig) -> str:
-    """logger.mode, else $WANDB_MODE, else online only with an API key in the environment:
-    offline runs write to <output_dir>/wandb and never touch the network (``wandb sync`` later)."""
-    return (
-        cfg.logger.mode
-        or os.environ.get("WANDB_MODE")
-        or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-    )
-
-
-def _hydra_job() -> tuple[str, int] | None:
-    """(job name, job number) of a Hydra multirun job; None outside a multirun."""
+def train(cfg: DictConfig, *, callbacks=()) -> RunResult:
+    """Runs the recipe; ``callbacks``: extra Lightning callbacks (tests, user code)."""
     try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-            return None
-        job = HydraConfig.get().job
-        return str(job.name), int(job.num)
-    except (ImportError, ValueError):
-        return None
-
-
-def _loggers(cfg: DictConfig, out: Path, resume_step: int | None):
-    loggers = []
-    kinds = list(cfg.logger.kind)
-    if "csv" in kinds:
-        from speed_train.train.logs import ResumableCSVLogger
-
-        loggers.append(ResumableCSVLogger(str(out), name="logs", version="", keep_before_step=resume_step,
-                                          flush_logs_every_n_steps=cfg.trainer.log_every_n_steps))  # fmt: skip
-    if "wandb" in kinds:
-        from lightning.pytorch.loggers import WandbLogger
-
-        # One run per job (run.train finishes it), all jobs of a sweep in the group logger.group.
-        name = cfg.logger.name
-        job = _hydra_job()
-        if name is None and job is not None:
-            name = f"{cfg.logger.group or job[0]}-{job[1]}"
-        loggers.append(WandbLogger(project=cfg.logger.project, group=cfg.logger.group, name=name, job_type="train",
-                                   save_dir=str(out), mode=_wandb_mode(cfg),
-                                   config=OmegaConf.to_container(cfg, resolve=True)))  # fmt: skip
-    return loggers
-
-
-def under_slurm() -> bool:
-    """True where Lightning itself would pick its SLURM environment: a SLURM job with tasks,
-    not an interactive one (job name bash/interactive), not torchrun inside an allocation."""
-    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
-
-    try:
-        ntasks = int(os.environ.get("SLURM_NTASKS", "0"))
-    except ValueError:
-        ntasks = 0
-    return (bool(os.environ.get("SLURM_JOB_ID")) and ntasks > 0 and SLURMEnvironment.detect()
-            and not TorchElasticEnvironment.detect())  # fmt: skip
-
-
-def trainer_plugins(cfg: DictConfig) -> list | None:
-    """Atomic checkpoint files (not DeepSpeed: the engine writes its own directories); under
-    SLURM, Lightning's SLURM environment with ``auto_requeue=False``: with the default (True) it
-    installs its own SIGUSR1 handler (save + requeue); PreemptionCheckpoint owns that signal."""
-    plugins: list = []
-    if cfg.strategy.name != "deepspeed":
-        plugins.append(AtomicCheckpointIO())
-    if under_slurm():
-        from lightning.fabric.plugins.environments import SLURMEnvironment
-
-        plugins.append(SLURMEnvironment(auto_requeue=False))
-    return plugins or None
-
-
-def train(cfg: DictConfig, *, callbacks=()) -> dict:
-    """Runs the recipe; ``callbacks``: extra Lightning callbacks (tests, user code). Returns the
-    results (also written to ``<output_dir>/results.json`` by rank 0)."""
-    try:
-        results = _train(cfg, callbacks)
+        result = _train(cfg, callbacks)
     except BaseException:
         _finish_wandb(exit_code=1)
         raise
     _finish_wandb()
-    return results
+    return result
 
 
-def _train(cfg: DictConfig, callbacks) -> dict:
+def _train(cfg: DictConfig, callbacks) -> RunResult:
+    # 1. validate everything that can be checked before data or weights are read
     world = world_size_of(cfg)
     validate(cfg, world)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg.trainer.seed, workers=True)
-
-    tokenizer = load_tokenizer(cfg)
-    sc = speed_config(cfg)
-    from speed_train.data.tokenize import build_dataset
-
-    train_ex, held_ex, report = build_dataset(
-        cfg.data.recipe, tokenizer, sc, max_length=cfg.data.max_length, cache_dir=cfg.data.cache_dir,
-        truncate=cfg.data.truncate, max_bad_fraction=cfg.data.max_bad_fraction,
-    )  # fmt: skip
-    if cfg.data.max_train_examples:
-        train_ex = train_ex[: cfg.data.max_train_examples]
-    if cfg.data.max_eval_examples is not None:
-        held_ex = held_ex[: cfg.data.max_eval_examples]
-    plan = StepPlan(_supervised_counts(train_ex), cfg.trainer.global_batch_size,
-                    cfg.trainer.micro_batch_size, world, cfg.trainer.seed)  # fmt: skip
-    total_steps = (
-        cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else cfg.trainer.epochs * plan.steps_per_epoch
-    )
-    pad_id = tokenizer.pad_token_id
-    zero3 = is_zero3(cfg)
-
-    accelerator = cfg.trainer.accelerator
-    strategy = build_strategy(cfg, "cpu" if accelerator == "cpu" else "gpu")
-    ckpt_dir = out / "checkpoints"
-    ckpt = resolve_resume(cfg.resume, ckpt_dir)
-    preemption = PreemptionCheckpoint(ckpt_dir, requeue=bool(os.environ.get("SLURM_JOB_ID")))
-    validation = None
-    if cfg.trainer.eval_every_n_steps is not None:
-        validation = Validation(held_ex, pad_id, every_n_steps=cfg.trainer.eval_every_n_steps, total_steps=total_steps,
-                                micro_batch=cfg.trainer.micro_batch_size, lockstep=zero3)  # fmt: skip
-    before = HeldoutBeforeTraining(held_ex, pad_id, micro_batch=8)  # used when the model is partitioned
-    # Order matters for the on_train_batch_end hooks: book-keeping (loader position, step loss)
-    # first, then validation, then the pre-emption save; Lightning moves ModelCheckpoint to the very end.
-    all_callbacks = [
-        StepBookkeeping(),
-        *([validation] if validation else []),
-        preemption,
-        CompleteCheckpoint(dirpath=str(ckpt_dir), filename="{step}", every_n_train_steps=cfg.trainer.checkpoint_every_n_steps or total_steps,
-                           save_top_k=cfg.trainer.keep_checkpoints, monitor="step", mode="max", save_last=False),
-        *callbacks,
-    ]  # fmt: skip
-    if cfg.trainer.progress_bar:
-        from lightning.pytorch.callbacks import RichProgressBar
-
-        all_callbacks.append(RichProgressBar())
-    trainer = L.Trainer(
-        accelerator=accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
-        precision=cfg.trainer.precision, strategy=strategy, max_steps=total_steps, max_epochs=-1,
-        accumulate_grad_batches=plan.accumulation, gradient_clip_val=cfg.optim.gradient_clip or None,
-        logger=_loggers(cfg, out, checkpoint_step(ckpt) if ckpt else None) or False, callbacks=all_callbacks,
-        use_distributed_sampler=False, default_root_dir=str(out), enable_progress_bar=cfg.trainer.progress_bar,
-        log_every_n_steps=cfg.trainer.log_every_n_steps, num_sanity_val_steps=0,
-        deterministic=cfg.trainer.deterministic, plugins=trainer_plugins(cfg),
-    )  # fmt: skip
-
-    # ZeRO-3 with externally started ranks (torchrun, srun, ...): build the model partitioned, so
-    # no rank ever holds all of it. That needs the process group first: Lightning's strategy sets
-    # it up from the launcher's environment (fit finds it ready). When Lightning starts the ranks
-    # itself (LightningEnvironment), they do not exist yet when rank 0 builds its model: every
-    # process then builds the full model, which the engine partitions at setup.
-    env = getattr(trainer.strategy, "cluster_environment", None)
-    partitioned = (zero3 and env is not None and env.creates_processes_externally
-                   and not isinstance(env, LightningEnvironment))  # fmt: skip
-    with ExitStack() as zero3_scope:
-        if partitioned:
-            trainer.strategy.setup_environment()
-            zero3_scope.enter_context(zero3_construction(trainer.strategy.config))
-            if cfg.eval_report:
-                trainer.callbacks.append(before)
-        model = load_model(cfg, tokenizer)
-        num_layers = unwrap(model).config.num_hidden_layers
-        k = sc.resolve_k(num_layers)
-
-        results: dict = {"k": k, "num_layers": num_layers, "anchor": sc.anchor, "report": report.summary(),
-                         "zero3_partitioned_at_construction": partitioned}  # fmt: skip
-        if cfg.eval_report and not partitioned:
-            base = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
-            with base:
-                results["heldout_full_depth"] = heldout_loss(model, held_ex, num_layers, pad_id)
-                results["heldout_speed_zero_shot"] = heldout_loss(model, held_ex, k, pad_id)
-
+    out = check_output_dir(cfg.output_dir)
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    # 2. data: tokenise (cached), plan the optimizer steps
+    data = prepare_data(cfg, world)
+    # 3. trainer: strategy, loggers, callbacks, checkpoint to resume from
+    ckpt = resolve_resume(cfg.resume, out / "checkpoints", quarantine=rank_zero_only.rank == 0)
+    cbs = run_callbacks(cfg, out, data.held_out, data.pad_id, data.total_steps, lockstep=is_zero3(cfg), extra=callbacks)
+    trainer = build_trainer(cfg, out, cbs, data.total_steps, data.plan.accumulation,
+                            checkpoint_step(ckpt) if ckpt else None)  # fmt: skip
+    if trainer.is_global_zero and ckpt is not None:
+        prune(out / "checkpoints", cfg.trainer.keep_checkpoints)
+    with ExitStack() as scope:
+        # 4. model, built ZeRO-3-partitioned when the ranks exist already
+        partitioned = _enter_zero3_construction(cfg, trainer, scope)
+        model = load_model(cfg, data.tokenizer)
+        config = unwrap(model).config
+        check_window(config, cfg.data.max_length, cfg.model.name)
+        num_layers = config.num_hidden_layers
+        k = speed_config(cfg).resolve_k(num_layers)
         module = SpeedLM(model, k=k, executor=cfg.speed.executor, backend=cfg.model.attn_backend, optim=cfg.optim,
-                         objective=cfg.objective, total_steps=total_steps, accumulation=plan.accumulation,
-                         peak_flops=_peak_flops(accelerator))  # fmt: skip
-        loader = ResumableLoader(train_ex, plan, trainer.global_rank, pad_id,
+                         objective=cfg.objective, total_steps=data.total_steps, accumulation=data.plan.accumulation,
+                         peak_flops=peak_flops(cfg.trainer.accelerator))  # fmt: skip
+        # 5. fit (the held-out table is computed on the devices at fit start and train end)
+        loader = ResumableLoader(data.train, data.plan, trainer.global_rank, data.pad_id,
                                  pack_to=cfg.data.max_length if cfg.data.pack else None,
                                  num_workers=cfg.data.num_workers)  # fmt: skip
         fit_start, step_start = time.perf_counter(), trainer.global_step
         trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt)
         fit_seconds = time.perf_counter() - fit_start
-    results["fit_seconds"] = fit_seconds
-    results["steps_per_s"] = (trainer.global_step - step_start) / max(fit_seconds, 1e-9)
     # (transformers' ZeRO-3 config is released here: the consolidated rank-0 model is a full one)
-    results.update(before.results)
-    preempted = preemption.received
-    results["preempted_by_signal"] = preempted
-    results["preempt_checkpoint"] = preemption.saved
-    results["resumed_from"] = ckpt
-    results["step_losses"] = module.step_losses
-    if validation is not None:
-        results["val_losses"] = {str(s): v for s, v in sorted(validation.history.items())}
-    results["global_step"] = trainer.global_step
-    results["rank"] = trainer.global_rank
-    results["world_size"] = trainer.world_size
-    # ZeRO-3: gather the shards into one model on rank 0 (all ranks take part), then evaluate
-    # and export that; otherwise the trained model itself. Pre-empted: no time for either.
-    wanted = (cfg.eval_report or cfg.export) and preempted is None
-    final = consolidate(model, cfg, tokenizer, trainer.is_global_zero) if wanted else None
+    result = _result(cfg, trainer, module, cbs, data, k, num_layers, partitioned, ckpt, fit_seconds, step_start)
+    # 6. export: ZeRO-3 shards are gathered into one model on rank 0 (all ranks take part)
+    if cfg.export.enabled and result.preempted_by_signal is None:
+        final = consolidate(model, cfg, data.tokenizer, trainer.is_global_zero)
+        if trainer.is_global_zero:
+            result.export = export(final, data.tokenizer, cfg, k, out / "export", result=result)
     if trainer.is_global_zero:
-        if cfg.eval_report and final is not None:
-            results["heldout_speed_adapted"] = heldout_loss(final, held_ex, k, pad_id)
-        if cfg.export and final is not None:
-            results["export"] = export(final, tokenizer, cfg, k, out / "export")
-        write_json(out / "results.json", results, default=str)
-    return results
+        write_json(out / "results.json", result.to_dict(), default=str)
+    return result
+
+
+def prepare_data(cfg: DictConfig, world: int) -> TrainData:
+    """Tokeniser, train/held-out sets (built once, cached; other ranks wait for the build) and the
+    step plan. The data report (per source and reason) is printed by rank 0."""
+    from speed_train.data.pipeline import build_dataset
+
+    d = cfg.data
+    tokenizer = load_tokenizer(cfg)
+    train_ex, held_ex, report = build_dataset(
+        d.recipe, tokenizer, speed_config(cfg), max_length=d.max_length, cache_dir=d.cache_dir,
+        truncate=str(d.truncate), max_bad_fraction=d.max_bad_fraction, num_proc=d.num_proc, add_bos=d.add_bos,
+        held_out=d.held_out, held_out_recipe=d.held_out_recipe,
+    )  # fmt: skip
+    if rank_zero_only.rank == 0:
+        log.info("data:\n%s", report.summary())
+    if d.max_train_examples:
+        train_ex = train_ex[: d.max_train_examples]
+    if d.max_eval_examples is not None:
+        held_ex = held_ex[: d.max_eval_examples]
+    t = cfg.trainer
+    counts = [int(x) for x in train_ex.supervised_counts()]
+    rows = pack_rows([int(x) for x in train_ex.lengths], d.max_length, t.seed) if d.pack else None
+    try:
+        plan = StepPlan(counts, t.global_batch_size, t.micro_batch_size, world, t.seed, rows=rows,
+                        reduce=str(cfg.objective.reduce))  # fmt: skip
+    except ValueError as e:
+        raise ConfigError(f"data.recipe={d.recipe}: {e}") from None
+    total = t.max_steps if t.max_steps > 0 else t.epochs * plan.steps_per_epoch
+    return TrainData(tokenizer, train_ex, held_ex, report, plan, total)
+
+
+def _enter_zero3_construction(cfg: DictConfig, trainer: L.Trainer, scope: ExitStack) -> bool:
+    """ZeRO-3 with externally started ranks (torchrun, srun, ...): build the model partitioned,
+    so no rank ever holds all of it. That needs the process group first: Lightning's strategy
+    sets it up from the launcher's environment (fit finds it ready). When Lightning starts the
+    ranks itself (LightningEnvironment), they do not exist yet when rank 0 builds its model:
+    every process then builds the full model, which the engine partitions at setup."""
+    env = getattr(trainer.strategy, "cluster_environment", None)
+    partitioned = (is_zero3(cfg) and env is not None and env.creates_processes_externally
+                   and not isinstance(env, LightningEnvironment))  # fmt: skip
+    if partitioned:
+        trainer.strategy.setup_environment()
+        scope.enter_context(zero3_construction(trainer.strategy.config))
+    return partitioned
+
+
+def _result(cfg, trainer, module, cbs, data, k, num_layers, partitioned, ckpt, fit_seconds, step_start) -> RunResult:
+    table = cbs.get("heldout")
+    preemption = cbs["preemption"]
+    validation = cbs.get("validation")
+    heldout_seconds = table.seconds if table is not None else 0.0
+    return RunResult(
+        k=k, num_layers=num_layers, anchor=str(cfg.speed.anchor), data_report=data.report.summary(),
+        global_step=trainer.global_step, rank=trainer.global_rank, world_size=trainer.world_size,
+        step_losses=list(module.step_losses),
+        val_losses={str(s): v for s, v in sorted(validation.history.items())} if validation else {},
+        heldout=dict(table.results) if table is not None else {},
+        fit_seconds=fit_seconds, heldout_seconds=heldout_seconds,
+        steps_per_s=(trainer.global_step - step_start) / max(fit_seconds - heldout_seconds, 1e-9),
+        resumed_from=ckpt, preempted_by_signal=preemption.received, preempt_checkpoint=preemption.saved,
+        zero3_partitioned_at_construction=partitioned,
+        packed_rows=data.plan.num_rows if cfg.data.pack else None,
+    )  # fmt: skip
+
+
+def resume_command(output_dir: str) -> str:
+    """The command that continues this run: the same command line, pinned to its run folder."""
+    args = [a for a in sys.argv[1:] if not a.startswith(("hydra.run.dir=", "output_dir="))]
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            args = [a for a in HydraConfig.get().overrides.task if not a.startswith(("hydra.run.dir=", "output_dir="))]
+    except (ImportError, ValueError):
+        pass
+    return shlex.join(["python", "-m", "speed_train", *args, f"hydra.run.dir={Path(output_dir)}", "resume=auto"])
 
 
 def _finish_wandb(exit_code: int | None = None) -> None:
@@ -289,4 +236,4 @@ def _finish_wandb(exit_code: int | None = None) -> None:
         pass
 
 
-__all__ = ["train", "export", "heldout_loss", "ConfigError"]
+__all__ = ["RunResult", "train", "ConfigError", "resume_command"]

@@ -7,34 +7,50 @@ import math
 from rich.console import Console
 from rich.table import Table
 
+from speed_train.train.run import RunResult, resume_command
 
-def print_summary(results: dict, cfg=None, console: Console | None = None) -> None:
-    if not results or "global_step" not in results or results.get("rank", 0) != 0:
+
+def heldout_rows(r: RunResult) -> list[tuple[str, str]]:
+    """(label, heldout key) of the table, named for what the run trained."""
+    k, n = r.k, r.num_layers
+    if r.full_it:
+        return [("full depth (before training)", "heldout_full_depth"),
+                (f"Full-IT after training (full depth, {n}/{n} layers)", "heldout_after")]  # fmt: skip
+    return [
+        ("full depth (before training)", "heldout_full_depth"),
+        (f"SPEED-{k} zero-shot (before training)", "heldout_speed_zero_shot"),
+        (f"SPEED-{k} after training (served: shallow prefill)", "heldout_after"),
+        ("same weights at full depth (after training)", "heldout_after_full_depth"),
+    ]
+
+
+def print_summary(result: RunResult, cfg=None, console: Console | None = None) -> None:
+    if result.rank != 0:
         return  # one table per run, from rank 0
     console = console or Console()
-    k, n = results["k"], results["num_layers"]
-    t = Table(title=f"held-out decode-token loss (SPEED-{k}/{n}, anchor={results['anchor']})")
+    what = f"Full-IT ({result.num_layers} layers)" if result.full_it else (
+        f"SPEED-{result.k}/{result.num_layers}, anchor={result.anchor}")  # fmt: skip
+    t = Table(title=f"held-out decode-token loss: {what}")
     t.add_column("model")
     t.add_column("loss", justify="right")
     t.add_column("ppl", justify="right")
-    rows = [("full depth (before training)", "heldout_full_depth"),
-            (f"SPEED-{k} zero-shot (before training)", "heldout_speed_zero_shot"),
-            (f"SPEED-{k} after training", "heldout_speed_adapted")]  # fmt: skip
-    for label, key in rows:
-        if key in results:
-            v = results[key]
+    for label, key in heldout_rows(result):
+        if key in result.heldout:
+            v = result.heldout[key]
             t.add_row(label, f"{v:.4f}", f"{math.exp(v):.2f}" if v == v else "nan")
-    console.print(t)
-    if results.get("steps_per_s"):
-        console.print(
-            f"training: {results['steps_per_s']:.2f} optimizer steps/s ({results['fit_seconds']:.0f} s in fit)"
-        )
-    console.print(f"steps: {results['global_step']}" + (f" (resumed from {results['resumed_from']})"
-                                                         if results.get("resumed_from") else ""))  # fmt: skip
-    if results.get("preempted_by_signal"):
-        console.print(f"stopped by signal {results['preempted_by_signal']}: checkpoint {results.get('preempt_checkpoint')}; "
-                      "run the same command again to resume (resume=auto)")  # fmt: skip
-    for what, path in (results.get("export") or {}).items():
+    if t.row_count:
+        console.print(t)
+    if result.steps_per_s:
+        console.print(f"training: {result.steps_per_s:.2f} optimizer steps/s ({result.fit_seconds:.0f} s in fit, "
+                      f"{result.heldout_seconds:.0f} s of it on the held-out table)")  # fmt: skip
+    resumed = f" (resumed from {result.resumed_from})" if result.resumed_from else ""
+    console.print(f"steps: {result.global_step}{resumed}")
+    if result.preempted_by_signal:
+        console.print(f"stopped by signal {result.preempted_by_signal} at step {result.global_step}: checkpoint "
+                      f"{result.preempt_checkpoint}")  # fmt: skip
+        if cfg is not None:
+            console.print(f"to resume:\n  {resume_command(cfg.output_dir)}", soft_wrap=True)
+    for what, path in result.export.items():
         console.print(f"{what}: {path}")
     if cfg is not None:
         console.print(f"run folder: {cfg.output_dir}")

@@ -2,7 +2,7 @@
 
 Each rank evaluates a strided shard of the held-out examples (``examples[rank::world]``) and
 the (loss sum, token count) pairs are all-reduced, so ``val/loss`` is the token-weighted mean
-over all held-out examples: the value ``run.heldout_loss`` gives on one process.
+over all held-out examples: the value ``sharded_heldout_loss`` gives on one process.
 
 Why not Lightning's validation loop: its ``val_check_interval`` counts micro-batches (N
 optimizer steps = N x accumulation), it does not run at the end of a ``max_steps`` run, and
@@ -15,6 +15,7 @@ DeepSpeed, optimizer-step hooks fire per micro-batch).
 from __future__ import annotations
 
 import math
+import time
 from contextlib import nullcontext
 
 import lightning as L
@@ -98,22 +99,51 @@ class Validation(L.Callback):
         self.history = {int(s): float(v) for s, v in state_dict.get("history", {}).items()}
 
 
-class HeldoutBeforeTraining(L.Callback):
-    """The before-training rows of the held-out table (full depth with adapters off; SPEED-K
-    zero-shot) for a model built ZeRO-3-partitioned: its forward needs the DeepSpeed engine's
-    parameter gathering, so this runs at fit start, on all ranks — with DeepSpeed, after the
-    engine is set up and before a checkpoint is restored, i.e. on the initial weights."""
+class HeldoutTable(L.Callback):
+    """The held-out table of a run, computed on the training devices, sharded over the ranks:
 
-    def __init__(self, examples, pad_id: int, micro_batch: int) -> None:
-        self.examples, self.pad_id, self.micro_batch = examples, pad_id, micro_batch
+    - before training (at fit start, on a fresh run; with DeepSpeed after the engine is set up, on
+      the initial weights): full depth with adapters off, and SPEED-K zero-shot;
+    - after training (at train end, before any export or consolidation, unless a pre-emption
+      stopped the run): the trained model as it will be served (SPEED-K with shallow prefill, or
+      Full-IT at full depth when K = L), and the same weights at full depth (what serving them
+      shallow costs) when K < L.
+
+    The before-training rows travel in checkpoints, so a resumed run reports them too."""
+
+    def __init__(self, examples, pad_id: int, micro_batch: int, lockstep: bool) -> None:
+        self.examples, self.pad_id, self.micro_batch, self.lockstep = examples, pad_id, micro_batch, lockstep
         self.results: dict[str, float] = {}
+        self.seconds = 0.0
+
+    def _loss(self, trainer, pl_module, k: int) -> float:
+        return _on_all_ranks(trainer, pl_module.model, self.examples, k, self.pad_id, self.micro_batch,
+                             self.lockstep)  # fmt: skip
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        if trainer.ckpt_path is not None or "heldout_full_depth" in self.results or not len(self.examples):
+            return  # resumed: the rows came with the checkpoint (or cannot be computed afresh)
+        t0 = time.perf_counter()
         model = pl_module.model
         base = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
         with base:
-            full = _on_all_ranks(trainer, model, self.examples, pl_module.shape.layers, self.pad_id,
-                                 self.micro_batch, lockstep=True)  # fmt: skip
-            zero_shot = _on_all_ranks(trainer, model, self.examples, pl_module.k, self.pad_id, self.micro_batch,
-                                      lockstep=True)  # fmt: skip
-        self.results = {"heldout_full_depth": full, "heldout_speed_zero_shot": zero_shot}
+            self.results["heldout_full_depth"] = self._loss(trainer, pl_module, pl_module.shape.layers)
+            if pl_module.k < pl_module.shape.layers:
+                self.results["heldout_speed_zero_shot"] = self._loss(trainer, pl_module, pl_module.k)
+        self.seconds += time.perf_counter() - t0
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        stopped = any(getattr(cb, "received", None) for cb in trainer.callbacks)  # pre-empted: no time
+        if stopped or not len(self.examples):
+            return
+        t0 = time.perf_counter()
+        self.results["heldout_after"] = self._loss(trainer, pl_module, pl_module.k)
+        if pl_module.k < pl_module.shape.layers:
+            self.results["heldout_after_full_depth"] = self._loss(trainer, pl_module, pl_module.shape.layers)
+        self.seconds += time.perf_counter() - t0
+
+    def state_dict(self) -> dict:
+        return {k: v for k, v in self.results.items() if k in ("heldout_full_depth", "heldout_speed_zero_shot")}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.results.update({k: float(v) for k, v in state_dict.items()})

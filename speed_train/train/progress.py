@@ -1,0 +1,77 @@
+"""One progress bar for the whole run, in optimizer steps: ETA, loss and tokens/s (rank 0).
+
+Lightning's own bars count micro-batches per epoch (``120/60`` with accumulation 2, and
+``Epoch 0/-2`` when the run is bounded by steps); this one counts what the run is sized in.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import ProgressBar
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+
+class StepProgressBar(ProgressBar):
+    def __init__(self) -> None:
+        super().__init__()
+        self._enabled = True
+        self._progress: Progress | None = None
+        self._task = None
+        self._last = -1
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not (self._enabled and trainer.is_global_zero):
+            return
+        self._progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("steps"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[stats]}"),
+            transient=False,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("train", total=trainer.max_steps, completed=trainer.global_step, stats="")
+        self._last = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._progress is None or trainer.global_step == self._last:
+            return
+        self._last = trainer.global_step
+        m = getattr(pl_module, "last_metrics", {}) or {}
+        stats = ""
+        if m:
+            stats = f"loss {m['train/loss']:.4f}  {m['train/tokens_per_s']:,.0f} tok/s"
+            if "train/mfu" in m:
+                stats += f"  mfu {m['train/mfu']:.1%}"
+        val = trainer.callback_metrics.get("val/loss")
+        if val is not None:
+            stats += f"  val {float(val):.4f}"
+        self._progress.update(self._task, completed=trainer.global_step, stats=stats)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.on_train_end(trainer, pl_module)
