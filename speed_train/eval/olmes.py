@@ -298,24 +298,29 @@ def load_task(
     return task
 
 
-def mc_metrics(docs: list[Doc], cond: list[list], uncond: list[list] | None) -> dict[str, float]:
-    """OLMES accuracies from per-choice scores (ContinuationScore-like: .logprob, .num_tokens)."""
-
-    def acc(key) -> float:
-        hits = 0
-        for i, d in enumerate(docs):
-            vals = [key(i, j) for j in range(len(d.choices))]
-            hits += int(max(range(len(vals)), key=vals.__getitem__) == d.gold)
-        return hits / max(len(docs), 1)
-
-    m = {
-        "acc_raw": acc(lambda i, j: cond[i][j].logprob),
-        "acc_per_token": acc(lambda i, j: cond[i][j].logprob / cond[i][j].num_tokens),
-        "acc_per_char": acc(lambda i, j: cond[i][j].logprob / max(len(docs[i].choices[j]), 1)),
+def mc_predictions(docs: list[Doc], cond: list[list], uncond: list[list] | None) -> dict[str, list[int]]:
+    """The choice each OLMES metric picks per question, from per-choice scores
+    (ContinuationScore-like: .logprob, .num_tokens)."""
+    keys = {
+        "acc_raw": lambda i, j: cond[i][j].logprob,
+        "acc_per_token": lambda i, j: cond[i][j].logprob / cond[i][j].num_tokens,
+        "acc_per_char": lambda i, j: cond[i][j].logprob / max(len(docs[i].choices[j]), 1),
     }
     if uncond is not None:
-        m["acc_uncond"] = acc(lambda i, j: cond[i][j].logprob - uncond[i][j].logprob)
-    return m
+        keys["acc_uncond"] = lambda i, j: cond[i][j].logprob - uncond[i][j].logprob
+    out: dict[str, list[int]] = {}
+    for metric, key in keys.items():
+        out[metric] = []
+        for i, d in enumerate(docs):
+            vals = [key(i, j) for j in range(len(d.choices))]
+            out[metric].append(max(range(len(vals)), key=vals.__getitem__))
+    return out
+
+
+def mc_metrics(docs: list[Doc], cond: list[list], uncond: list[list] | None) -> dict[str, float]:
+    """OLMES accuracies from per-choice scores."""
+    return {m: sum(int(p == d.gold) for p, d in zip(preds, docs)) / max(len(docs), 1)
+            for m, preds in mc_predictions(docs, cond, uncond).items()}  # fmt: skip
 
 
 _NUM = re.compile(r"-?[\d,]*\.?\d+")

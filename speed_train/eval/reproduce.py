@@ -22,7 +22,7 @@ from pathlib import Path
 from speed_train.atomic import write_json, write_text
 from speed_train.eval.olmes import MC_TASKS, EvalError, load_task, task_primary_metric
 from speed_train.eval.run import evaluate_task, load_eval_model, markdown_table
-from speed_train.speed.config import SpeedConfig
+from speed_train.speed.config import SpeedConfig, parse_k
 
 
 def main(argv=None) -> dict:
@@ -47,7 +47,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.rebuild_from:
         return rebuild(args.rebuild_from, args.primary, Path(args.out))
-    k = float(args.k) if "." in args.k else int(args.k)
+    k = parse_k(args.k)
     tasks = [
         load_task(t, args.variant, limit=args.limit, primary=args.primary) for t in args.tasks.split(",")
     ]

@@ -1,10 +1,14 @@
 """Evaluate a model under SPEED on OLMES tasks: ``python -m speed_train.eval``.
 
     python -m speed_train.eval --model smollm2 --speed speed_k_bos --k 22 --tasks arc_easy,boolq --limit 100
-    python -m speed_train.eval --model outputs/.../export/model            # K/anchor from speed_config.json
+    python -m speed_train.eval --model outputs/.../export/model            # K/anchor as the model was trained
     python -m speed_train.eval --model smollm2 --adapter outputs/.../export/adapter --tasks olmes10
+    python -m speed_train.eval --model <owner/name>                        # an HF-native export on the Hub
 
-Writes ``results.json`` and ``results.md`` into ``--out``.
+Writes ``results.json``, ``results.md`` and ``questions.jsonl`` (one line per question: scores
+per choice, the prediction of every metric, or the generation) into ``--out``. K, the anchor and
+the BoS rule come from the model's own settings (an HF-native export's config, or
+``speed_config.json``), else from ``--speed`` (a ``conf/speed`` preset) and ``--k``/``--anchor``.
 """
 
 from __future__ import annotations
@@ -27,11 +31,12 @@ from speed_train.eval.olmes import (
     extract_gsm8k_answer,
     load_task,
     mc_metrics,
+    mc_predictions,
 )
 from speed_train.eval.scoring import generate_text, score_requests
-from speed_train.speed.config import SpeedConfig
+from speed_train.speed.config import SpeedConfig, parse_k
+from speed_train.speed.roles import check_add_bos
 
-SPEED_PRESETS = {"full": ("none", None), "speed_k": ("none", 0.75), "speed_k_bos": ("bos", 0.75)}
 TASK_SETS = {"olmes10": MC_TASKS, "all": ALL_TASKS}
 
 
@@ -51,35 +56,28 @@ def resolve_device(device: str | None = None, dtype: str = "auto") -> tuple[str,
     return dev, getattr(torch, dtype)
 
 
+def speed_presets() -> dict[str, dict]:
+    """The training config's ``conf/speed`` group (full, speed_k, speed_k_bos): one definition."""
+    from importlib import resources
+
+    import yaml
+
+    folder = resources.files("speed_train.conf").joinpath("speed")
+    return {p.name.rsplit(".", 1)[0]: yaml.safe_load(p.read_text(encoding="utf-8"))
+            for p in folder.iterdir() if p.name.endswith(".yaml")}  # fmt: skip
+
+
 def load_eval_model(model: str, adapter: str | None = None, dtype: str = "auto", device: str | None = None):
-    """(model, tokenizer, speed_config.json dict or {}) from 'smollm2', a local dir or a hub id,
+    """(model, tokenizer, saved SPEED settings or {}) from 'smollm2', a local dir or a Hub id,
     on ``device`` (default: cuda when available)."""
+    from speed_train.loading import ModelNotFoundError, load_model, saved_speed_settings
+
     dev, dt = resolve_device(device, dtype)
-    if adapter and Path(adapter).exists() and not (Path(adapter) / "adapter_config.json").is_file():
-        raise EvalError(f"--adapter {adapter}: no adapter_config.json in that folder "
-                        "(expected a training export/adapter folder, or a hub id)")  # fmt: skip
-    saved: dict = {}
-    if model == "smollm2":
-        from speed_train.assets import load_smollm2
-
-        lm, tok = load_smollm2(dtype=dt)
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        p = Path(model)
-        if (p / "speed_config.json").exists():
-            saved = json.loads((p / "speed_config.json").read_text())
-        lm = AutoModelForCausalLM.from_pretrained(model, dtype=dt)
-        tok = AutoTokenizer.from_pretrained(model)
-    if adapter:
-        from peft import PeftModel
-
-        if (Path(adapter) / "speed_config.json").exists():
-            saved = json.loads((Path(adapter) / "speed_config.json").read_text())
-        lm = PeftModel.from_pretrained(lm, adapter)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return lm.to(dev).eval(), tok, saved
+    try:
+        lm, tok = load_model(model, dtype=dt, device=dev, adapter=adapter)
+    except ModelNotFoundError as e:
+        raise EvalError(str(e)) from None
+    return lm, tok, saved_speed_settings(lm, model, adapter)
 
 
 def _mc_requests(task: Task) -> tuple[list[tuple[str, list[str]]], list[list[tuple[int, int]]]]:
@@ -100,7 +98,7 @@ def _mc_requests(task: Task) -> tuple[list[tuple[str, list[str]]], list[list[tup
 
 
 def evaluate_task(model, tok, cfg: SpeedConfig, task: Task, *, batch_size: int = 8, max_gen_tokens: int | None = None,
-                  add_bos: bool = True, progress=None) -> dict:  # fmt: skip
+                  add_bos="auto", progress=None) -> dict:  # fmt: skip
     """Score one task. ``progress(done, total)`` is called after every batch of requests."""
     t0 = time.perf_counter()
     samples = None
@@ -136,6 +134,7 @@ def evaluate_task(model, tok, cfg: SpeedConfig, task: Task, *, batch_size: int =
             if progress is not None:
                 progress(total, total)
         metrics = mc_metrics(task.docs, cond, uncond)
+        samples = question_records(task, cond, uncond)
     if task.primary_metric not in metrics:  # load_task checks this up front; never report another metric
         raise EvalError(
             f"task {task.name}: primary metric {task.primary_metric} was not computed ({sorted(metrics)})"
@@ -145,6 +144,20 @@ def evaluate_task(model, tok, cfg: SpeedConfig, task: Task, *, batch_size: int =
     if samples is not None:
         out["samples"] = samples
     return out
+
+
+def question_records(task: Task, cond: list[list], uncond: list[list] | None) -> list[dict]:
+    """One record per question: the gold index, every choice's log-likelihood (and tokens), and
+    the index each metric predicts (the per-question data behind paired comparisons)."""
+    records = []
+    for i, d in enumerate(task.docs):
+        rec = {"doc_id": d.doc_id, "gold": d.gold, "logprobs": [c.logprob for c in cond[i]],
+               "num_tokens": [c.num_tokens for c in cond[i]]}  # fmt: skip
+        if uncond is not None:
+            rec["uncond_logprobs"] = [c.logprob for c in uncond[i]]
+        rec["predictions"] = {m: p[i] for m, p in mc_predictions(task.docs, cond, uncond).items()}
+        records.append(rec)
+    return records
 
 
 def markdown_table(runs: dict[str, list[dict]]) -> str:
@@ -168,8 +181,8 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--speed",
         default=None,
-        choices=list(SPEED_PRESETS),
-        help="preset; default: the model's speed_config.json or full",
+        choices=sorted(speed_presets()),
+        help="a conf/speed preset; default: the model's saved SPEED settings, else full depth",
     )
     ap.add_argument("--k", default=None, help="cutoff: layers (24) or fraction (0.75)")
     ap.add_argument("--anchor", default=None, choices=["none", "bos", "system"])
@@ -193,10 +206,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="eval_results")
     ap.add_argument("--name", default=None, help="column name in the table")
     ap.add_argument(
-        "--no-bos",
-        action="store_true",
-        help="do not prepend the tokenizer's BoS to plain prompts (default: prepend, so a BoS "
-        "anchor exists even for tokenizers that add none, e.g. SmolLM2's <|im_start|>)",
+        "--add-bos",
+        default=None,
+        help="the BoS rule for plain prompts: auto (default: as the tokenizer does, as lm-eval's hf "
+        "model scores; plus the BoS the anchor needs below full depth), true or false",
     )
     args = ap.parse_args(argv)
 
@@ -209,12 +222,11 @@ def main(argv=None) -> dict:
         for t in tasks
     ]  # fmt: skip
     model, tok, saved = load_eval_model(args.model, args.adapter, args.dtype, args.device)
-    anchor, k = SPEED_PRESETS[args.speed] if args.speed else (saved.get("anchor", "bos"), saved.get("k"))
-    if args.anchor:
-        anchor = args.anchor
-    if args.k is not None:
-        k = float(args.k) if "." in args.k else int(args.k)
+    preset = speed_presets()[args.speed] if args.speed else None
+    anchor = args.anchor or (preset["anchor"] if preset else saved.get("anchor", "bos"))
+    k = parse_k(args.k) if args.k is not None else (preset["k"] if preset else saved.get("k"))
     cfg = SpeedConfig(k=k, anchor=anchor)
+    add_bos = check_add_bos(args.add_bos if args.add_bos is not None else saved.get("add_bos", "auto"))
     K = cfg.resolve_k(model.config.num_hidden_layers if not hasattr(model, "peft_config")
                       else model.get_base_model().config.num_hidden_layers)  # fmt: skip
     name = args.name or (f"SPEED-{K}+{anchor}" if k is not None else "full")
@@ -224,19 +236,21 @@ def main(argv=None) -> dict:
         for task in loaded:
             sub = prog.add_task(f"  {task.name}", total=None)
             results.append(evaluate_task(model, tok, cfg, task, batch_size=args.batch_size,
-                                         max_gen_tokens=args.max_gen_tokens, add_bos=not args.no_bos,
+                                         max_gen_tokens=args.max_gen_tokens, add_bos=add_bos,
                                          progress=lambda done, total, sub=sub: prog.update(sub, completed=done, total=total)))  # fmt: skip
             prog.remove_task(sub)
             prog.console.print(f"{task.name}: {task.primary_metric} = {100 * results[-1]['primary']:.1f} "
                                f"(n={results[-1]['n']}, {results[-1]['seconds']:.0f}s)")  # fmt: skip
             prog.advance(bar)
     avg = sum(r["primary"] for r in results) / max(len(results), 1)
-    out = {"name": name, "model": args.model, "adapter": args.adapter, "k": K, "anchor": anchor,
-           "limit": args.limit, "primary": args.primary, "tasks": results, "average": avg}  # fmt: skip
+    lines = [json.dumps({"task": r["task"], **q}) for r in results for q in r.pop("samples", [])]
+    out = {"name": name, "model": args.model, "adapter": args.adapter, "k": K, "anchor": str(anchor),
+           "add_bos": add_bos, "limit": args.limit, "primary": args.primary, "tasks": results, "average": avg}  # fmt: skip
     d = Path(args.out)
     d.mkdir(parents=True, exist_ok=True)
     write_json(d / "results.json", out)
     write_text(d / "results.md", markdown_table({name: results}))
+    write_text(d / "questions.jsonl", "".join(line + "\n" for line in lines))
     print(markdown_table({name: results}))
     return out
 

@@ -17,7 +17,8 @@ from speed_train.speed.adapters import enable_speed_attention
 from speed_train.speed.batch import collate
 from speed_train.speed.config import SpeedConfig
 from speed_train.speed.generate import decode_chunk, prefill, speed_generate
-from speed_train.speed.roles import DECODE, encode_plain
+from speed_train.speed.plain_roles import encode_plain
+from speed_train.speed.roles import DECODE, AddBos
 from speed_train.speed.visibility import TokenMeta
 
 
@@ -40,16 +41,22 @@ def score_requests(
     requests: list[tuple[str, list[str]]],
     *,
     batch_size: int = 8,
-    add_bos: bool = True,
+    add_bos: AddBos = "auto",
+    headers: tuple[str, ...] = (),
+    progress=None,
 ) -> list[list[ContinuationScore]]:
-    """Score each (context, [continuation, ...]) group; one prefill per context."""
+    """Score each (context, [continuation, ...]) group; one prefill per context. ``add_bos``: the
+    BoS rule (``auto``: as the tokenizer, plus the BoS anchor's own below full depth);
+    ``headers``: chat headers ending chat-rendered contexts. ``progress(done)`` after each batch."""
     parts = enable_speed_attention(model)
     K = cfg.resolve_k(parts.num_layers)
+    full = K == parts.num_layers
     device = parts.embed.weight.device
     results: list[list[ContinuationScore]] = []
     for i in range(0, len(requests), batch_size):
         group = requests[i : i + batch_size]
-        prompts = [encode_plain(ctx, None, tokenizer, cfg, add_bos=add_bos) for ctx, _ in group]
+        prompts = [encode_plain(ctx, None, tokenizer, cfg, add_bos=add_bos, full_depth=full, headers=headers)
+                   for ctx, _ in group]  # fmt: skip
         conts = [[_tok_ids(tokenizer, c) for c in cs] for _, cs in group]
         for g, (ctx, cs) in enumerate(group):
             for c, ids in zip(cs, conts[g]):
@@ -87,6 +94,8 @@ def score_requests(
                 out.append(ContinuationScore(float(tok_lp[r, :n].sum()), n, bool(greedy[r, :n].all())))
                 r += 1
             results.append(out)
+        if progress is not None:
+            progress(len(results))
     return results
 
 
@@ -100,7 +109,8 @@ def generate_text(
     max_new_tokens: int = 256,
     stop_sequences: tuple[str, ...] = (),
     batch_size: int = 4,
-    add_bos: bool = True,
+    add_bos: AddBos = "auto",
+    headers: tuple[str, ...] = (),
     progress=None,
 ) -> list[str]:
     """Greedy SPEED generation from plain prompts, cut at the first stop sequence.
@@ -117,10 +127,11 @@ def generate_text(
             return any(x and x in text for x in stop_sequences)
 
     outs: list[str] = []
+    parts = enable_speed_attention(model)
+    full = cfg.resolve_k(parts.num_layers) == parts.num_layers
     for i in range(0, len(contexts), batch_size):
-        prompts = [
-            encode_plain(c, None, tokenizer, cfg, add_bos=add_bos) for c in contexts[i : i + batch_size]
-        ]
+        prompts = [encode_plain(c, None, tokenizer, cfg, add_bos=add_bos, full_depth=full, headers=headers)
+                   for c in contexts[i : i + batch_size]]  # fmt: skip
         gen = speed_generate(model, prompts, cfg, max_new_tokens=max_new_tokens, stop_token_ids=eos,
                              pad_token_id=tokenizer.pad_token_id or 0, stop_fn=stop_fn)  # fmt: skip
         for seq in gen.sequences:
@@ -130,3 +141,24 @@ def generate_text(
         if progress is not None:
             progress(len(outs), len(contexts))
     return outs
+
+
+def chat_headers(tokenizer) -> tuple[str, ...]:
+    """The assistant header(s) the tokenizer's chat template appends for generation (first and
+    later turns), for contexts rendered with it (lm-eval's --apply_chat_template)."""
+    from speed_train.speed.chat_roles import chat_renderer
+
+    if not getattr(tokenizer, "chat_template", None):
+        return ()
+    render = chat_renderer(tokenizer)
+    found: list[str] = []
+    for history in ([{"role": "user", "content": "x"}],
+                    [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"},
+                     {"role": "user", "content": "z"}]):  # fmt: skip
+        try:
+            nogen, gen = render(history, False), render(history, True)
+        except Exception:  # a template that cannot render this history: no header from it
+            continue
+        if gen.startswith(nogen) and gen != nogen and gen[len(nogen):] not in found:
+            found.append(gen[len(nogen) :])
+    return tuple(found)
