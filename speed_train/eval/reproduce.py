@@ -26,7 +26,11 @@ from speed_train.speed.config import SpeedConfig, parse_k
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m speed_train.eval.reproduce",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--adapter", default=None)
     ap.add_argument("--k", default="0.75")
@@ -55,8 +59,11 @@ def main(argv=None) -> dict:
     L = model.config.num_hidden_layers
     K = SpeedConfig(k=k).resolve_k(L)
     runs: dict[str, list[dict]] = {}
-    plan = [("full depth", SpeedConfig(k=None), model), (f"SPEED-{K}+BoS zero-shot", SpeedConfig(k=k, anchor="bos"), model),
-            (f"SPEED-{K} zero-shot", SpeedConfig(k=k, anchor="none"), model)]  # fmt: skip
+    plan = [
+        ("full depth", SpeedConfig(k=None), model),
+        (f"SPEED-{K}+BoS zero-shot", SpeedConfig(k=k, anchor="bos"), model),
+        (f"SPEED-{K} zero-shot", SpeedConfig(k=k, anchor="none"), model),
+    ]
     if args.sweep_k:
         ks = [int(x) for x in args.sweep_k.split(",")]
         plan = [plan[0]] + [
@@ -88,8 +95,10 @@ def main(argv=None) -> dict:
 
 def _header(out: dict) -> str:
     a = out["args"]
-    return (f"{a['variant']}, {a['limit']} questions per task, K={out['K']}/{out['num_layers']}, "
-            f"primary metrics: {a.get('primary', 'dump')}, {out['minutes']:.1f} min\n\n")  # fmt: skip
+    return (
+        f"{a['variant']}, {a['limit']} questions per task, K={out['K']}/{out['num_layers']}, "
+        f"primary metrics: {a.get('primary', 'dump')}, {out['minutes']:.1f} min\n\n"
+    )
 
 
 def rebuild(path: str, primary: str, out_dir: Path) -> dict:

@@ -18,7 +18,9 @@ def inference_saving(config, k: int, context: int) -> dict[str, float]:
 
     shape = ModelShape.from_config(config)
     kept = 1 + 4  # anchor + a typical assistant header
-    kv = kv_bytes_formula(shape, k, context, kept, 1, 2) / kv_bytes_formula(shape, shape.layers, context, kept, 1, 2)
+    kv = kv_bytes_formula(shape, k, context, kept, 1, 2) / kv_bytes_formula(
+        shape, shape.layers, context, kept, 1, 2
+    )
     flops = prefill_flops(shape, k, context, kept, 1) / prefill_flops(shape, shape.layers, context, kept, 1)
     return {"kv_ratio": kv, "prefill_flop_ratio": flops}
 
@@ -85,13 +87,19 @@ def model_card(cfg: DictConfig, config, k: int, result: Any | None, repo: str | 
     ]
     if result is not None:
         lines += [f"| optimizer steps | {result.global_step} |", ""]
-        rows = [(label, result.heldout[key]) for label, key in _heldout_labels(result) if key in result.heldout]
+        rows = [
+            (label, result.heldout[key]) for label, key in _heldout_labels(result) if key in result.heldout
+        ]
         if rows:
             lines += ["## Held-out decode-token loss", "", "| model | loss | ppl |", "|---|---|---|"]
             lines += [f"| {label} | {v:.4f} | {math.exp(v):.2f} |" for label, v in rows]
             lines.append("")
-    lines += ["## Efficiency (by the formulas speed-train's benchmarks check)", "",
-              "| context | active KV vs full depth | prefill FLOPs vs full depth |", "|---|---|---|"]  # fmt: skip
+    lines += [
+        "## Efficiency (by the formulas speed-train's benchmarks check)",
+        "",
+        "| context | active KV vs full depth | prefill FLOPs vs full depth |",
+        "|---|---|---|",
+    ]
     for context in (8192, 32768, 131072):
         s = inference_saving(config, k, context)
         lines.append(f"| {context:,} | {s['kv_ratio']:.3f} | {s['prefill_flop_ratio']:.3f} |")

@@ -55,7 +55,9 @@ def encode_plain(
     if not isinstance(context, str):
         raise RoleError(f"context must be a string, got {type(context).__name__}", BAD_ARGUMENT)
     if continuation is not None and not isinstance(continuation, str):
-        raise RoleError(f"continuation must be a string or None, got {type(continuation).__name__}", BAD_ARGUMENT)
+        raise RoleError(
+            f"continuation must be a string or None, got {type(continuation).__name__}", BAD_ARGUMENT
+        )
     full = config.k is None if full_depth is None else full_depth
     with_bos = plain_adds_bos(tokenizer, add_bos, anchor_needs_bos=config.anchor == "bos" and not full)
     prefix = [int(tokenizer.bos_token_id)] if with_bos else []
@@ -74,7 +76,9 @@ def encode_plain(
     # across it, start at the first token that differs, so the decode segment covers the whole cue.
     cue = ANSWER_CUE.search(context)
     header = next((h for h in headers if h and context.endswith(h)), None)
-    cue_start = len(context) - len(header) if header is not None else (cue.start() if cue is not None else None)
+    cue_start = (
+        len(context) - len(header) if header is not None else (cue.start() if cue is not None else None)
+    )
     cue_exact = True
     if cue_start is not None:
         before = _tokenize(tokenizer, context[:cue_start])
@@ -125,7 +129,9 @@ def cue_token_sequences(tokenizer: Any) -> list[list[int]]:
         for before in ("\n", " ", "?\n", ".\n", ":\n"):
             for colon in (":", " :"):
                 for after in ("", " "):
-                    ex = encode_plain(f"Question: x{before}{word}{colon}{after}", None, tokenizer, cfg, add_bos=False)
+                    ex = encode_plain(
+                        f"Question: x{before}{word}{colon}{after}", None, tokenizer, cfg, add_bos=False
+                    )
                     if ex.meta["cue"] is not None and ex.meta["cue_exact"]:
                         found.add(tuple(t for t, r in zip(ex.input_ids, ex.roles) if r == DECODE))
     return [list(s) for s in sorted(found, key=lambda s: (-len(s), s))]

@@ -1,4 +1,4 @@
-"""The role contract every SPEED execution reads (see the shared spec, docs/SPEED.md).
+"""The role contract every SPEED execution reads (the specification is summarised in docs/DESIGN.md).
 
 - ``roles[t]``  ANCHOR (0), PROMPT (1) or DECODE (2)
 - ``turns[t]``  assistant-turn index (0, 1, ...) for decode tokens, -1 for anchor/prompt

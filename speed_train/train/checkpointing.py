@@ -52,8 +52,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             atomic_write(path, lambda fh: torch.save(checkpoint, fh), binary=True)
             _write_record(path.with_name(path.name + ".complete"), {"bytes": path.stat().st_size})
         except OSError as e:
-            raise CheckpointError(e.errno, f"cannot write checkpoint {path}: {e.strerror or e}; free space "
-                                  "or choose a writable output_dir, then resume (resume=auto)") from None  # fmt: skip
+            raise CheckpointError(
+                e.errno,
+                f"cannot write checkpoint {path}: {e.strerror or e}; free space "
+                "or choose a writable output_dir, then resume (resume=auto)",
+            ) from None
 
 
 def _write_record(path: Path, record: dict) -> None:
@@ -64,7 +67,11 @@ def mark_complete(path: str | os.PathLike) -> None:
     """Record a saved DeepSpeed directory as complete, with every file's size."""
     p = Path(path)
     if p.is_dir():
-        files = {str(f.relative_to(p)): f.stat().st_size for f in sorted(p.rglob("*")) if f.is_file() and f.name != COMPLETE}
+        files = {
+            str(f.relative_to(p)): f.stat().st_size
+            for f in sorted(p.rglob("*"))
+            if f.is_file() and f.name != COMPLETE
+        }
         _write_record(p / COMPLETE, {"files": files})
 
 
@@ -111,8 +118,11 @@ def checkpoint_step(path: str | os.PathLike) -> int | None:
 
 def _candidates(d: Path) -> list[Path]:
     """Checkpoint-like entries, newest first (by step, then modification time)."""
-    found = [p for p in d.iterdir()
-             if _STEP.search(p.name) and not p.name.endswith(_SUFFIXES) and not p.name.startswith(".")]  # fmt: skip
+    found = [
+        p
+        for p in d.iterdir()
+        if _STEP.search(p.name) and not p.name.endswith(_SUFFIXES) and not p.name.startswith(".")
+    ]
     return sorted(found, key=lambda p: (checkpoint_step(p), p.stat().st_mtime), reverse=True)
 
 
@@ -191,8 +201,11 @@ class CompleteCheckpoint(ModelCheckpoint):
                 _remove(Path(filepath))
             if isinstance(e, CheckpointError):
                 raise
-            raise CheckpointError(e.errno, f"cannot write checkpoint {filepath}: {e.strerror or e}; free space or "
-                                  "choose a writable output_dir, then resume (resume=auto)") from None  # fmt: skip
+            raise CheckpointError(
+                e.errno,
+                f"cannot write checkpoint {filepath}: {e.strerror or e}; free space or "
+                "choose a writable output_dir, then resume (resume=auto)",
+            ) from None
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             mark_complete(filepath)
@@ -209,7 +222,9 @@ class PreemptionCheckpoint(L.Callback):
     Installed at train start, it replaces Lightning's own SIGTERM handler for the fit (which
     would stop without a checkpoint) and restores it at train end."""
 
-    def __init__(self, ckpt_dir: str | os.PathLike, signals=(signal.SIGTERM, signal.SIGUSR1), requeue: bool = False):
+    def __init__(
+        self, ckpt_dir: str | os.PathLike, signals=(signal.SIGTERM, signal.SIGUSR1), requeue: bool = False
+    ):
         self.ckpt_dir, self.signals, self.requeue = Path(ckpt_dir), signals, requeue
         self.received: int | None = None
         self.saved: str | None = None
@@ -228,14 +243,15 @@ class PreemptionCheckpoint(L.Callback):
         self._previous = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if (batch_idx + 1) % trainer.accumulate_grad_batches:  # finish the optimizer step first
+        if not pl_module.step_ended:  # finish the optimizer step first (StepBookkeeping decided)
             return
         signum = self.received or 0
         if trainer.world_size > 1:
             import torch
 
-            agreed = trainer.strategy.reduce(torch.tensor(float(signum), device=trainer.strategy.root_device),
-                                             reduce_op="max")  # fmt: skip
+            agreed = trainer.strategy.reduce(
+                torch.tensor(float(signum), device=trainer.strategy.root_device), reduce_op="max"
+            )
             signum = int(agreed.item())
         if not signum:
             return

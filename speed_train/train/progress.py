@@ -50,7 +50,9 @@ class StepProgressBar(ProgressBar):
             transient=False,
         )
         self._progress.start()
-        self._task = self._progress.add_task("train", total=trainer.max_steps, completed=trainer.global_step, stats="")
+        self._task = self._progress.add_task(
+            "train", total=trainer.max_steps, completed=trainer.global_step, stats=""
+        )
         self._last = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
