@@ -286,3 +286,19 @@ def test_anchor_none_and_tulu_with_the_real_llama3_tokenizer(tmp_path):
         torch.tensor([ids]), max_new_tokens=5, do_sample=False, pad_token_id=served.pad_token_id
     )
     assert out[0, len(ids) :].tolist() == speed_generate(model, [p], K, max_new_tokens=5).sequences[0]
+
+
+def test_token_rule_finds_the_decode_segment_encode_plain_marks_on_real_prompts(tok):
+    """The cue sequences in an export's config give the roles encode_plain gives, on the real
+    OLMES prompts (ARC, BoolQ, PIQA, Social IQa, CSQA, MMLU) and on merged spellings."""
+    from speed_train.eval.olmes import load_task
+    from speed_train.speed.plain_roles import cue_token_sequences, encode_plain
+    from speed_train.speed.token_roles import TokenRoleRule, prompt_roles
+
+    rule = TokenRoleRule(anchor="bos", cues=cue_token_sequences(tok))
+    contexts = ["Question: What?\n\nAnswer:", "Q: x A:", "Tell me. Answer:", "x\nResponse :", "The sky is"]
+    for name in ("arc_easy", "boolq", "piqa", "socialiqa", "csqa", "mmlu"):
+        contexts += [d.contexts[0] for d in load_task(name, "rc_0shot", limit=20).docs]
+    for ctx in contexts:
+        ex = encode_plain(ctx, None, tok, SpeedConfig(k=K, anchor="bos"), add_bos=True)
+        assert prompt_roles(ex.input_ids, rule)[0] == ex.roles, ctx

@@ -568,6 +568,8 @@ def test_checkpoint_verification_and_retention(tmp_path):
         "step=6.ckpt.corrupt",
     ]
     torch.save({"step": 7}, d / "step=7.ckpt")
+    prune(d, keep=1, protect=d / "step=4.ckpt")  # the checkpoint a run resumes from is never removed
+    assert sorted(p.name for p in d.iterdir()) == ["step=4.ckpt", "step=6.ckpt.corrupt", "step=7.ckpt"]
     prune(d, keep=1)
     assert sorted(p.name for p in d.iterdir()) == ["step=6.ckpt.corrupt", "step=7.ckpt"]
 

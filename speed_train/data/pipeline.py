@@ -37,13 +37,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, overload
 
+from speed_train.atomic import remove_orphans
 from speed_train.speed import chat_roles as chat_roles_mod
 from speed_train.speed import roles as roles_mod
 from speed_train.speed.chat_roles import TRUNCATE, encode_conversation
 from speed_train.speed.config import SpeedConfig
 from speed_train.speed.roles import AddBos, EncodedExample, RoleError, check_add_bos
 
-from . import formats as formats_mod
 from . import recipes as recipes_mod
 from . import report as report_mod
 from . import sources as sources_mod
@@ -300,16 +300,10 @@ class EncodedDataset(Sequence[EncodedExample]):
 
 
 def _code_fingerprint() -> str:
-    h = hashlib.sha256(str(CODE_VERSION).encode())
-    for mod in (
-        roles_mod,
-        chat_roles_mod,
-        formats_mod,
-        recipes_mod,
-        sources_mod,
-        report_mod,
-        sys.modules[__name__],
-    ):
+    """The encoders' and loaders' code: format adapters and readers (sources.adapters_code), role
+    encoders, recipes, report and this module; editing any of them invalidates caches."""
+    h = hashlib.sha256(f"{CODE_VERSION}:{sources_mod.adapters_code()}".encode())
+    for mod in (roles_mod, chat_roles_mod, recipes_mod, report_mod, sys.modules[__name__]):
         h.update(Path(mod.__file__ or "").read_bytes())
     return h.hexdigest()
 
@@ -439,8 +433,7 @@ def build_dataset(
             train, held, report = cached
             report.cache_hit = True
         else:
-            for orphan in root.glob(f".{folder.name}.tmp-*"):  # left by a killed build (we hold the lock)
-                shutil.rmtree(orphan, ignore_errors=True)
+            remove_orphans(root, folder.name)  # left by a killed build (we hold the lock)
             work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=root))
             try:
                 train, held, report = _build(

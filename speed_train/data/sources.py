@@ -432,7 +432,7 @@ def conversation_dataset(
     # datasets fingerprints a map by the function's own code: the adapters it calls live in other
     # modules, so their code goes into the fingerprint explicitly (an edited adapter re-converts)
     fingerprint = hashlib.sha256(
-        f"{getattr(raw, '_fingerprint', '')}:{spec.format}:{_adapters_code()}".encode()
+        f"{getattr(raw, '_fingerprint', '')}:{spec.format}:{adapters_code()}".encode()
     ).hexdigest()[:32]
     with progress_for(len(raw)):
         return raw.map(
@@ -448,7 +448,8 @@ def conversation_dataset(
         )
 
 
-def _adapters_code() -> str:
+def adapters_code() -> str:
+    """sha256 of the format adapters' code (formats, qa_formats) and of this module."""
     from . import formats, qa_formats
 
     h = hashlib.sha256()

@@ -185,6 +185,7 @@ def question_records(task: Task, cond: list[list], uncond: list[list] | None) ->
     """One record per question: the gold index, every choice's log-likelihood (and tokens), and
     the index each metric predicts (the per-question data behind paired comparisons)."""
     records = []
+    preds = mc_predictions(task.docs, cond, uncond)
     for i, d in enumerate(task.docs):
         rec = {
             "doc_id": d.doc_id,
@@ -194,7 +195,7 @@ def question_records(task: Task, cond: list[list], uncond: list[list] | None) ->
         }
         if uncond is not None:
             rec["uncond_logprobs"] = [c.logprob for c in uncond[i]]
-        rec["predictions"] = {m: p[i] for m, p in mc_predictions(task.docs, cond, uncond).items()}
+        rec["predictions"] = {m: p[i] for m, p in preds.items()}
         records.append(rec)
     return records
 

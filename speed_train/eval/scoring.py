@@ -18,7 +18,7 @@ from speed_train.speed.batch import collate
 from speed_train.speed.config import SpeedConfig
 from speed_train.speed.generate import decode_chunk, prefill, speed_generate
 from speed_train.speed.plain_roles import encode_plain
-from speed_train.speed.roles import DECODE, AddBos
+from speed_train.speed.roles import DECODE, AddBos, tokenize
 from speed_train.speed.visibility import TokenMeta
 
 
@@ -27,10 +27,6 @@ class ContinuationScore:
     logprob: float  # sum of log p(continuation tokens | context)
     num_tokens: int
     greedy: bool  # every continuation token is the argmax
-
-
-def _tok_ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 @torch.no_grad()
@@ -59,7 +55,7 @@ def score_requests(
             encode_plain(ctx, None, tokenizer, cfg, add_bos=add_bos, full_depth=full, headers=headers)
             for ctx, _ in group
         ]
-        conts = [[_tok_ids(tokenizer, c) for c in cs] for _, cs in group]
+        conts = [[tokenize(tokenizer, c) for c in cs] for _, cs in group]
         for g, (ctx, cs) in enumerate(group):
             for c, ids in zip(cs, conts[g]):
                 if not ids:

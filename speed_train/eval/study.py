@@ -45,6 +45,8 @@ def read_runs(sweep: str | Path) -> list[dict]:
         f = job / "results.json"
         if f.is_file():
             r = json.loads(f.read_text(encoding="utf-8"))
+            if r.get("preempted_by_signal"):  # stopped early: resume it first
+                continue
             r["dir"], r["name"] = str(job), arm_name(r)
             runs.append(r)
     if not runs:
@@ -109,7 +111,12 @@ def evaluate_arm(r: dict, tasks, base: str, batch_size: int) -> tuple[list[dict]
     from speed_train.eval.run import evaluate_task, load_eval_model
     from speed_train.speed.config import SpeedConfig
 
-    model, tok, saved = load_eval_model(base, r["export"]["adapter"], "float32", "cpu")
+    adapter = (r.get("export") or {}).get("adapter")
+    if adapter is None:
+        raise SystemExit(
+            f"{r['dir']}: no exported LoRA adapter (the study trains LoRA arms with export.enabled)"
+        )
+    model, tok, saved = load_eval_model(base, adapter, "float32", "cpu")
     k = None if r["k"] >= r["num_layers"] else r["k"]
     cfg = SpeedConfig(k=k, anchor=r["anchor"])
     results, correct = [], {}

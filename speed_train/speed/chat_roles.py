@@ -47,6 +47,7 @@ from .roles import (
     RoleError,
     bos_prefix,
     mark_anchors,
+    tokenize,
 )
 
 if TYPE_CHECKING:
@@ -436,11 +437,6 @@ def chat_renderer(tokenizer: Any):
 
 
 _PLAIN_KEYS = {"role": None, "content": None}.keys()
-
-
-def tokenize(tokenizer: Any, text: str) -> list[int]:
-    # add_special_tokens=False: the template already wrote BoS etc. (no double <|begin_of_text|>).
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 class Boundaries:

@@ -302,6 +302,8 @@ def speed_generate(
     parts.check_length(int(lengths.max()) + max_new_tokens)
     turn = torch.tensor([p.turns[-1] for p in prompts], device=device)
     cache, logits = prefill(parts, K, batch, max_new_tokens)
+    if do_sample and temperature <= 0:  # temperature 0 means greedy, never a division by zero
+        do_sample = False
     procs = sampling_processors(temperature, top_k, top_p) if do_sample else None
     if streamer is not None:
         if B != 1:

@@ -92,9 +92,8 @@ class SpeedGenerationMixin:
             or (DEFAULT_DECODE_CAPACITY)
         )
         if (
-            kwargs.get("num_beams", getattr(gen_cfg, "num_beams", 1) or 1) > 1
-            and self.speed_k < self.config.num_hidden_layers
-        ):
+            kwargs.get("num_beams") or getattr(gen_cfg, "num_beams", 1) or 1
+        ) > 1 and self.speed_k < self.config.num_hidden_layers:
             raise ValueError(
                 "SPEED generation supports greedy decoding and sampling, not beam search (num_beams=1)"
             )

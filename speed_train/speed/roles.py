@@ -105,6 +105,12 @@ def bos_prefix(tokenizer: Any, add_bos: AddBos, first_id: int | None) -> list[in
     return [int(bos)]
 
 
+def tokenize(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` with no special tokens added: every encoder's one way to tokenise
+    (templates write their own BoS etc.; the BoS rule adds it as an id, never as text)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def tokenizer_adds_bos(tokenizer: Any) -> bool:
     """Does ``tokenizer(text)`` (special tokens on, as lm-eval's ``hf`` model calls it) start
     with the BoS?"""

@@ -29,7 +29,10 @@ def _overrides(job: Path) -> list[str]:
 def _job_status(job: Path) -> tuple[str, dict, str]:
     res = job / "results.json"
     if res.exists():
-        return "ok", json.loads(res.read_text()), ""
+        results = json.loads(res.read_text())
+        if results.get("preempted_by_signal"):  # stopped early with a checkpoint: resume it
+            return "unfinished", results, f"pre-empted at step {results.get('global_step')}"
+        return "ok", results, ""
     failed = job / "failed.json"
     if failed.exists():
         return "failed", {}, json.loads(failed.read_text()).get("error", "")[:300]

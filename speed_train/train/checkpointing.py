@@ -165,10 +165,11 @@ def _remove(p: Path) -> None:
     p.with_name(p.name + ".complete").unlink(missing_ok=True)
 
 
-def prune(ckpt_dir: str | os.PathLike, keep: int) -> list[str]:
+def prune(ckpt_dir: str | os.PathLike, keep: int, protect: str | os.PathLike | None = None) -> list[str]:
     """Apply retention: keep the newest ``keep`` complete step checkpoints; remove older ones,
     pre-emption checkpoints older than the newest complete checkpoint, and ``*.tmp`` leftovers
-    (call it when no save is in progress). Returns the removed names."""
+    (call it when no save is in progress). ``protect`` (the checkpoint a run resumes from) is
+    never removed. Returns the removed names."""
     d = Path(ckpt_dir)
     if not d.is_dir():
         return []
@@ -179,7 +180,10 @@ def prune(ckpt_dir: str | os.PathLike, keep: int) -> list[str]:
     complete = [p for p in _candidates(d) if verify(p) is None]  # newest first
     regular = [p for p in complete if not p.name.startswith("preempt-")]
     stale = [p for p in complete[1:] if p.name.startswith("preempt-")]  # a newer checkpoint exists
+    keep_path = Path(protect).resolve() if protect is not None else None
     for p in regular[keep:] + stale:
+        if keep_path is not None and p.resolve() == keep_path:
+            continue
         _remove(p)
         removed.append(p.name)
     return removed

@@ -121,22 +121,21 @@ def export(model, tokenizer, cfg: DictConfig, k: int, out: Path, result=None) ->
         merged = model
     repo = cfg.export.push_to_hub
 
+    # the system anchor needs message boundaries that token ids do not show: a plain folder then
+    hf_native = str(cfg.speed.anchor) != "system"
+
     def write_model(d: Path) -> None:
         merged.save_pretrained(d)
         tokenizer.save_pretrained(d)
-        if str(cfg.speed.anchor) == "system":  # token roles cannot find a system message: plain folder
-            log.warning("anchor=system: the export is a plain HF checkpoint (use speed_train.speed.generate)")
+        if hf_native:
+            anchor = str(cfg.speed.anchor)
+            make_hf_native(d, tokenizer, k=k, num_layers=num_layers, anchor=anchor, add_bos=cfg.data.add_bos)
         else:
-            make_hf_native(
-                d,
-                tokenizer,
-                k=k,
-                num_layers=num_layers,
-                anchor=str(cfg.speed.anchor),
-                add_bos=cfg.data.add_bos,
+            log.warning(
+                "anchor=system: the export is a plain HF checkpoint (run it with speed_train.chat / eval)"
             )
         write_speed(d)
-        write_text(d / "README.md", model_card(cfg, config, k, result, repo))
+        write_text(d / "README.md", model_card(cfg, config, k, result, repo, hf_native=hf_native))
 
     atomic_dir(out / "model", write_model)
     paths["model"] = str(out / "model")

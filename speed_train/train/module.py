@@ -71,8 +71,6 @@ class SpeedLM(L.LightningModule):
     ) -> None:
         super().__init__()
         self.model = model
-        # missing keys on load are allowed exactly when they are frozen weights (see on_save_checkpoint)
-        self.strict_loading = all(p.requires_grad for p in model.parameters())
         self.k, self.executor, self.backend = k, str(executor), str(backend)
         self.optim_cfg, self.objective = optim, objective
         self.total_steps, self.accumulation = total_steps, accumulation
@@ -253,6 +251,13 @@ class SpeedLM(L.LightningModule):
             checkpoint["speed_frozen_excluded"] = len(frozen)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # the frozen weights left out at save come from the model as built (the same source);
+        # the load stays strict, so any other missing or unexpected key is still an error
+        state = checkpoint.get("state_dict")
+        if state is not None and checkpoint.get("speed_frozen_excluded"):
+            own = self.state_dict()
+            frozen = {f"model.{n}" for n, p in self.model.named_parameters() if not p.requires_grad}
+            state.update({k: own[k] for k in frozen if k not in state and k in own})
         if "speed_rng" in checkpoint:
             torch.set_rng_state(checkpoint["speed_rng"]["torch"])
         self.step_losses = list(checkpoint.get("speed_step_losses", []))

@@ -119,7 +119,7 @@ def _train(cfg: DictConfig, callbacks) -> RunResult:
         cfg, out, cbs, data.total_steps, data.plan.accumulation, checkpoint_step(ckpt) if ckpt else None
     )
     if trainer.is_global_zero and ckpt is not None:
-        prune(out / "checkpoints", cfg.trainer.keep_checkpoints)
+        prune(out / "checkpoints", cfg.trainer.keep_checkpoints, protect=ckpt)
     with ExitStack() as scope:
         # 4. model, built ZeRO-3-partitioned when the ranks exist already
         partitioned = _enter_zero3_construction(cfg, trainer, scope)

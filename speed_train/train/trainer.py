@@ -8,7 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from speed_train.train.checkpointing import AtomicCheckpointIO, CompleteCheckpoint, PreemptionCheckpoint
 from speed_train.train.module import StepBookkeeping
@@ -20,8 +20,17 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
 
 
 def world_size_of(cfg: DictConfig) -> int:
+    """Data-parallel ranks of the run, from the config (the step plan needs it before the Trainer
+    exists): ``devices`` as a count, a list of device ids, or -1/"auto" (every visible GPU)."""
     devices = cfg.trainer.devices
-    n = devices if isinstance(devices, int) else (len(devices) if isinstance(devices, (list, tuple)) else 1)
+    if isinstance(devices, ListConfig):
+        devices = list(devices)
+    if isinstance(devices, (list, tuple)):
+        n = len(devices)
+    elif devices in (-1, "-1", "auto"):
+        n = torch.cuda.device_count() if cfg.trainer.accelerator in ("gpu", "cuda", "auto") else 1
+    else:
+        n = int(devices)
     return max(1, n) * cfg.trainer.num_nodes
 
 
