@@ -23,6 +23,7 @@ from speed_train.atomic import write_json, write_text
 from speed_train.eval.olmes import MC_TASKS, EvalError, load_task, task_primary_metric
 from speed_train.eval.run import evaluate_task, load_eval_model, markdown_table
 from speed_train.speed.config import SpeedConfig, parse_k
+from speed_train.speed.roles import check_add_bos
 
 
 def main(argv=None) -> dict:
@@ -42,6 +43,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     ap.add_argument("--dtype", default="float32", help="float32 (the tables in the docs), bfloat16, auto")
     ap.add_argument("--primary", default="olmes", choices=["olmes", "dump"])
+    ap.add_argument(
+        "--add-bos",
+        default="auto",
+        help="the BoS rule for the prompts: auto (as the tokenizer, plus the anchor's own below full depth), "
+        "true (every column; the tables of docs/REPRODUCTION.md sections 2-3), false",
+    )
     ap.add_argument("--rebuild-from", default=None, help="a results.json of this command: re-table only")
     ap.add_argument(
         "--sweep-k",
@@ -79,7 +86,10 @@ def main(argv=None) -> dict:
     for name, cfg, m in plan:
         runs[name] = []
         for task in tasks:
-            r = evaluate_task(m, tok, cfg, task, batch_size=args.batch_size)
+            r = evaluate_task(
+                m, tok, cfg, task, batch_size=args.batch_size, add_bos=check_add_bos(args.add_bos)
+            )
+            r.pop("samples", None)  # per-question data: python -m speed_train.eval writes it
             runs[name].append(r)
             print(
                 f"{name:28} {task.name:14} {r['primary_metric']:13} {100 * r['primary']:5.1f}  ({r['seconds']:.0f}s)"
