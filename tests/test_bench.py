@@ -11,8 +11,26 @@ from speed_train.speed.tiny import tiny_config
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_inference_bench_kv_bytes_equal_formula(tmp_path, batch):
-    out = inference.main(["--lengths", "64,128", "--runs", "1", "--decode-steps", "3", "--k", "5", "--batch", str(batch),
-                          "--bandwidth-gbs", "10", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "p.png")])  # fmt: skip
+    out = inference.main(
+        [
+            "--lengths",
+            "64,128",
+            "--runs",
+            "1",
+            "--decode-steps",
+            "3",
+            "--k",
+            "5",
+            "--batch",
+            str(batch),
+            "--bandwidth-gbs",
+            "10",
+            "--json",
+            str(tmp_path / "r.json"),
+            "--plot",
+            str(tmp_path / "p.png"),
+        ]
+    )
     for r in out["rows"]:
         assert r["kv_matches_formula"] and r["kv_written_matches"], r
         # cpu_small: 8 layers, 2 KV heads x 64 dims, fp32 -> 1 KiB per token per layer
@@ -47,8 +65,28 @@ def test_step_flops_by_hand():
 
 
 def test_step_bench_runs_small(tmp_path):
-    out = step.main(["--layers", "2", "--hidden", "32", "--heads", "2", "--vocab", "64", "--seq", "32", "--batch", "2",
-                     "--k", "1", "--runs", "1", "--json", str(tmp_path / "s.json")])  # fmt: skip
+    out = step.main(
+        [
+            "--layers",
+            "2",
+            "--hidden",
+            "32",
+            "--heads",
+            "2",
+            "--vocab",
+            "64",
+            "--seq",
+            "32",
+            "--batch",
+            "2",
+            "--k",
+            "1",
+            "--runs",
+            "1",
+            "--json",
+            str(tmp_path / "s.json"),
+        ]
+    )
     names = [r["variant"] for r in out["rows"]]
     assert names == ["vanilla", "full_K=L", "mask", "gather"]
     assert out["rows"][0]["ratio"] == 1.0 and out["rows"][0]["flop_ratio"] == 1.0
@@ -138,7 +176,19 @@ def test_inference_bench_keeps_finished_lengths_when_cut_off(tmp_path, monkeypat
 
     monkeypatch.setattr(inference, "run_one", cut_at_second_length)
     with pytest.raises(KeyboardInterrupt):
-        inference.main(["--lengths", "64,96", "--runs", "1", "--decode-steps", "2", "--bandwidth-gbs", "10",
-                        "--json", str(tmp_path / "r.json")])  # fmt: skip
+        inference.main(
+            [
+                "--lengths",
+                "64,96",
+                "--runs",
+                "1",
+                "--decode-steps",
+                "2",
+                "--bandwidth-gbs",
+                "10",
+                "--json",
+                str(tmp_path / "r.json"),
+            ]
+        )
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert [r["length"] for r in rows] == [64] and rows[0]["kv_matches_formula"]

@@ -21,8 +21,13 @@ def test_scripts_parse(script):
 def test_sbatch_dry_run_prints_the_srun_line_for_2_nodes_x_8_gpus():
     env = {**os.environ, "DRY_RUN": "1", "NODES": "2", "GPUS_PER_NODE": "8", "SLURM_JOB_ID": "4242"}
     env.pop("SLURM_JOB_NUM_NODES", None)
-    out = subprocess.run(["bash", str(ROOT / "scripts/slurm/train.sbatch"), "+experiment=speed24_bos", "speed.k=20"],
-                         env=env, capture_output=True, text=True, check=True).stdout.splitlines()  # fmt: skip
+    out = subprocess.run(
+        ["bash", str(ROOT / "scripts/slurm/train.sbatch"), "+experiment=speed24_bos", "speed.k=20"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     assert out[-1].strip() == (
         "srun --kill-on-bad-exit=1 --nodes=2 --ntasks-per-node=8 python -m speed_train "
         "hydra.run.dir=outputs/slurm-4242 trainer.num_nodes=2 trainer.devices=8 resume=auto "
@@ -31,13 +36,27 @@ def test_sbatch_dry_run_prints_the_srun_line_for_2_nodes_x_8_gpus():
 
 
 def test_torchrun_dry_run():
-    env = {**os.environ, "DRY_RUN": "1", "NNODES": "2", "NPROC": "8", "NODE_RANK": "1", "MASTER_ADDR": "n0",
-           "RUN_DIR": "outputs/x"}  # fmt: skip
-    out = subprocess.run(["bash", str(ROOT / "scripts/torchrun.sh"), "+experiment=speed24_bos"], env=env,
-                         capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
-    assert out == ("python -m torch.distributed.run --nnodes=2 --node_rank=1 --nproc_per_node=8 --master_addr=n0 "
-                   "--master_port=29500 -m speed_train hydra.run.dir=outputs/x trainer.num_nodes=2 trainer.devices=8 "
-                   "+experiment=speed24_bos")  # fmt: skip
+    env = {
+        **os.environ,
+        "DRY_RUN": "1",
+        "NNODES": "2",
+        "NPROC": "8",
+        "NODE_RANK": "1",
+        "MASTER_ADDR": "n0",
+        "RUN_DIR": "outputs/x",
+    }
+    out = subprocess.run(
+        ["bash", str(ROOT / "scripts/torchrun.sh"), "+experiment=speed24_bos"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert out == (
+        "python -m torch.distributed.run --nnodes=2 --node_rank=1 --nproc_per_node=8 --master_addr=n0 "
+        "--master_port=29500 -m speed_train hydra.run.dir=outputs/x trainer.num_nodes=2 trainer.devices=8 "
+        "+experiment=speed24_bos"
+    )
 
 
 def test_slurm_launcher_config_composes():
@@ -48,18 +67,34 @@ def test_slurm_launcher_config_composes():
 
     register_schema()
     with initialize_config_module(config_module="speed_train.conf", version_base=None):
-        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm", "+experiment=lora_pilot"],
-                      return_hydra_config=True)  # fmt: skip
+        cfg = compose(
+            config_name="config",
+            overrides=["hydra/launcher=slurm", "+experiment=lora_pilot"],
+            return_hydra_config=True,
+        )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher") and launcher.signal_delay_s == 120
 
 
 def test_multirun_two_k_values_and_a_crash_are_summarised(tmp_path):
     sweep = tmp_path / "mr"
-    args = [sys.executable, "-m", "speed_train", "-m", "model=tiny_llama", "speed.k=2,9,3", "trainer.max_steps=2",
-            "trainer.global_batch_size=4", "trainer.micro_batch_size=2", "data.max_length=128",
-            "data.max_train_examples=16", "data.max_eval_examples=4", "trainer.progress_bar=false",
-            "logger.kind=[csv]", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "speed_train",
+        "-m",
+        "model=tiny_llama",
+        "speed.k=2,9,3",
+        "trainer.max_steps=2",
+        "trainer.global_batch_size=4",
+        "trainer.micro_batch_size=2",
+        "data.max_length=128",
+        "data.max_train_examples=16",
+        "data.max_eval_examples=4",
+        "trainer.progress_bar=false",
+        "logger.kind=[csv]",
+        f"hydra.sweep.dir={sweep}",
+    ]
     r = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode != 0  # the k=9 job failed, the sweep went on
     from speed_train.sweep.summarize import summarize
@@ -76,11 +111,34 @@ def test_multirun_two_k_values_and_a_crash_are_summarised(tmp_path):
 
 
 # -- SLURM: PreemptionCheckpoint owns SIGUSR1 -----------------------------------------------------
-SLURM_VARS = ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_JOB_NAME", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID",
-              "SLURM_NTASKS_PER_NODE", "SLURM_JOB_NUM_NODES", "SLURM_NODELIST", "TORCHELASTIC_RUN_ID", "GROUP_RANK",
-              "LOCAL_WORLD_SIZE", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # fmt: skip
-A_SLURM_TASK = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "speed-train", "SLURM_PROCID": "0",
-                "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "n0"}  # fmt: skip
+SLURM_VARS = (
+    "SLURM_JOB_ID",
+    "SLURM_NTASKS",
+    "SLURM_JOB_NAME",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+    "SLURM_NODEID",
+    "SLURM_NTASKS_PER_NODE",
+    "SLURM_JOB_NUM_NODES",
+    "SLURM_NODELIST",
+    "TORCHELASTIC_RUN_ID",
+    "GROUP_RANK",
+    "LOCAL_WORLD_SIZE",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+A_SLURM_TASK = {
+    "SLURM_JOB_ID": "4242",
+    "SLURM_NTASKS": "1",
+    "SLURM_JOB_NAME": "speed-train",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "0",
+    "SLURM_NODELIST": "n0",
+}
 
 
 def test_under_slurm_lightning_gets_a_slurm_environment_without_auto_requeue(monkeypatch):
@@ -91,9 +149,7 @@ def test_under_slurm_lightning_gets_a_slurm_environment_without_auto_requeue(mon
 
     from speed_train.train.checkpointing import AtomicCheckpointIO
     from speed_train.train.trainer import trainer_plugins, under_slurm
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from train_helpers import BASE, compose_cfg
+    from tests.train_helpers import BASE, compose_cfg
 
     cfg = compose_cfg(BASE)
     for var in SLURM_VARS:
@@ -107,11 +163,23 @@ def test_under_slurm_lightning_gets_a_slurm_environment_without_auto_requeue(mon
     ]  # no SLURM: nothing added
     ds_cfg = compose_cfg([*BASE, "strategy=deepspeed_zero3"])
     assert trainer_plugins(ds_cfg) is None
-    cases = [({}, True),
-             ({"SLURM_NTASKS": "0"}, False),  # no tasks
-             ({"SLURM_JOB_NAME": "interactive"}, False),  # salloc shell: Lightning would not pick SLURM
-             ({"TORCHELASTIC_RUN_ID": "x", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "GROUP_RANK": "0",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, False)]  # torchrun in an allocation  # fmt: skip
+    cases = [
+        ({}, True),
+        ({"SLURM_NTASKS": "0"}, False),  # no tasks
+        ({"SLURM_JOB_NAME": "interactive"}, False),  # salloc shell: Lightning would not pick SLURM
+        (
+            {
+                "TORCHELASTIC_RUN_ID": "x",
+                "RANK": "0",
+                "LOCAL_RANK": "0",
+                "WORLD_SIZE": "1",
+                "GROUP_RANK": "0",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": "29500",
+            },
+            False,
+        ),
+    ]  # torchrun in an allocation
     for extra, expected in cases:
         with monkeypatch.context() as mp:
             for key, value in {**A_SLURM_TASK, **extra}.items():
@@ -128,8 +196,15 @@ def test_under_slurm_lightning_gets_a_slurm_environment_without_auto_requeue(mon
     # in a Trainer: the SLURM environment is ours, and Lightning installs no SIGUSR1 handler
     # (with its default environment, auto_requeue=True, it would)
     def sigusr1_after_lightning(plugins) -> bool:
-        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, plugins=plugins,
-                            enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            plugins=plugins,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         env = trainer._accelerator_connector.cluster_environment
         assert isinstance(env, SLURMEnvironment)
         before = signal.getsignal(signal.SIGUSR1)
@@ -180,12 +255,35 @@ def test_wandb_multirun_gives_one_offline_run_per_job_in_one_group(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}  # no WANDB_MODE, no API key
     # any network attempt would go to a closed local port (and show up as an error below)
     closed = "http://127.0.0.1:9"
-    env.update({"WANDB_DIR": str(wandb_dir), "WANDB_BASE_URL": closed, "HTTP_PROXY": closed, "HTTPS_PROXY": closed,
-                "OMP_NUM_THREADS": "1"})  # fmt: skip
-    args = [sys.executable, "-m", "speed_train", "-m", "model=tiny_llama", "logger=wandb", "logger.group=g",
-            "speed.k=2,3", "trainer.max_steps=1", "trainer.global_batch_size=4", "trainer.micro_batch_size=2",
-            "data.max_length=128", "data.max_train_examples=8", "data.max_eval_examples=2", "trainer.progress_bar=false",
-            "eval_report=false", "export.enabled=false", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    env.update(
+        {
+            "WANDB_DIR": str(wandb_dir),
+            "WANDB_BASE_URL": closed,
+            "HTTP_PROXY": closed,
+            "HTTPS_PROXY": closed,
+            "OMP_NUM_THREADS": "1",
+        }
+    )
+    args = [
+        sys.executable,
+        "-m",
+        "speed_train",
+        "-m",
+        "model=tiny_llama",
+        "logger=wandb",
+        "logger.group=g",
+        "speed.k=2,3",
+        "trainer.max_steps=1",
+        "trainer.global_batch_size=4",
+        "trainer.micro_batch_size=2",
+        "data.max_length=128",
+        "data.max_train_examples=8",
+        "data.max_eval_examples=2",
+        "trainer.progress_bar=false",
+        "eval_report=false",
+        "export.enabled=false",
+        f"hydra.sweep.dir={sweep}",
+    ]
     r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     runs = sorted(sweep.glob("*/wandb/offline-run-*")) + sorted(wandb_dir.glob("**/offline-run-*"))

@@ -25,8 +25,15 @@ def compose_cfg(overrides=()):
 
 
 def test_all_paper_experiments_exist():
-    assert {"full_it", "speed24", "speed24_bos", "speed16_bos", "speed20_bos", "speed28_bos",
-            "lora_pilot"} <= set(EXPERIMENTS)  # fmt: skip
+    assert {
+        "full_it",
+        "speed24",
+        "speed24_bos",
+        "speed16_bos",
+        "speed20_bos",
+        "speed28_bos",
+        "lora_pilot",
+    } <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("exp", EXPERIMENTS)
@@ -42,7 +49,11 @@ def test_experiment_composes_and_validates(exp):
     if paper:
         # the paper's controlled study: Tulu-3 SFT hyper-parameters, full FT, ZeRO-3, bf16
         assert (cfg.optim.lr, cfg.trainer.epochs, cfg.trainer.global_batch_size, cfg.data.max_length) == (
-            5e-6, 2, 128, 4096)  # fmt: skip
+            5e-6,
+            2,
+            128,
+            4096,
+        )
         assert cfg.optim.schedule == "linear" and cfg.optim.warmup_ratio == 0.03
         assert cfg.strategy.zero_stage == 3 and not cfg.lora.enabled and cfg.trainer.precision == "bf16-mixed"
 
@@ -74,8 +85,10 @@ def test_default_is_offline_lora_smollm2():
         (["trainer.keep_checkpoints=0"], "trainer.keep_checkpoints=0: must be >= 1"),
         (["objective.temperature=0"], "objective.temperature=0.0: must be > 0"),
         # a sliding window shorter than the data: refused before any data or weight is read
-        (["model=tiny_mistral", "+model.tiny.sliding_window=64", "data.max_length=256"],
-         "sliding window of 64 tokens, shorter than data.max_length=256"),
+        (
+            ["model=tiny_mistral", "+model.tiny.sliding_window=64", "data.max_length=256"],
+            "sliding window of 64 tokens, shorter than data.max_length=256",
+        ),
     ],
 )
 def test_invalid_configs_fail_clearly(overrides, message):
@@ -94,9 +107,15 @@ def test_unknown_keys_and_wrong_types_are_rejected_by_the_schema():
         compose_cfg(["trainer.micro_batch_size=abc"])
     assert "could not be converted to Integer" in str(e.value.__cause__)
     # allowed values live in the schema (enums): OmegaConf refuses others at composition
-    for override, field in (("speed.executor=dense", "Executor"), ("model.dtype=int8", "DType"),
-                            ("optim.schedule=step", "Schedule"), ("speed.anchor=eos", "Anchor"), ("objective.reduce=max", "Reduce"),
-                            ("data.truncate=cut", "Truncate"), ("model.attn_backend=eager", "AttentionBackend")):
+    for override, field in (
+        ("speed.executor=dense", "Executor"),
+        ("model.dtype=int8", "DType"),
+        ("optim.schedule=step", "Schedule"),
+        ("speed.anchor=eos", "Anchor"),
+        ("objective.reduce=max", "Reduce"),
+        ("data.truncate=cut", "Truncate"),
+        ("model.attn_backend=eager", "AttentionBackend"),
+    ):
         with pytest.raises(ConfigCompositionException) as e:
             compose_cfg([override])
         assert f"Invalid value '{override.split('=')[1]}', expected one of" in str(e.value.__cause__), field
@@ -122,17 +141,44 @@ def test_recipe_values_hold_unless_the_run_sets_them():
 def test_configs_ship_in_a_plain_wheel_install(tmp_path):
     wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
     py = sys.executable
-    subprocess.run([py, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheel_dir),
-                    str(ROOT)], check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [
+            py,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(wheel_dir),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
     wheel = next(wheel_dir.glob("*.whl"))
-    subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [py, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
     env = {**os.environ, "PYTHONPATH": str(target)}
-    r = subprocess.run([py, "-m", "speed_train", "+experiment=speed24_bos", "--cfg", "job"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        [py, "-m", "speed_train", "+experiment=speed24_bos", "--cfg", "job"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     cfg = OmegaConf.create(r.stdout)
     assert cfg.speed.k == 24 and cfg.model.pretrained == "meta-llama/Llama-3.1-8B"
-    r = subprocess.run([py, "-c", "import speed_train; print(speed_train.__file__)"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        [py, "-c", "import speed_train; print(speed_train.__file__)"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert r.stdout.startswith(str(target)), r.stdout  # the wheel's copy, not the source tree

@@ -306,17 +306,25 @@ def test_encode_counts_drops_by_reason(tokenizer: Any) -> None:
 def test_encode_equals_the_role_encoder_and_multiprocess_matches(tokenizer: Any) -> None:
     from speed_train.speed.chat_roles import encode_conversation
 
-    rows = [[msg(U, f"question {i}"), msg(A, f"answer {i}")] + ([msg(U, "more?"), msg(A, "no")] if i % 3 else [])
-            for i in range(150)]  # fmt: skip
+    rows = [
+        [msg(U, f"question {i}"), msg(A, f"answer {i}")] + ([msg(U, "more?"), msg(A, "no")] if i % 3 else [])
+        for i in range(150)
+    ]
     data = conversations_dataset(rows, ["s"] * len(rows))
     one, s1 = encode_dataset(data, tokenizer, SpeedConfig(anchor="bos"), 128)
     two, s2 = encode_dataset(data, tokenizer, SpeedConfig(anchor="bos"), 128, num_proc=2)
     assert s1 == s2 and len(one) == len(two) == 150
     for i, conv in enumerate(rows):
-        want = encode_conversation(conv, tokenizer, SpeedConfig(anchor="bos"), max_length=128, truncate="drop_turns")
+        want = encode_conversation(
+            conv, tokenizer, SpeedConfig(anchor="bos"), max_length=128, truncate="drop_turns"
+        )
         for got in (one[i], two[i]):
             assert (got.input_ids, got.roles, got.turns, got.labels) == (
-                want.input_ids, want.roles, want.turns, want.labels)  # fmt: skip
+                want.input_ids,
+                want.roles,
+                want.turns,
+                want.labels,
+            )
             assert got.meta["turn_spans"] == want.meta["turn_spans"]
     assert one.lengths.tolist() == [len(one[i]) for i in range(150)]
     assert one.supervised_counts().tolist() == [one[i].num_supervised() for i in range(150)]
@@ -344,7 +352,9 @@ def test_empty_data_file_is_named(tmp_path: Path) -> None:
 
 
 def test_recipe_that_is_a_folder_says_so(tmp_path: Path) -> None:
-    with pytest.raises(RecipeError, match=r"is a folder: give a recipe YAML file in it, or a packaged recipe name"):
+    with pytest.raises(
+        RecipeError, match=r"is a folder: give a recipe YAML file in it, or a packaged recipe name"
+    ):
         load_recipe(str(tmp_path))
 
 
@@ -431,13 +441,16 @@ def test_sampling_is_deterministic(tmp_path: Path) -> None:
         assert rep.sources["src"].selected == len(train) + len(held)
         return train + held
 
-    assert len(load_sample(10)) == 10 and len(load_sample(0.25)) == 25 and len(load_sample(None)) == 100 and len(load_sample(500)) == 100
+    assert (
+        len(load_sample(10)) == 10
+        and len(load_sample(0.25)) == 25
+        and len(load_sample(None)) == 100
+        and len(load_sample(500)) == 100
+    )
     assert load_sample(10) == load_sample(10) and load_sample(10) != load_sample(10, seed=1)
     # Held-out membership depends on the row and seed only, not on the sample size.
     _, held_all, _ = load(recipe_for(path, "messages", held_out=0.3))
-    train_s, held_s, _ = load(
-        recipe_for(path, "messages", held_out=0.3, source={"samples": 40})
-    )
+    train_s, held_s, _ = load(recipe_for(path, "messages", held_out=0.3, source={"samples": 40}))
     assert all(c in held_all for c in held_s) and not any(c in held_all for c in train_s)
 
 
@@ -513,7 +526,13 @@ def test_build_dataset_roundtrip_and_cache_hit(
     convs_train, _, _ = load_conversations(small_recipe)
     direct, _ = encode_dataset(convs_train, tokenizer, cfg, 256)
     for a, b in zip(train, direct, strict=True):
-        assert (a.input_ids, a.roles, a.turns, a.labels, a.meta) == (b.input_ids, b.roles, b.turns, b.labels, b.meta)
+        assert (a.input_ids, a.roles, a.turns, a.labels, a.meta) == (
+            b.input_ids,
+            b.roles,
+            b.turns,
+            b.labels,
+            b.meta,
+        )
     assert train.data.cache_files and Path(report.cache_path or "").is_dir()  # on disk, not in memory
     assert train[0].labels[-2] != IGNORE and DECODE in train[0].roles
 
@@ -522,7 +541,9 @@ def test_build_dataset_roundtrip_and_cache_hit(
 
     monkeypatch.setattr(pipeline_mod, "_build", boom)
     # K does not change roles, so it does not change the key either.
-    train2, held2, report2 = build_dataset(small_recipe, tokenizer, SpeedConfig(k=3, anchor="bos"), 256, tmp_path / "c")
+    train2, held2, report2 = build_dataset(
+        small_recipe, tokenizer, SpeedConfig(k=3, anchor="bos"), 256, tmp_path / "c"
+    )
     assert report2.cache_hit and report2.cache_path == report.cache_path
     assert list(train2) == list(train) and list(held2) == list(held)
     assert report2.sources == report.sources
@@ -538,7 +559,9 @@ def test_cache_key_inputs(small_recipe: dict[str, Any], tokenizer: Any, tmp_path
     assert base != cache_key(recipe, tokenizer, SpeedConfig(anchor="bos"), 256, truncate="error")
     assert base != cache_key(recipe, tokenizer, SpeedConfig(anchor="bos"), 256, add_bos=False)
     assert base != cache_key(recipe, tokenizer, SpeedConfig(anchor="bos"), 256, held_out=5)
-    assert base != cache_key(load_recipe({**small_recipe, "seed": 1}), tokenizer, SpeedConfig(anchor="bos"), 256)
+    assert base != cache_key(
+        load_recipe({**small_recipe, "seed": 1}), tokenizer, SpeedConfig(anchor="bos"), 256
+    )
     data = Path(small_recipe["sources"][0]["path"])
     data.write_text(data.read_text() + json.dumps({"messages": [msg(U, "new"), msg(A, "row")]}) + "\n")
     assert base != cache_key(load_recipe(small_recipe), tokenizer, SpeedConfig(anchor="bos"), 256)
@@ -578,7 +601,9 @@ def test_build_dataset_enforces_bad_fraction(tmp_path: Path, tokenizer: Any) -> 
     with pytest.raises(DataError, match=r"src: 81\.8% of 11 rows unusable"):
         build_dataset(recipe, tokenizer, SpeedConfig(), 256, tmp_path / "c")
     # The cache was still written (the limit is not part of the key): a looser limit needs no rebuild.
-    train, _, report = build_dataset(recipe, tokenizer, SpeedConfig(), 256, tmp_path / "c", max_bad_fraction=0.9)
+    train, _, report = build_dataset(
+        recipe, tokenizer, SpeedConfig(), 256, tmp_path / "c", max_bad_fraction=0.9
+    )
     assert report.cache_hit and len(train) == 2
 
 
@@ -612,12 +637,23 @@ def test_inspect_cli(
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [msg(U, "hi"), msg(A, "hello")]}])
     (tmp_path / "r.yaml").write_text(f"name: r\nsources:\n  - {{name: a, path: {path}, format: messages}}\n")
     rc = inspect_data.main(
-        ["--recipe", str(tmp_path / "r.yaml"), "--n", "1", "--anchor", "bos", "--no-color",
-         "--cache-dir", str(tmp_path / "c")]
-    )  # fmt: skip
+        [
+            "--recipe",
+            str(tmp_path / "r.yaml"),
+            "--n",
+            "1",
+            "--anchor",
+            "bos",
+            "--no-color",
+            "--cache-dir",
+            str(tmp_path / "c"),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
-    assert "=== train example 0 (source a," in out and "[L:hello<|im_end|>]" in out and "[A:<|im_start|>]" in out
+    assert (
+        "=== train example 0 (source a," in out and "[L:hello<|im_end|>]" in out and "[A:<|im_start|>]" in out
+    )
     assert "recipe r" in out and "train: 1/1 examples" in out
     with pytest.raises(SystemExit):
         inspect_data.main(["--nn", "3"])
@@ -626,6 +662,8 @@ def test_inspect_cli(
     (tmp_path / "b.yaml").write_text(
         f"name: b\nmax_bad_fraction: 0.05\nsources:\n  - {{name: a, path: {bad}, format: messages}}\n"
     )
-    rc = inspect_data.main(["--recipe", str(tmp_path / "b.yaml"), "--cache-dir", str(tmp_path / "c"), "--no-color"])
+    rc = inspect_data.main(
+        ["--recipe", str(tmp_path / "b.yaml"), "--cache-dir", str(tmp_path / "c"), "--no-color"]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and "allowed 5.0%" in err and "max_bad_fraction" in err

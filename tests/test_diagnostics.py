@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from test_executors import make_example
 
 from speed_train.eval.diagnostics import auto_k, layer_diagnostics, plot
 from speed_train.speed.tiny import tiny_model
+from tests.test_executors import make_example
 
 
 def test_masses_sum_to_one_and_final_layer_kl_is_zero(tmp_path):
@@ -27,8 +27,10 @@ def test_masses_sum_to_one_and_final_layer_kl_is_zero(tmp_path):
 
 def test_auto_k_rule():
     # prompt mass: 90% of the total (10.0) is reached within the first 6 layers
-    curves = {"prompt_mass": [3, 2, 2, 1, 0.5, 0.5, 0.25, 0.25, 0.25, 0.25],
-              "rep_change": [0.4, 0.1, 0.1, 0.1, 0.1, 0.1, 0.3, 0.1, 0.1]}  # fmt: skip
+    curves = {
+        "prompt_mass": [3, 2, 2, 1, 0.5, 0.5, 0.25, 0.25, 0.25, 0.25],
+        "rep_change": [0.4, 0.1, 0.1, 0.1, 0.1, 0.1, 0.3, 0.1, 0.1],
+    }
     # K_attn: cumsum 3,5,7,8,8.5,9.0 -> reaches 9.0 at layer index 5 -> K=6
     # K_rep: r[i] is layer i+1's change; threshold 0.5*0.4=0.2 over r[:-1]; r[6]=0.3 is layer 7's
     # change, so layer 7 must stay below the cutoff: K_rep = 8

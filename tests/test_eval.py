@@ -91,10 +91,14 @@ def test_full_depth_scores_equal_plain_hf_forward(model, tok, k):
 
 def test_mc_metrics_exact():
     docs = [Doc(0, ["c"] * 2, [" a", " bbbbbbbb"], 1), Doc(1, ["c"] * 2, [" a", " bb"], 0)]
-    cond = [[ContinuationScore(-2.0, 1, True), ContinuationScore(-3.0, 4, False)],
-            [ContinuationScore(-1.0, 1, True), ContinuationScore(-1.5, 2, False)]]  # fmt: skip
-    uncond = [[ContinuationScore(-1.0, 1, True), ContinuationScore(-5.0, 4, False)],
-              [ContinuationScore(-3.0, 1, True), ContinuationScore(-0.1, 2, False)]]  # fmt: skip
+    cond = [
+        [ContinuationScore(-2.0, 1, True), ContinuationScore(-3.0, 4, False)],
+        [ContinuationScore(-1.0, 1, True), ContinuationScore(-1.5, 2, False)],
+    ]
+    uncond = [
+        [ContinuationScore(-1.0, 1, True), ContinuationScore(-5.0, 4, False)],
+        [ContinuationScore(-3.0, 1, True), ContinuationScore(-0.1, 2, False)],
+    ]
     m = mc_metrics(docs, cond, uncond)
     # raw: doc0 picks a (-2 > -3) wrong; doc1 picks a right -> 0.5
     # per token: doc0 -2 vs -0.75 -> b right; doc1 -1 vs -0.75 -> b wrong -> 0.5
@@ -219,9 +223,18 @@ def test_more_bad_inputs(tmp_path):
 def test_gsm8k_local_file_and_generative_path(model, tok, tmp_path):
     from speed_train.eval.scoring import generate_text
 
-    rows = [{"doc_id": i, "doc": {"short_answer": a}, "request": {"context": f"Question: {q}\nAnswer:",
-             "stop_sequences": ["\n"], "generation_kwargs": {"max_gen_toks": 6}}}
-            for i, (q, a) in enumerate([("How many?", "1,450,000"), ("And now?", "5.50")])]  # fmt: skip
+    rows = [
+        {
+            "doc_id": i,
+            "doc": {"short_answer": a},
+            "request": {
+                "context": f"Question: {q}\nAnswer:",
+                "stop_sequences": ["\n"],
+                "generation_kwargs": {"max_gen_toks": 6},
+            },
+        }
+        for i, (q, a) in enumerate([("How many?", "1,450,000"), ("And now?", "5.50")])
+    ]
     task = load_task("gsm8k", path=str(_write_requests(tmp_path / "g.jsonl.gz", rows)))
     assert task.generative and [d.meta["answer"] for d in task.docs] == ["1450000", "5.5"]
     assert task.generation == {"stop_sequences": ["\n"], "max_gen_toks": 6}
@@ -243,8 +256,12 @@ def test_eval_cli_writes_results(tok, tmp_path):
     tiny_model("llama", layers=4, vocab=len(tok)).save_pretrained(d)
     tok.save_pretrained(d)
     (d / "speed_config.json").write_text(json.dumps({"k": 3, "anchor": "bos"}))
-    rows = [_mc_row(0, 0, 1, " blue", "Sky?"), _mc_row(0, 1, 1, " green", "Sky?"),
-            _mc_row(1, 0, 0, " four", "Legs?"), _mc_row(1, 1, 0, " six", "Legs?")]  # fmt: skip
+    rows = [
+        _mc_row(0, 0, 1, " blue", "Sky?"),
+        _mc_row(0, 1, 1, " green", "Sky?"),
+        _mc_row(1, 0, 0, " four", "Legs?"),
+        _mc_row(1, 1, 0, " six", "Legs?"),
+    ]
     f = _write_requests(tmp_path / "r.jsonl.gz", rows)
     out = main(
         [
@@ -285,11 +302,32 @@ def test_reproduce_rebuild_switches_primary_metric_without_scoring(tmp_path):
     from speed_train.eval.reproduce import main as reproduce
 
     m = {"acc_raw": 0.1, "acc_per_token": 0.2, "acc_per_char": 0.3, "acc_uncond": 0.4}
-    runs = {"full depth": [{"task": t, "variant": "rc_0shot", "n": 5, "primary_metric": "x", "primary": 0.0,
-                            "metrics": m, "seconds": 1.0} for t in ("arc_challenge", "arc_easy")]}  # fmt: skip
+    runs = {
+        "full depth": [
+            {
+                "task": t,
+                "variant": "rc_0shot",
+                "n": 5,
+                "primary_metric": "x",
+                "primary": 0.0,
+                "metrics": m,
+                "seconds": 1.0,
+            }
+            for t in ("arc_challenge", "arc_easy")
+        ]
+    }
     src = tmp_path / "in.json"
-    src.write_text(json.dumps({"args": {"variant": "rc_0shot", "limit": 5}, "K": 22, "num_layers": 30,
-                               "minutes": 1.0, "runs": runs}))  # fmt: skip
+    src.write_text(
+        json.dumps(
+            {
+                "args": {"variant": "rc_0shot", "limit": 5},
+                "K": 22,
+                "num_layers": 30,
+                "minutes": 1.0,
+                "runs": runs,
+            }
+        )
+    )
     out = reproduce(["--rebuild-from", str(src), "--out", str(tmp_path / "o")])
     got = [(r["primary_metric"], r["primary"]) for r in out["runs"]["full depth"]]
     assert got == [("acc_uncond", 0.4), ("acc_per_char", 0.3)]  # OLMES: pmi for ARC-C, per char for ARC-E

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import reference_logits
 
 from speed_train.speed.adapters import SUPPORTED_ARCHITECTURES, UnsupportedModelError, model_parts
 from speed_train.speed.batch import collate, pack_first_fit
@@ -13,6 +12,7 @@ from speed_train.speed.executors import gather_forward, mask_forward, speed_forw
 from speed_train.speed.generate import speed_generate
 from speed_train.speed.roles import ANCHOR, DECODE, IGNORE, PROMPT, EncodedExample
 from speed_train.speed.tiny import tiny_model
+from tests.reference import reference_logits
 
 L = 4
 ATOL = 1e-5
@@ -86,8 +86,14 @@ def test_three_executions_agree_with_reference(model, anchor, K):
     fulls = []
     for p, seq in zip(prompts, gen.sequences):
         t = p.turns[-1]
-        fulls.append(EncodedExample(p.input_ids + seq, p.roles + [DECODE] * len(seq), p.turns + [t] * len(seq),
-                                    [IGNORE] * (len(p) + len(seq))))  # fmt: skip
+        fulls.append(
+            EncodedExample(
+                p.input_ids + seq,
+                p.roles + [DECODE] * len(seq),
+                p.turns + [t] * len(seq),
+                [IGNORE] * (len(p) + len(seq)),
+            )
+        )
     fb = collate(fulls, pad_id=0)
     with torch.no_grad():
         ref = reference_logits(model, fb, K)
@@ -179,8 +185,9 @@ def test_full_depth_is_the_unmodified_model(arch):
     ex = exs[1]
     n = ex.roles.index(DECODE) + 2
     prompt = EncodedExample(ex.input_ids[:n], ex.roles[:n], ex.turns[:n], [IGNORE] * n)
-    hf_out = model.generate(torch.tensor([prompt.input_ids]), max_new_tokens=8, do_sample=False,
-                            pad_token_id=0, eos_token_id=None)  # fmt: skip
+    hf_out = model.generate(
+        torch.tensor([prompt.input_ids]), max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None
+    )
     ours = speed_generate(model, [prompt], L, max_new_tokens=8)
     assert ours.sequences[0] == hf_out[0, n:].tolist()
 
@@ -205,6 +212,9 @@ def test_speed_config_fraction_and_errors():
     model = tiny_model("llama", layers=L)
     with pytest.raises(SpeedConfigError, match="exceeds the model's 4 layers"):
         mask_forward(model, padded_batch("bos"), 7)
+    for unresolved in (0.5, None, SpeedConfig(k=2)):  # K is resolved once, where the model is known
+        with pytest.raises(SpeedConfigError, match="SPEED executions take a layer count"):
+            mask_forward(model, padded_batch("bos"), unresolved)
     with pytest.raises(ValueError, match="unknown executor 'dense'"):
         speed_forward(model, padded_batch("bos"), 2, executor="dense")
 
@@ -253,8 +263,17 @@ def test_generation_stops_and_samples_reproducibly():
 
     def sample(seed):
         g = torch.Generator().manual_seed(seed)
-        return speed_generate(model, [prompt, prompt], 2, max_new_tokens=6, do_sample=True, temperature=1.5,
-                              top_k=20, top_p=0.9, generator=g).sequences  # fmt: skip
+        return speed_generate(
+            model,
+            [prompt, prompt],
+            2,
+            max_new_tokens=6,
+            do_sample=True,
+            temperature=1.5,
+            top_k=20,
+            top_p=0.9,
+            generator=g,
+        ).sequences
 
     assert sample(0) == sample(0)
     assert len(sample(1)[0]) == 6

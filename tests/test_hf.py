@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-from reference import reference_logits
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer, pipeline
 
 from speed_train.hf.export import make_hf_native
@@ -21,6 +20,7 @@ from speed_train.speed.executors import mask_forward
 from speed_train.speed.generate import speed_generate
 from speed_train.speed.roles import DECODE, IGNORE, EncodedExample
 from speed_train.speed.tiny import tiny_model
+from tests.reference import reference_logits
 
 K, L = 2, 4
 HISTORY = [{"role": "user", "content": "What is the capital of France?"}]
@@ -68,8 +68,12 @@ def teacher_forced(model, prompt, tokens, k=K):
     """Logits of the whole sequence (prompt + generated) by the mask execution, at the positions
     that predict each generated token; and by the independent reference."""
     n = len(prompt)
-    full = EncodedExample(prompt.input_ids + tokens, prompt.roles + [DECODE] * len(tokens),
-                          prompt.turns + [prompt.turns[-1]] * len(tokens), [IGNORE] * (n + len(tokens)))  # fmt: skip
+    full = EncodedExample(
+        prompt.input_ids + tokens,
+        prompt.roles + [DECODE] * len(tokens),
+        prompt.turns + [prompt.turns[-1]] * len(tokens),
+        [IGNORE] * (n + len(tokens)),
+    )
     batch = collate([full], 0)
     with torch.no_grad():
         mask = mask_forward(model, batch, k).dense((1, len(full)))[0]
@@ -82,8 +86,14 @@ def test_generate_equals_speed_generate_and_teacher_forcing(llama, tok, messages
     model, hf, _, _ = llama
     p = prompt_of(messages, tok)
     ref = speed_generate(model, [p], K, max_new_tokens=8, keep_logits=True)
-    out = hf.generate(torch.tensor([p.input_ids]), max_new_tokens=8, do_sample=False, return_dict_in_generate=True,
-                      output_logits=True, pad_token_id=tok.pad_token_id)  # fmt: skip
+    out = hf.generate(
+        torch.tensor([p.input_ids]),
+        max_new_tokens=8,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_logits=True,
+        pad_token_id=tok.pad_token_id,
+    )
     tokens = out.sequences[0, len(p) :].tolist()
     assert tokens == ref.sequences[0]
     hf_logits = torch.stack([x[0] for x in out.logits])
@@ -96,12 +106,20 @@ def test_left_padded_batch_equals_each_prompt_alone(llama, tok):
     model, hf, _, _ = llama
     prompts = [prompt_of(HISTORY, tok), prompt_of(MULTI, tok)]
     ids, mask = left_pad(prompts, tok.pad_token_id)
-    out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                      return_dict_in_generate=True, output_logits=True, pad_token_id=tok.pad_token_id)  # fmt: skip
+    out = hf.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=6,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_logits=True,
+        pad_token_id=tok.pad_token_id,
+    )
     ref = speed_generate(model, prompts, K, max_new_tokens=6, keep_logits=True)
     for b, p in enumerate(prompts):
-        alone = hf.generate(torch.tensor([p.input_ids]), max_new_tokens=6, do_sample=False,
-                            pad_token_id=tok.pad_token_id)[0, len(p) :].tolist()  # fmt: skip
+        alone = hf.generate(
+            torch.tensor([p.input_ids]), max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id
+        )[0, len(p) :].tolist()
         assert out.sequences[b, ids.shape[1] :].tolist() == alone == ref.sequences[b]
     assert max((a - b).abs().max().item() for a, b in zip(out.logits, ref.step_logits)) < 1e-5
 
@@ -111,7 +129,9 @@ def test_sampling_with_hf_logits_processors_equals_speed_generate(llama, tok):
     p = prompt_of(HISTORY, tok)
     kw = dict(do_sample=True, temperature=1.3, top_k=20, top_p=0.9)
     torch.manual_seed(7)
-    hf_tokens = hf.generate(torch.tensor([p.input_ids]), max_new_tokens=10, pad_token_id=tok.pad_token_id, **kw)
+    hf_tokens = hf.generate(
+        torch.tensor([p.input_ids]), max_new_tokens=10, pad_token_id=tok.pad_token_id, **kw
+    )
     torch.manual_seed(7)
     ours = speed_generate(model, [p], K, max_new_tokens=10, **kw)
     assert hf_tokens[0, len(p) :].tolist() == ours.sequences[0]
@@ -125,15 +145,26 @@ def test_streamer_stop_strings_and_pipeline(llama, tok, capsys):
     p = prompt_of(HISTORY, tok)
     ids = torch.tensor([p.input_ids])
     full = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)[0, len(p) :]
-    hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id,
-                streamer=TextStreamer(served, skip_prompt=True))  # fmt: skip
+    hf.generate(
+        ids,
+        max_new_tokens=12,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+        streamer=TextStreamer(served, skip_prompt=True),
+    )
     assert capsys.readouterr().out.strip() == served.decode(full, skip_special_tokens=True).strip()
     # a stop string cut from the greedy text itself: generation ends right after it
     text = [served.decode(full[: i + 1]) for i in range(len(full))]
     cut = next(i for i in range(2, len(full)) if text[i].strip())
     stop = text[cut][-3:] if len(text[cut]) >= 3 else text[cut]
-    stopped = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id,
-                          stop_strings=[stop], tokenizer=served)[0, len(p) :]  # fmt: skip
+    stopped = hf.generate(
+        ids,
+        max_new_tokens=12,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+        stop_strings=[stop],
+        tokenizer=served,
+    )[0, len(p) :]
     assert len(stopped) <= cut + 1 and full[: len(stopped)].tolist() == stopped.tolist()
     # the chat pipeline renders the served template (BoS rule included) and runs the same generate()
     gen = pipeline("text-generation", model=hf, tokenizer=served)
@@ -163,16 +194,20 @@ def test_full_depth_on_purpose_is_the_plain_model(llama, tok):
     ids = torch.tensor([prompt_of(HISTORY, tok).input_ids])
     with torch.no_grad():
         assert torch.equal(plain(ids).logits, model(ids).logits)  # bit for bit
-    assert plain.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id).tolist() == \
-        model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id).tolist()  # fmt: skip
+    assert (
+        plain.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id).tolist()
+        == model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id).tolist()
+    )
 
 
 def test_config_and_folder(llama, tok):
     _, hf, served, folder = llama
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "speed_llama" and config["architectures"] == ["SpeedLlamaForCausalLM"]
-    assert config["auto_map"] == {"AutoConfig": "hf_model.SpeedLlamaConfig",
-                                  "AutoModelForCausalLM": "hf_model.SpeedLlamaForCausalLM"}  # fmt: skip
+    assert config["auto_map"] == {
+        "AutoConfig": "hf_model.SpeedLlamaConfig",
+        "AutoModelForCausalLM": "hf_model.SpeedLlamaForCausalLM",
+    }
     assert config["speed_k"] == K and config["speed_anchor"] == "bos" and config["speed_add_bos"] == "auto"
     assert config["speed_headers"] == [tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]]
     assert [1, 520, 9531, 198] in config["speed_headers"]
@@ -182,7 +217,9 @@ def test_config_and_folder(llama, tok):
     for f in code_files():
         assert (folder / f.name).read_bytes() == f.read_bytes()
     # the served tokenizer gives the package's generation prompt; plain text gets the BoS anchor
-    ids = served.apply_chat_template(MULTI, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    ids = served.apply_chat_template(MULTI, add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"
+    ]
     assert ids == prompt_of(MULTI, tok).input_ids
     assert served("Question: x\nAnswer:")["input_ids"][0] == tok.bos_token_id  # SPEED+BoS below full depth
 
@@ -215,8 +252,14 @@ def test_every_architecture(tmp_path, tok, arch):
     hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     assert type(hf).__name__.lower().startswith(f"speed{arch}")
     p = prompt_of(MULTI, tok)
-    out = hf.generate(torch.tensor([p.input_ids]), max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
-                      output_logits=True, pad_token_id=tok.pad_token_id)  # fmt: skip
+    out = hf.generate(
+        torch.tensor([p.input_ids]),
+        max_new_tokens=6,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_logits=True,
+        pad_token_id=tok.pad_token_id,
+    )
     tokens = out.sequences[0, len(p) :].tolist()
     assert tokens == speed_generate(model, [p], K, max_new_tokens=6).sequences[0]
     mask, independent = teacher_forced(model, p, tokens)
@@ -233,9 +276,29 @@ def test_anchor_none_and_tulu_with_the_real_llama3_tokenizer(tmp_path):
     tulu = load_tokenizer("llama3", chat_template="tulu")
     model, folder = export(tmp_path, tulu, anchor="none")
     served = AutoTokenizer.from_pretrained(folder)
-    ids = served.apply_chat_template(HISTORY, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    ids = served.apply_chat_template(HISTORY, add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"
+    ]
     p = encode_generation_prompt(HISTORY, tulu, SpeedConfig(k=K, anchor="none"))
     assert ids == p.input_ids and ids[0] == 128000 and ids.count(128000) == 1  # the Tulu template + add_bos
     hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-    out = hf.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False, pad_token_id=served.pad_token_id)
+    out = hf.generate(
+        torch.tensor([ids]), max_new_tokens=5, do_sample=False, pad_token_id=served.pad_token_id
+    )
     assert out[0, len(ids) :].tolist() == speed_generate(model, [p], K, max_new_tokens=5).sequences[0]
+
+
+def test_token_rule_finds_the_decode_segment_encode_plain_marks_on_real_prompts(tok):
+    """The cue sequences in an export's config give the roles encode_plain gives, on the real
+    OLMES prompts (ARC, BoolQ, PIQA, Social IQa, CSQA, MMLU) and on merged spellings."""
+    from speed_train.eval.olmes import load_task
+    from speed_train.speed.plain_roles import cue_token_sequences, encode_plain
+    from speed_train.speed.token_roles import TokenRoleRule, prompt_roles
+
+    rule = TokenRoleRule(anchor="bos", cues=cue_token_sequences(tok))
+    contexts = ["Question: What?\n\nAnswer:", "Q: x A:", "Tell me. Answer:", "x\nResponse :", "The sky is"]
+    for name in ("arc_easy", "boolq", "piqa", "socialiqa", "csqa", "mmlu"):
+        contexts += [d.contexts[0] for d in load_task(name, "rc_0shot", limit=20).docs]
+    for ctx in contexts:
+        ex = encode_plain(ctx, None, tok, SpeedConfig(k=K, anchor="bos"), add_bos=True)
+        assert prompt_roles(ex.input_ids, rule)[0] == ex.roles, ctx

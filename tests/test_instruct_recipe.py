@@ -494,12 +494,16 @@ def test_packaged_instruct_loads_every_source() -> None:
     assert len(questions) == 80 and len({r["question_id"] for r in refs}) == 30
     assert sorted(by_source["mtbench_reference"], key=lambda c: c[0]["content"]) == sorted(
         (
-            [msg(U, questions[r["question_id"]][0]), msg(A, r["choices"][0]["turns"][0].strip()),
-             msg(U, questions[r["question_id"]][1]), msg(A, r["choices"][0]["turns"][1].strip())]
+            [
+                msg(U, questions[r["question_id"]][0]),
+                msg(A, r["choices"][0]["turns"][0].strip()),
+                msg(U, questions[r["question_id"]][1]),
+                msg(A, r["choices"][0]["turns"][1].strip()),
+            ]
             for r in refs
         ),
         key=lambda c: c[0]["content"],
-    )  # fmt: skip
+    )
 
     # disjoint from the evaluation sets (exact question match), but for chatterbot's known three
     found = set()

@@ -64,9 +64,13 @@ def test_lm_eval_local_tasks_under_speed(saved_model, tmp_path):
     from speed_train.eval.scoring import generate_text, score_requests
 
     write_tasks(tmp_path)
-    out = simple_evaluate(model="speed", model_args=f"pretrained={saved_model},batch_size=2",  # by registered name
-                          tasks=["speed_local_mc", "speed_local_gen"], log_samples=True,
-                          task_manager=TaskManager(include_path=str(tmp_path)))  # fmt: skip
+    out = simple_evaluate(
+        model="speed",
+        model_args=f"pretrained={saved_model},batch_size=2",  # by registered name
+        tasks=["speed_local_mc", "speed_local_gen"],
+        log_samples=True,
+        task_manager=TaskManager(include_path=str(tmp_path)),
+    )
     from lm_eval.api.registry import get_model
 
     lm = get_model("speed").create_from_arg_string(f"pretrained={saved_model}")
@@ -95,9 +99,22 @@ def test_lm_eval_cli_with_speed_model(saved_model, tmp_path, monkeypatch):
     from speed_train.eval import lm_eval_adapter
 
     write_tasks(tmp_path)
-    monkeypatch.setattr("sys.argv", ["x", "--model", "speed", "--model_args", f"pretrained={saved_model},k=full",
-                                     "--tasks", "speed_local_mc", "--include_path", str(tmp_path),
-                                     "--output_path", str(tmp_path / "res")])  # fmt: skip
+    monkeypatch.setattr(
+        "sys.argv",
+        [
+            "x",
+            "--model",
+            "speed",
+            "--model_args",
+            f"pretrained={saved_model},k=full",
+            "--tasks",
+            "speed_local_mc",
+            "--include_path",
+            str(tmp_path),
+            "--output_path",
+            str(tmp_path / "res"),
+        ],
+    )
     lm_eval_adapter.main()
     (res,) = (tmp_path / "res").rglob("results_*.json")
     data = json.loads(res.read_text())
@@ -140,7 +157,9 @@ def test_full_depth_speed_reproduces_lm_evals_hf_model(saved_model, offline_task
     assert a.keys() == b.keys() and max(abs(a[x] - b[x]) for x in a) < 1e-4
     assert hf["results"]["arc_easy_offline"]["acc,none"] == speed["results"]["arc_easy_offline"]["acc,none"]
     # add_bos=true scores something else (the measured 14/300 ARC-Easy disagreement came from this)
-    with_bos = simple_evaluate(model="speed", model_args=f"pretrained={saved_model},k=full,add_bos=true", **kw)
+    with_bos = simple_evaluate(
+        model="speed", model_args=f"pretrained={saved_model},k=full,add_bos=true", **kw
+    )
     c = _loglikelihoods(with_bos, "arc_easy_offline")
     assert max(abs(a[x] - c[x]) for x in a) > 1e-3
 
@@ -160,8 +179,12 @@ def test_hf_native_export_under_lm_evals_hf_model_equals_speed(tmp_path, offline
     make_hf_native(folder, tok, k=2, num_layers=4, anchor="bos", add_bos="auto")
     tm = TaskManager(include_path=str(offline_tasks))
     kw = dict(tasks=["arc_easy_offline"], limit=12, log_samples=True, task_manager=tm, device="cpu")
-    hf = simple_evaluate(model="hf", model_args=f"pretrained={folder},trust_remote_code=True,dtype=float32", **kw)
-    speed = simple_evaluate(model="speed", model_args=f"pretrained={folder}", **kw)  # K=2, bos from config.json
+    hf = simple_evaluate(
+        model="hf", model_args=f"pretrained={folder},trust_remote_code=True,dtype=float32", **kw
+    )
+    speed = simple_evaluate(
+        model="speed", model_args=f"pretrained={folder}", **kw
+    )  # K=2, bos from config.json
     a, b = _loglikelihoods(hf, "arc_easy_offline"), _loglikelihoods(speed, "arc_easy_offline")
     assert a.keys() == b.keys() and max(abs(a[x] - b[x]) for x in a) < 1e-4
     assert hf["results"]["arc_easy_offline"]["acc,none"] == speed["results"]["arc_easy_offline"]["acc,none"]
@@ -189,4 +212,6 @@ def test_apply_chat_template_marks_the_header_as_decode(saved_model):
     ex = encode_plain(ctx, " Paris", lm.tokenizer, lm.cfg, headers=lm._headers)
     header = lm.tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
     n = len(ex) - len(lm.tokenizer(" Paris", add_special_tokens=False)["input_ids"])
-    assert ex.input_ids[n - len(header) : n] == header and all(r == DECODE for r in ex.roles[n - len(header) :])
+    assert ex.input_ids[n - len(header) : n] == header and all(
+        r == DECODE for r in ex.roles[n - len(header) :]
+    )

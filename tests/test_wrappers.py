@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from reference import reference_logits
-from test_executors import _decode_err, _rel, padded_batch
 
 from speed_train.speed.executors import gather_forward, mask_forward, speed_loss
 from speed_train.speed.tiny import tiny_model
+from tests.reference import reference_logits
+from tests.test_executors import _decode_err, _rel, padded_batch
 
 
 def lora_model(seed=0):

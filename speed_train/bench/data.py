@@ -134,7 +134,11 @@ def main(argv=None) -> dict:
             runs = []
             for r in range(args.runs):
                 runs.append(
-                    _time(lambda p=p, r=r: encode_dataset(convs, tok, cfg, None, num_proc=p, cache_dir=f"{tmp}/{p}-{r}"))
+                    _time(
+                        lambda p=p, r=r: encode_dataset(
+                            convs, tok, cfg, None, num_proc=p, cache_dir=f"{tmp}/{p}-{r}"
+                        )
+                    )
                 )
             pipeline[p] = args.n / statistics.median(runs)
     print(f"\n{'pipeline (datasets.map)':28} {'conv/s':>9}  speed-up")

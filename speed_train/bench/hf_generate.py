@@ -24,8 +24,11 @@ import torch
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m speed_train.bench.hf_generate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap = argparse.ArgumentParser(
+        prog="python -m speed_train.bench.hf_generate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--k", type=int, default=22)
     ap.add_argument("--lengths", default="512,1024,2048")
     ap.add_argument("--decode-steps", type=int, default=16)
@@ -50,11 +53,15 @@ def chat_prompt(tok, n: int):
     from speed_train.speed.chat_roles import encode_generation_prompt
     from speed_train.speed.config import SpeedConfig
 
-    words = ("the quick brown fox jumps over the lazy dog and keeps on running through the field " * (n // 8)).split()
+    words = (
+        "the quick brown fox jumps over the lazy dog and keeps on running through the field " * (n // 8)
+    ).split()
     lo, hi = 1, len(words)
     while lo < hi:  # the longest message whose prompt fits n tokens
         mid = (lo + hi + 1) // 2
-        ex = encode_generation_prompt([{"role": "user", "content": " ".join(words[:mid])}], tok, SpeedConfig())
+        ex = encode_generation_prompt(
+            [{"role": "user", "content": " ".join(words[:mid])}], tok, SpeedConfig()
+        )
         lo, hi = (mid, hi) if len(ex) <= n else (lo, mid - 1)
     return encode_generation_prompt([{"role": "user", "content": " ".join(words[:lo])}], tok, SpeedConfig())
 
@@ -85,9 +92,19 @@ def main(argv=None) -> dict:
     def ours(prompt, n):
         return speed_generate(native, [prompt], args.k, max_new_tokens=n, pad_token_id=pad)
 
-    results: dict = {"k": args.k, "num_layers": L, "decode_steps": args.decode_steps, "runs": args.runs, "lengths": {}}
-    print(f"SmolLM2-135M-Instruct, CPU {torch.get_num_threads()} threads, K={args.k}/{L}, greedy, medians of {args.runs}")
-    print(f"{'prompt':>7} {'variant':24} {'TTFT s':>8} {'TPOT ms':>8} {'TTFT/HF':>8} {'TPOT/HF':>8} {'vs ours':>8}")
+    results: dict = {
+        "k": args.k,
+        "num_layers": L,
+        "decode_steps": args.decode_steps,
+        "runs": args.runs,
+        "lengths": {},
+    }
+    print(
+        f"SmolLM2-135M-Instruct, CPU {torch.get_num_threads()} threads, K={args.k}/{L}, greedy, medians of {args.runs}"
+    )
+    print(
+        f"{'prompt':>7} {'variant':24} {'TTFT s':>8} {'TPOT ms':>8} {'TTFT/HF':>8} {'TPOT/HF':>8} {'vs ours':>8}"
+    )
     with torch.no_grad():
         for n in args.lengths_list:
             prompt = chat_prompt(tok, n)
@@ -119,10 +136,15 @@ def main(argv=None) -> dict:
             nat["ttft_vs_speed_generate"] = nat["ttft_s"] / own["ttft_s"]
             nat["tpot_vs_speed_generate"] = nat["tpot_s"] / own["tpot_s"]
             for v, r in row.items():
-                vs = (f"{r['ttft_vs_speed_generate']:.2f}/{r['tpot_vs_speed_generate']:.2f}"
-                      if "ttft_vs_speed_generate" in r else "")  # fmt: skip
-                print(f"{len(prompt):>7} {v:24} {r['ttft_s']:8.3f} {1000 * r['tpot_s']:8.1f} {r['ttft_vs_hf']:8.3f} "
-                      f"{r['tpot_vs_hf']:8.3f} {vs:>8}")  # fmt: skip
+                vs = (
+                    f"{r['ttft_vs_speed_generate']:.2f}/{r['tpot_vs_speed_generate']:.2f}"
+                    if "ttft_vs_speed_generate" in r
+                    else ""
+                )
+                print(
+                    f"{len(prompt):>7} {v:24} {r['ttft_s']:8.3f} {1000 * r['tpot_s']:8.1f} {r['ttft_vs_hf']:8.3f} "
+                    f"{r['tpot_vs_hf']:8.3f} {vs:>8}"
+                )
             results["lengths"][str(len(prompt))] = row
             if args.json:
                 write_json(args.json, results)

@@ -90,8 +90,11 @@ def run_one(model, prompts: list[EncodedExample], k: int, decode_steps: int, dev
     ttft = time.perf_counter() - t0
     B = tok.shape[0]
     pos = batch.attention_mask.sum(1)
-    meta = TokenMeta(torch.full((B, 1), DECODE, device=device), torch.zeros((B, 1), dtype=torch.long, device=device),
-                     torch.zeros((B, 1), dtype=torch.long, device=device))  # fmt: skip
+    meta = TokenMeta(
+        torch.full((B, 1), DECODE, device=device),
+        torch.zeros((B, 1), dtype=torch.long, device=device),
+        torch.zeros((B, 1), dtype=torch.long, device=device),
+    )
     steps = []
     for _ in range(decode_steps):
         t1 = time.perf_counter()
@@ -104,7 +107,11 @@ def run_one(model, prompts: list[EncodedExample], k: int, decode_steps: int, dev
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m speed_train.bench.inference",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--preset", default="cpu_small", choices=list(PRESETS))
     ap.add_argument("--k", type=int, default=6)
     ap.add_argument("--lengths", default="256,1024,2048")
@@ -145,8 +152,17 @@ def main(argv=None) -> dict:
     p = PRESETS[args.preset]
     dtype = getattr(torch, args.dtype)
     with torch.device(args.device):
-        model = tiny_model("llama", layers=p["layers"], hidden=p["hidden"], heads=p["heads"], kv_heads=p["kv_heads"],
-                           intermediate=p["intermediate"], vocab=p["vocab"], dtype=dtype, max_position_embeddings=262144)  # fmt: skip
+        model = tiny_model(
+            "llama",
+            layers=p["layers"],
+            hidden=p["hidden"],
+            heads=p["heads"],
+            kv_heads=p["kv_heads"],
+            intermediate=p["intermediate"],
+            vocab=p["vocab"],
+            dtype=dtype,
+            max_position_embeddings=262144,
+        )
     model.to(args.device)
     shape = ModelShape.from_config(model.config)
     L, K = shape.layers, args.k
@@ -162,12 +178,23 @@ def main(argv=None) -> dict:
     )
     dbytes = torch.finfo(dtype).bits // 8
     dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    print(f"inference benchmark: {args.preset} ({L} layers, K={K}), {args.dtype}, batch {args.batch}, "
-          f"{dev_name}, bandwidth {bw / 1e9:.1f} GB/s, medians of {args.runs} interleaved runs")  # fmt: skip
-    print(f"{'length':>7} {'KV full MiB':>12} {'KV ratio':>9} {'pred':>6} {'TTFT ratio':>11} {'pred':>6} "
-          f"{'TPOT full ms':>13} {'roofline':>9} {'TPOT ratio':>11} {'pred':>6}", flush=True)  # fmt: skip
-    out = {"args": vars(args), "device": dev_name, "bandwidth_Bps": bw, "weight_bytes": weight_bytes,
-           "decode_weight_bytes": decode_weight_bytes, "rows": []}  # fmt: skip
+    print(
+        f"inference benchmark: {args.preset} ({L} layers, K={K}), {args.dtype}, batch {args.batch}, "
+        f"{dev_name}, bandwidth {bw / 1e9:.1f} GB/s, medians of {args.runs} interleaved runs"
+    )
+    print(
+        f"{'length':>7} {'KV full MiB':>12} {'KV ratio':>9} {'pred':>6} {'TTFT ratio':>11} {'pred':>6} "
+        f"{'TPOT full ms':>13} {'roofline':>9} {'TPOT ratio':>11} {'pred':>6}",
+        flush=True,
+    )
+    out = {
+        "args": vars(args),
+        "device": dev_name,
+        "bandwidth_Bps": bw,
+        "weight_bytes": weight_bytes,
+        "decode_weight_bytes": decode_weight_bytes,
+        "rows": [],
+    }
     rows = out["rows"]
     for n in args.lengths:
         prompts = [make_prompt(n, p["vocab"], seed=i) for i in range(args.batch)]
@@ -202,23 +229,35 @@ def main(argv=None) -> dict:
         kv_prompt_speed = kv_bytes_formula(shape, K, n, n_kept, args.batch, dbytes)
         tpot_pred_full = (decode_weight_bytes + kv_prompt_full) / bw
         tpot_pred_speed = (decode_weight_bytes + kv_prompt_speed) / bw
-        rows.append({
-            "length": n, "batch": args.batch,
-            "kv_full": kv["full"], "kv_speed": kv["speed"], "kv_ratio": kv["speed"] / kv["full"],
-            "kv_ratio_pred": kv_speed_formula / kv_full_formula,
-            "kv_matches_formula": kv["full"] == kv_full_formula and kv["speed"] == kv_speed_formula,
-            "kv_written_matches": kv["full_written"] == kv["full"] and kv["speed_written"] == kv["speed"],
-            "ttft_full_s": med["full"]["ttft"], "ttft_speed_s": med["speed"]["ttft"],
-            "ttft_ratio": med["speed"]["ttft"] / med["full"]["ttft"], "ttft_ratio_pred": pf_speed / pf_full,
-            "tpot_full_s": med["full"]["tpot"], "tpot_speed_s": med["speed"]["tpot"],
-            "tpot_ratio": med["speed"]["tpot"] / med["full"]["tpot"], "tpot_ratio_pred": tpot_pred_speed / tpot_pred_full,
-            "tpot_full_roofline_s": tpot_pred_full, "tpot_speed_roofline_s": tpot_pred_speed,
-        })  # fmt: skip
+        rows.append(
+            {
+                "length": n,
+                "batch": args.batch,
+                "kv_full": kv["full"],
+                "kv_speed": kv["speed"],
+                "kv_ratio": kv["speed"] / kv["full"],
+                "kv_ratio_pred": kv_speed_formula / kv_full_formula,
+                "kv_matches_formula": kv["full"] == kv_full_formula and kv["speed"] == kv_speed_formula,
+                "kv_written_matches": kv["full_written"] == kv["full"] and kv["speed_written"] == kv["speed"],
+                "ttft_full_s": med["full"]["ttft"],
+                "ttft_speed_s": med["speed"]["ttft"],
+                "ttft_ratio": med["speed"]["ttft"] / med["full"]["ttft"],
+                "ttft_ratio_pred": pf_speed / pf_full,
+                "tpot_full_s": med["full"]["tpot"],
+                "tpot_speed_s": med["speed"]["tpot"],
+                "tpot_ratio": med["speed"]["tpot"] / med["full"]["tpot"],
+                "tpot_ratio_pred": tpot_pred_speed / tpot_pred_full,
+                "tpot_full_roofline_s": tpot_pred_full,
+                "tpot_speed_roofline_s": tpot_pred_speed,
+            }
+        )
         r = rows[-1]
-        print(f"{r['length']:>7} {r['kv_full'] / 2**20:>12.2f} {r['kv_ratio']:>9.4f} {r['kv_ratio_pred']:>6.4f} "
-              f"{r['ttft_ratio']:>11.3f} {r['ttft_ratio_pred']:>6.3f} {1e3 * r['tpot_full_s']:>13.3f} "
-              f"{1e3 * r['tpot_full_roofline_s']:>9.3f} {r['tpot_ratio']:>11.3f} {r['tpot_ratio_pred']:>6.3f}",
-              flush=True)  # fmt: skip
+        print(
+            f"{r['length']:>7} {r['kv_full'] / 2**20:>12.2f} {r['kv_ratio']:>9.4f} {r['kv_ratio_pred']:>6.4f} "
+            f"{r['ttft_ratio']:>11.3f} {r['ttft_ratio_pred']:>6.3f} {1e3 * r['tpot_full_s']:>13.3f} "
+            f"{1e3 * r['tpot_full_roofline_s']:>9.3f} {r['tpot_ratio']:>11.3f} {r['tpot_ratio_pred']:>6.3f}",
+            flush=True,
+        )
         # written after every length: a run cut off by a timeout keeps the lengths it finished
         if args.json:
             write_json(args.json, out)

@@ -40,7 +40,11 @@ def synthetic_batch(batch: int, seq: int, prompt_share: float, vocab: int, seed:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m speed_train.bench.step",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
@@ -71,8 +75,16 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
 
     dtype = getattr(torch, args.dtype)
-    model = tiny_model("llama", layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.heads,
-                       intermediate=int(args.hidden * 8 / 3), vocab=args.vocab, dtype=dtype)  # fmt: skip
+    model = tiny_model(
+        "llama",
+        layers=args.layers,
+        hidden=args.hidden,
+        heads=args.heads,
+        kv_heads=args.heads,
+        intermediate=int(args.hidden * 8 / 3),
+        vocab=args.vocab,
+        dtype=dtype,
+    )
     model.to(args.device).train()
     batch = synthetic_batch(args.batch, args.seq, args.prompt_share, args.vocab).to(args.device)
     hf_labels = batch.labels.clone()
@@ -105,19 +117,34 @@ def main(argv=None) -> dict:
     base_flops = step_flops(shape, batch, args.layers, "full_hf")
     med = {n: statistics.median(ts) for n, ts in times.items()}
     rows = []
-    plan = (("vanilla", "full_hf", args.layers), ("full_K=L", "mask", args.layers), ("mask", "mask", args.k),
-            ("gather", "gather", args.k))  # fmt: skip
+    plan = (
+        ("vanilla", "full_hf", args.layers),
+        ("full_K=L", "mask", args.layers),
+        ("mask", "mask", args.k),
+        ("gather", "gather", args.k),
+    )
     for name, execution, k in plan:
         pred = step_flops(shape, batch, k, execution) / base_flops
-        rows.append({"variant": name, "median_s": med[name], "ratio": med[name] / med["vanilla"],
-                     "flop_ratio": pred, "ratio_over_pred": med[name] / med["vanilla"] / pred})  # fmt: skip
-    print(f"step benchmark: llama {args.layers}L h{args.hidden} vocab {args.vocab}, B={args.batch} T={args.seq}, "
-          f"prompt share {args.prompt_share}, K={args.k}, {args.device} {args.dtype}, "
-          f"median of {args.runs} interleaved runs")  # fmt: skip
+        rows.append(
+            {
+                "variant": name,
+                "median_s": med[name],
+                "ratio": med[name] / med["vanilla"],
+                "flop_ratio": pred,
+                "ratio_over_pred": med[name] / med["vanilla"] / pred,
+            }
+        )
+    print(
+        f"step benchmark: llama {args.layers}L h{args.hidden} vocab {args.vocab}, B={args.batch} T={args.seq}, "
+        f"prompt share {args.prompt_share}, K={args.k}, {args.device} {args.dtype}, "
+        f"median of {args.runs} interleaved runs"
+    )
     print(f"{'variant':9} {'median s':>9} {'ratio':>7} {'FLOP ratio':>11} {'ratio/pred':>11}")
     for r in rows:
-        print(f"{r['variant']:9} {r['median_s']:9.3f} {r['ratio']:7.3f} {r['flop_ratio']:11.3f} "
-              f"{r['ratio_over_pred']:11.3f}")  # fmt: skip
+        print(
+            f"{r['variant']:9} {r['median_s']:9.3f} {r['ratio']:7.3f} {r['flop_ratio']:11.3f} "
+            f"{r['ratio_over_pred']:11.3f}"
+        )
     result = {"args": vars(args), "rows": rows, "times": times}
     if args.json:
         write_json(args.json, result)

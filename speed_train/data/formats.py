@@ -64,7 +64,7 @@ def _field(row: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> A
     if key not in row or row[key] is None:
         raise BadRow(MISSING_FIELD, f"no {key!r} field")
     value = row[key]
-    if not isinstance(value, kind):
+    if not isinstance(value, kind) or isinstance(value, bool):  # a bool is an int to isinstance
         raise BadRow(WRONG_TYPE, f"{key!r} is a {type(value).__name__}")
     return value
 

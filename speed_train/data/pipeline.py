@@ -37,13 +37,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, overload
 
+from speed_train.atomic import remove_orphans
 from speed_train.speed import chat_roles as chat_roles_mod
 from speed_train.speed import roles as roles_mod
 from speed_train.speed.chat_roles import TRUNCATE, encode_conversation
 from speed_train.speed.config import SpeedConfig
 from speed_train.speed.roles import AddBos, EncodedExample, RoleError, check_add_bos
 
-from . import formats as formats_mod
 from . import recipes as recipes_mod
 from . import report as report_mod
 from . import sources as sources_mod
@@ -81,7 +81,9 @@ def _encode_batch(
     truncate: str,
     add_bos: AddBos,
 ) -> dict[str, list[Any]]:
-    out: dict[str, list[Any]] = {k: [] for k in (*ENCODED_COLUMNS, "length", "num_supervised", "turns_dropped", "reason")}
+    out: dict[str, list[Any]] = {
+        k: [] for k in (*ENCODED_COLUMNS, "length", "num_supervised", "turns_dropped", "reason")
+    }
     for messages in batch["messages"]:
         try:
             ex = encode_conversation(
@@ -161,10 +163,14 @@ def encode_dataset(
 
     if truncate not in TRUNCATE:
         raise DataError(f"unknown truncate={truncate!r}: use one of {', '.join(TRUNCATE)}")
-    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2):
+    if max_length is not None and (
+        isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2
+    ):
         raise DataError(f"max_length must be an int >= 2 (or None), got {max_length!r}")
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError("the tokenizer has no chat template: set tokenizer.chat_template before tokenising chat data")
+        raise DataError(
+            "the tokenizer has no chat template: set tokenizer.chat_template before tokenising chat data"
+        )
     add_bos = check_add_bos(add_bos)
     if not isinstance(conversations, Dataset):
         conversations = Dataset.from_dict(
@@ -229,6 +235,9 @@ def _stats(encoded) -> TokenizeStats:
         stats.kept += 1
         stats.tokens += length
         stats.supervised_tokens += sup
+        if source:
+            per = stats.source_tokens.setdefault(source, [0, 0])
+            per[0], per[1] = per[0] + length, per[1] + sup
         if cut:
             stats.truncated += 1
             stats.turns_dropped += cut
@@ -291,8 +300,10 @@ class EncodedDataset(Sequence[EncodedExample]):
 
 
 def _code_fingerprint() -> str:
-    h = hashlib.sha256(str(CODE_VERSION).encode())
-    for mod in (roles_mod, chat_roles_mod, formats_mod, recipes_mod, sources_mod, report_mod, sys.modules[__name__]):
+    """The encoders' and loaders' code: format adapters and readers (sources.adapters_code), role
+    encoders, recipes, report and this module; editing any of them invalidates caches."""
+    h = hashlib.sha256(f"{CODE_VERSION}:{sources_mod.adapters_code()}".encode())
+    for mod in (roles_mod, chat_roles_mod, recipes_mod, report_mod, sys.modules[__name__]):
         h.update(Path(mod.__file__ or "").read_bytes())
     return h.hexdigest()
 
@@ -304,7 +315,9 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
         "vocab_size": getattr(tokenizer, "vocab_size", None),
         "len": len(tokenizer),
         "chat_template": getattr(tokenizer, "chat_template", None),
-        "special_tokens": {k: str(v) for k, v in sorted(getattr(tokenizer, "special_tokens_map", {}).items())},
+        "special_tokens": {
+            k: str(v) for k, v in sorted(getattr(tokenizer, "special_tokens_map", {}).items())
+        },
     }
 
 
@@ -349,12 +362,17 @@ def _load_cache(folder: Path, key: str) -> tuple[EncodedDataset, EncodedDataset,
 
         if (folder / "key").read_text().strip() != key:
             raise ValueError("key mismatch")
-        train, held = (load_from_disk(str(folder / n)) if (folder / n).is_dir() else _empty() for n in ("train", "held_out"))
+        train, held = (
+            load_from_disk(str(folder / n)) if (folder / n).is_dir() else _empty()
+            for n in ("train", "held_out")
+        )
         report = DataReport.from_dict(json.loads((folder / "report.json").read_text(encoding="utf-8")))
         if len(train) != report.train.kept or len(held) != report.held_out.kept:  # type: ignore[union-attr]
             raise ValueError("example counts do not match the report")
     except Exception as exc:  # corrupt, truncated, foreign or outdated: rebuild
-        log.warning("ignoring unusable dataset cache %s (%s: %s); rebuilding", folder, type(exc).__name__, exc)
+        log.warning(
+            "ignoring unusable dataset cache %s (%s: %s); rebuilding", folder, type(exc).__name__, exc
+        )
         return None
     return EncodedDataset(train), EncodedDataset(held), report
 
@@ -391,8 +409,16 @@ def build_dataset(
     num_proc = default_num_proc() if num_proc is None else num_proc
     if num_proc < 1:
         raise DataError(f"num_proc={num_proc}: give at least 1 process (or None for every core)")
-    key = cache_key(recipe, tokenizer, speed_cfg, max_length, truncate, add_bos=add_bos, held_out=held_out,
-                    held_out_recipe=other)
+    key = cache_key(
+        recipe,
+        tokenizer,
+        speed_cfg,
+        max_length,
+        truncate,
+        add_bos=add_bos,
+        held_out=held_out,
+        held_out_recipe=other,
+    )
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^\w.-]", "_", recipe.name)  # a recipe name is free text; file names are not
@@ -407,12 +433,22 @@ def build_dataset(
             train, held, report = cached
             report.cache_hit = True
         else:
-            for orphan in root.glob(f".{folder.name}.tmp-*"):  # left by a killed build (we hold the lock)
-                shutil.rmtree(orphan, ignore_errors=True)
+            remove_orphans(root, folder.name)  # left by a killed build (we hold the lock)
             work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=root))
             try:
-                train, held, report = _build(recipe, other, held_out, tokenizer, speed_cfg, max_length, truncate,
-                                             add_bos, num_proc, work, key)
+                train, held, report = _build(
+                    recipe,
+                    other,
+                    held_out,
+                    tokenizer,
+                    speed_cfg,
+                    max_length,
+                    truncate,
+                    add_bos,
+                    num_proc,
+                    work,
+                    key,
+                )
                 # Cached even if the bad-row check below fails: the limit is not in the key, so
                 # raising it afterwards does not re-encode.
                 final = work / "final"
@@ -431,7 +467,9 @@ def build_dataset(
                 shutil.rmtree(work, ignore_errors=True)
             loaded = _load_cache(folder, key)
             if loaded is None:
-                raise DataError(f"the dataset cache {folder} did not load right after it was written; delete it")
+                raise DataError(
+                    f"the dataset cache {folder} did not load right after it was written; delete it"
+                )
             train, held, _ = loaded
     report.cache_path = str(folder)
     report.check(limit)
@@ -456,11 +494,22 @@ def _build(
     )
     out = []
     for split, convs in (("train", train_convs), ("held_out", held_convs)):
-        encoded, stats = encode_dataset(convs, tokenizer, speed_cfg, max_length, truncate, add_bos=add_bos,
-                                        num_proc=num_proc, cache_dir=work / split, fingerprint=f"{key[:32]}-{split}")
+        encoded, stats = encode_dataset(
+            convs,
+            tokenizer,
+            speed_cfg,
+            max_length,
+            truncate,
+            add_bos=add_bos,
+            num_proc=num_proc,
+            cache_dir=work / split,
+            fingerprint=f"{key[:32]}-{split}",
+        )
         setattr(report, split, stats)
         for name, s in report.sources.items():
             s.tokenized += getattr(s, split)
             s.tokenize_dropped = dict(Counter(s.tokenize_dropped) + Counter(stats.by_source.get(name, {})))
+            tokens, supervised = stats.source_tokens.get(name, (0, 0))
+            s.tokens, s.supervised_tokens = s.tokens + tokens, s.supervised_tokens + supervised
         out.append(encoded)
     return out[0], out[1], report

@@ -40,6 +40,8 @@ from typing import Any
 
 from .errors import DataError
 from .formats import EMPTY_CONTENT, MISSING_FIELD, NO_ASSISTANT, WRONG_TYPE, BadRow, Conversation
+from .formats import _field as _get
+from .formats import _mapping as _row
 
 # Not malformed, but excluded: the row's question is an evaluation question (MMLU: a test
 # question repeated in dev / validation). Counted with the bad rows so the report shows it.
@@ -47,21 +49,6 @@ EVAL_OVERLAP = "eval_overlap"
 
 # --------------------------------------------------------------------------------------------
 # Row helpers
-
-
-def _row(row: Any) -> Mapping[str, Any]:
-    if not isinstance(row, Mapping):
-        raise BadRow(WRONG_TYPE, f"row is a {type(row).__name__}, expected an object")
-    return row
-
-
-def _get(row: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
-    if row.get(key) is None:
-        raise BadRow(MISSING_FIELD, f"no {key!r} field")
-    value = row[key]
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise BadRow(WRONG_TYPE, f"{key!r} is a {type(value).__name__}")
-    return value
 
 
 def _text(value: Any, what: str) -> str:

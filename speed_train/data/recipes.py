@@ -127,7 +127,9 @@ def load_recipe(name_or_path: str | Path | Mapping[str, Any] | Recipe) -> Recipe
             + (f" (did you mean {hint[0]!r}?)" if hint else "")
             + "; or give the path of a recipe YAML file"
         )
-    return _parse_file(entry.read_text(encoding="utf-8-sig"), f"{_FOLDER}/{text}.yaml", Path(str(entry)).parent)
+    return _parse_file(
+        entry.read_text(encoding="utf-8-sig"), f"{_FOLDER}/{text}.yaml", Path(str(entry)).parent
+    )
 
 
 def _plain(obj: Any) -> Any:
@@ -337,7 +339,9 @@ def load_conversations(
     return train.remove_columns("key"), held.remove_columns("key"), report
 
 
-def _selected(recipe: Recipe, report: DataReport, num_proc: int, cache_dir: str | Path | None, seed: int | None = None):
+def _selected(
+    recipe: Recipe, report: DataReport, num_proc: int, cache_dir: str | Path | None, seed: int | None = None
+):
     """Every source's valid, sampled conversations, with ``source`` and the held-out ``key``."""
     from datasets import concatenate_datasets
 
@@ -347,7 +351,9 @@ def _selected(recipe: Recipe, report: DataReport, num_proc: int, cache_dir: str 
     for spec in recipe.sources:
         rep = SourceReport(name=spec.name, path=spec.path, format=spec.format, files=len(spec.resolved.files))
         report.sources[spec.name] = rep
-        rows = src.conversation_dataset(spec, snapshots.get(spec.name), num_proc=num_proc, cache_dir=cache_dir)
+        rows = src.conversation_dataset(
+            spec, snapshots.get(spec.name), num_proc=num_proc, cache_dir=cache_dir
+        )
         reasons = rows["reason"]
         rep.rows = len(reasons)
         rep.bad = dict(Counter(r for r in reasons if r is not None))
@@ -375,7 +381,9 @@ def _selected(recipe: Recipe, report: DataReport, num_proc: int, cache_dir: str 
         )
 
 
-def _key_and_system_batch(batch: dict[str, list[Any]], seed: int, system_prompt: str | None) -> dict[str, list]:
+def _key_and_system_batch(
+    batch: dict[str, list[Any]], seed: int, system_prompt: str | None
+) -> dict[str, list]:
     """The held-out key of each conversation (of its own content, before the recipe's system
     prompt), then the system prompt for conversations that have none."""
     keys = [conversation_hash(m, seed) for m in batch["messages"]]

@@ -30,6 +30,8 @@ class SourceReport:
     held_out: int = 0
     tokenized: int = 0
     tokenize_dropped: dict[str, int] = field(default_factory=dict)
+    tokens: int = 0  # of the examples kept (train + held-out)
+    supervised_tokens: int = 0
 
     @property
     def num_bad(self) -> int:
@@ -58,6 +60,7 @@ class TokenizeStats:
     tokens: int = 0
     supervised_tokens: int = 0
     by_source: dict[str, dict[str, int]] = field(default_factory=dict)  # source -> reason -> count
+    source_tokens: dict[str, list[int]] = field(default_factory=dict)  # source -> [tokens, supervised]
 
     @property
     def num_dropped(self) -> int:
@@ -69,6 +72,9 @@ class TokenizeStats:
         self.dropped = dict(Counter(self.dropped) + Counter(other.dropped))
         for name, counts in other.by_source.items():
             self.by_source[name] = dict(Counter(self.by_source.get(name, {})) + Counter(counts))
+        for name, (tok, sup) in other.source_tokens.items():
+            mine = self.source_tokens.setdefault(name, [0, 0])
+            mine[0], mine[1] = mine[0] + tok, mine[1] + sup
 
 
 @dataclass
@@ -110,7 +116,8 @@ class DataReport:
         for s in self.sources.values():
             out.append(
                 f"  {s.name} [{s.format}] {s.files} file(s): {s.rows} rows, {s.valid} valid, {s.selected} "
-                f"selected -> {s.train} train / {s.held_out} held-out; {_describe(s)}"
+                f"selected -> {s.train} train / {s.held_out} held-out, {s.tokens} tokens ({s.supervised_tokens} "
+                f"supervised); {_describe(s)}"
             )
         for split, st in (("train", self.train), ("held_out", self.held_out)):
             if st is None:

@@ -348,7 +348,9 @@ def progress_for(rows: int | None):
 def conversation_features():
     from datasets import Features, List, Value
 
-    return Features({"messages": List({"role": Value("string"), "content": Value("string")}), "reason": Value("string")})
+    return Features(
+        {"messages": List({"role": Value("string"), "content": Value("string")}), "reason": Value("string")}
+    )
 
 
 def _convert(row: Any, fmt: str) -> tuple[list[dict[str, str]], str | None]:
@@ -382,7 +384,11 @@ def _file_rows(files: list[str], fmt: str, stamp: Any) -> Iterator[dict[str, Any
 
 
 def conversation_dataset(
-    spec: SourceSpec, local_snapshot: Path | None = None, *, num_proc: int = 1, cache_dir: str | Path | None = None
+    spec: SourceSpec,
+    local_snapshot: Path | None = None,
+    *,
+    num_proc: int = 1,
+    cache_dir: str | Path | None = None,
 ):
     """The source's rows as a ``datasets.Dataset`` with columns ``messages`` (normalised, empty
     for a malformed row) and ``reason`` (None, or why the row is malformed), in file order.
@@ -400,8 +406,11 @@ def conversation_dataset(
             return Dataset.from_generator(
                 _file_rows,
                 features=features,
-                gen_kwargs={"files": [str(f) for f in spec.resolved.files], "fmt": spec.format,
-                            "stamp": spec.resolved.fingerprint()},
+                gen_kwargs={
+                    "files": [str(f) for f in spec.resolved.files],
+                    "fmt": spec.format,
+                    "stamp": spec.resolved.fingerprint(),
+                },
                 keep_in_memory=cache_dir is None,
                 cache_dir=str(cache_dir) if cache_dir is not None else None,
             )
@@ -423,7 +432,7 @@ def conversation_dataset(
     # datasets fingerprints a map by the function's own code: the adapters it calls live in other
     # modules, so their code goes into the fingerprint explicitly (an edited adapter re-converts)
     fingerprint = hashlib.sha256(
-        f"{getattr(raw, '_fingerprint', '')}:{spec.format}:{_adapters_code()}".encode()
+        f"{getattr(raw, '_fingerprint', '')}:{spec.format}:{adapters_code()}".encode()
     ).hexdigest()[:32]
     with progress_for(len(raw)):
         return raw.map(
@@ -439,7 +448,8 @@ def conversation_dataset(
         )
 
 
-def _adapters_code() -> str:
+def adapters_code() -> str:
+    """sha256 of the format adapters' code (formats, qa_formats) and of this module."""
     from . import formats, qa_formats
 
     h = hashlib.sha256()
@@ -452,8 +462,12 @@ def _load_hub(spec: SourceSpec, local_snapshot: Path | None):
     import datasets
 
     # A cached snapshot is a plain folder: its revision is already fixed by the snapshot.
-    where, revision = (str(local_snapshot), None) if local_snapshot is not None else (spec.hub_id, spec.revision)
+    where, revision = (
+        (str(local_snapshot), None) if local_snapshot is not None else (spec.hub_id, spec.revision)
+    )
     try:
         return datasets.load_dataset(where, name=spec.subset, split=spec.split, revision=revision)
     except Exception as exc:
-        raise DataError(f"source {spec.name!r}: cannot load {spec.hub_id!r} (split {spec.split!r}): {exc}") from exc
+        raise DataError(
+            f"source {spec.name!r}: cannot load {spec.hub_id!r} (split {spec.split!r}): {exc}"
+        ) from exc

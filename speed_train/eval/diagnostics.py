@@ -49,8 +49,12 @@ def layer_diagnostics(model, examples) -> dict[str, list[float]]:
         for ex in examples:
             batch = collate([ex], pad_id=0).to(parts.embed.weight.device)
             hs: list[torch.Tensor] = []  # each layer's (un-normed) output, via hooks
-            hooks = [layer.register_forward_hook(lambda _m, _i, o, hs=hs: hs.append(o[0] if isinstance(o, tuple) else o))
-                     for layer in parts.layers]  # fmt: skip
+            hooks = [
+                layer.register_forward_hook(
+                    lambda _m, _i, o, hs=hs: hs.append(o[0] if isinstance(o, tuple) else o)
+                )
+                for layer in parts.layers
+            ]
             try:
                 out = lm(input_ids=batch.input_ids, position_ids=batch.position_ids, output_attentions=True)
             finally:
@@ -158,7 +162,11 @@ def _examples(tokenizer, n: int, anchor: str):
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m speed_train.eval.diagnostics",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--n", type=int, default=16, help="held-out packaged chat conversations")
     ap.add_argument("--anchor", default="bos")
@@ -175,12 +183,22 @@ def main(argv=None) -> dict:
     L = len(curves["prompt_mass"])
     d = Path(args.out)
     d.mkdir(parents=True, exist_ok=True)
-    res = {"model": args.model, "auto_k": k, "k_attn": rec["k_attn"], "k_rep": rec["k_rep"], "num_layers": L, "attn_frac": args.attn_frac,
-           "rep_frac": args.rep_frac, **curves}  # fmt: skip
+    res = {
+        "model": args.model,
+        "auto_k": k,
+        "k_attn": rec["k_attn"],
+        "k_rep": rec["k_rep"],
+        "num_layers": L,
+        "attn_frac": args.attn_frac,
+        "rep_frac": args.rep_frac,
+        **curves,
+    }
     write_json(d / "diagnostics.json", res)
     plot(curves, k, str(d / "diagnostics.png"), f"{args.model}: recommended K = {k} of {L}")
-    print(f"recommended K = {k} of {L} layers ({k / L:.2f}; K_attn={rec['k_attn']}, K_rep={rec['k_rep']}); "
-          f"curves and plot in {d}/")  # fmt: skip
+    print(
+        f"recommended K = {k} of {L} layers ({k / L:.2f}; K_attn={rec['k_attn']}, K_rep={rec['k_rep']}); "
+        f"curves and plot in {d}/"
+    )
     return res
 
 

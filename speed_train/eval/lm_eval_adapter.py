@@ -54,18 +54,40 @@ from speed_train.eval.scoring import chat_headers, generate_text, score_requests
 from speed_train.speed.config import SpeedConfig, parse_k
 from speed_train.speed.roles import check_add_bos
 
-MODEL_ARGS = ("pretrained", "k", "anchor", "adapter", "add_bos", "batch_size", "dtype", "max_gen_toks", "device")
+MODEL_ARGS = (
+    "pretrained",
+    "k",
+    "anchor",
+    "adapter",
+    "add_bos",
+    "batch_size",
+    "dtype",
+    "max_gen_toks",
+    "device",
+)
 
 
 @register_model("speed")
 class SpeedLMEval(LM):
-    def __init__(self, pretrained: str = "smollm2", k="saved", anchor: str | None = None, adapter: str | None = None,
-                 add_bos="auto", batch_size: int | str = 8, dtype: str = "auto", max_gen_toks: int = 256,
-                 device: str | None = None, **kwargs) -> None:  # fmt: skip
+    def __init__(
+        self,
+        pretrained: str = "smollm2",
+        k="saved",
+        anchor: str | None = None,
+        adapter: str | None = None,
+        add_bos="auto",
+        batch_size: int | str = 8,
+        dtype: str = "auto",
+        max_gen_toks: int = 256,
+        device: str | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__()
         if kwargs:
-            raise ValueError(f"unknown model_args for --model speed: {', '.join(sorted(kwargs))} "
-                             f"(known: {', '.join(MODEL_ARGS)}; see speed-lm-eval --help)")  # fmt: skip
+            raise ValueError(
+                f"unknown model_args for --model speed: {', '.join(sorted(kwargs))} "
+                f"(known: {', '.join(MODEL_ARGS)}; see speed-lm-eval --help)"
+            )
         self.model, self.tokenizer, saved = load_eval_model(pretrained, adapter, dtype, device)
         # k left out: the model's saved K (else full depth); k=None / "None" / "full": full depth,
         # however lm-eval hands the value over (string or parsed None)
@@ -78,14 +100,19 @@ class SpeedLMEval(LM):
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
-        return cls.create_from_arg_obj(dict(kv.split("=", 1) for kv in arg_string.split(",") if kv), additional_config)
+        return cls.create_from_arg_obj(
+            dict(kv.split("=", 1) for kv in arg_string.split(",") if kv), additional_config
+        )
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
         # lm-eval passes its --batch_size / --device here; model_args win. Its CLI's default device
         # is "cuda:0" even on a machine without one: then fall back to our default (cpu), like HFLM.
-        extra = {k: v for k, v in (additional_config or {}).items()
-                 if v is not None and k in ("batch_size", "device") and k not in arg_dict}  # fmt: skip
+        extra = {
+            k: v
+            for k, v in (additional_config or {}).items()
+            if v is not None and k in ("batch_size", "device") and k not in arg_dict
+        }
         if str(extra.get("device", "")).startswith("cuda") and not torch.cuda.is_available():
             del extra["device"]
         return cls(**arg_dict, **extra)
@@ -98,11 +125,14 @@ class SpeedLMEval(LM):
     def chat_template(self, chat_template: bool | str = False) -> str | None:
         return getattr(self.tokenizer, "chat_template", None) if chat_template else None
 
-    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
         # contexts rendered with the template end with its assistant header: that is their decode segment
         self._headers = chat_headers(self.tokenizer)
-        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)  # fmt: skip
+        return self.tokenizer.apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     # -- requests -------------------------------------------------------------------------
     def loglikelihood(self, requests, disable_tqdm: bool = False):
@@ -120,10 +150,16 @@ class SpeedLMEval(LM):
             done[0] = n_groups
             bar.update(n)
 
-        scores = score_requests(self.model, self.tokenizer, self.cfg,
-                                [(c, [requests[i].args[1] for i in groups[c]]) for c in ctxs],
-                                batch_size=self.batch_size, add_bos=self.add_bos, headers=self._headers,
-                                progress=progress)  # fmt: skip
+        scores = score_requests(
+            self.model,
+            self.tokenizer,
+            self.cfg,
+            [(c, [requests[i].args[1] for i in groups[c]]) for c in ctxs],
+            batch_size=self.batch_size,
+            add_bos=self.add_bos,
+            headers=self._headers,
+            progress=progress,
+        )
         bar.close()
         out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         for c, sc in zip(ctxs, scores):
@@ -133,8 +169,14 @@ class SpeedLMEval(LM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         # whole document as the continuation of an empty (BoS-only) context
-        scores = score_requests(self.model, self.tokenizer, self.cfg, [("", [r.args[0]]) for r in requests],
-                                batch_size=1, add_bos=True)  # fmt: skip
+        scores = score_requests(
+            self.model,
+            self.tokenizer,
+            self.cfg,
+            [("", [r.args[0]]) for r in requests],
+            batch_size=1,
+            add_bos=True,
+        )
         return [s[0].logprob for s in scores]
 
     def generate_until(self, requests, disable_tqdm: bool = False):
@@ -153,9 +195,17 @@ class SpeedLMEval(LM):
         outs: list[str] = [""] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until (SPEED)")
         for (until, max_toks), idx in by_kwargs.items():
-            texts = generate_text(self.model, self.tokenizer, self.cfg, [requests[i].args[0] for i in idx],
-                                  max_new_tokens=max_toks, stop_sequences=until, batch_size=self.batch_size,
-                                  add_bos=self.add_bos, headers=self._headers)  # fmt: skip
+            texts = generate_text(
+                self.model,
+                self.tokenizer,
+                self.cfg,
+                [requests[i].args[0] for i in idx],
+                max_new_tokens=max_toks,
+                stop_sequences=until,
+                batch_size=self.batch_size,
+                add_bos=self.add_bos,
+                headers=self._headers,
+            )
             for i, t in zip(idx, texts):
                 outs[i] = t
             bar.update(len(idx))

@@ -31,15 +31,33 @@ from decimal import Decimal, localcontext
 from pathlib import Path
 
 UNCOND_OFFSET = 1_000_000
-MC_TASKS = ("arc_easy", "arc_challenge", "boolq", "csqa", "hellaswag", "openbookqa", "piqa", "socialiqa",
-            "winogrande", "mmlu")  # fmt: skip
+MC_TASKS = (
+    "arc_easy",
+    "arc_challenge",
+    "boolq",
+    "csqa",
+    "hellaswag",
+    "openbookqa",
+    "piqa",
+    "socialiqa",
+    "winogrande",
+    "mmlu",
+)
 ALL_TASKS = (*MC_TASKS, "gsm8k")
 ALIASES = {"arc_e": "arc_easy", "arc_c": "arc_challenge", "obqa": "openbookqa", "siqa": "socialiqa"}
 # OLMES-v0.1 primary metric of the cloze (rc) formulation, from oe-eval's "<task>:rc::olmes"
-OLMES_PRIMARY = {"arc_easy": "acc_per_char", "arc_challenge": "acc_uncond", "boolq": "acc_raw",
-                 "csqa": "acc_uncond", "hellaswag": "acc_per_char", "openbookqa": "acc_uncond",
-                 "piqa": "acc_per_char", "socialiqa": "acc_per_char", "winogrande": "acc_raw",
-                 "mmlu": "acc_per_char"}  # fmt: skip
+OLMES_PRIMARY = {
+    "arc_easy": "acc_per_char",
+    "arc_challenge": "acc_uncond",
+    "boolq": "acc_raw",
+    "csqa": "acc_uncond",
+    "hellaswag": "acc_per_char",
+    "openbookqa": "acc_uncond",
+    "piqa": "acc_per_char",
+    "socialiqa": "acc_per_char",
+    "winogrande": "acc_raw",
+    "mmlu": "acc_per_char",
+}
 MC_METRICS = ("acc_raw", "acc_per_token", "acc_per_char", "acc_uncond")
 MMLU_VARIANTS = ("rc_5shot", "mc_5shot", "rc_0shot", "mc_0shot")
 
@@ -152,19 +170,26 @@ def _docs_from_requests(rows: list[dict], path: Path) -> list[Doc]:
             )
         idxs = sorted(d["c"])
         if idxs != list(range(len(idxs))):
-            raise EvalError(f"malformed request file {path}: doc {doc_id} has choice indices {idxs}, "
-                            f"expected 0..{len(idxs) - 1}")  # fmt: skip
+            raise EvalError(
+                f"malformed request file {path}: doc {doc_id} has choice indices {idxs}, "
+                f"expected 0..{len(idxs) - 1}"
+            )
         try:
             label = int(d["label"])
         except (TypeError, ValueError):
-            raise EvalError(f"malformed request file {path}: doc {doc_id} has label {d['label']!r}, "
-                            "expected the index of the correct choice") from None  # fmt: skip
+            raise EvalError(
+                f"malformed request file {path}: doc {doc_id} has label {d['label']!r}, "
+                "expected the index of the correct choice"
+            ) from None
         if not 0 <= label < len(idxs):
-            raise EvalError(f"malformed request file {path}: doc {doc_id} has label {label} "
-                            f"but {len(idxs)} choices")  # fmt: skip
+            raise EvalError(
+                f"malformed request file {path}: doc {doc_id} has label {label} but {len(idxs)} choices"
+            )
         if d["u"] and sorted(d["u"]) != idxs:
-            raise EvalError(f"malformed request file {path}: doc {doc_id} has unconditional requests "
-                            f"for choices {sorted(d['u'])}, conditional ones for {idxs}")  # fmt: skip
+            raise EvalError(
+                f"malformed request file {path}: doc {doc_id} has unconditional requests "
+                f"for choices {sorted(d['u'])}, conditional ones for {idxs}"
+            )
         uctx = next(iter(d["u"].values()))[0] if d["u"] else None
         docs.append(Doc(doc_id, [d["c"][i][0] for i in idxs], [d["c"][i][1] for i in idxs], label, uctx))
     if not docs:
@@ -189,8 +214,14 @@ def _gsm8k_task(variant: str, rows: list[dict], path: Path) -> Task:
     req = rows[0]["request"] if rows else {}
     gen = req.get("generation_kwargs", {}) or {}
     stops = req.get("stop_sequences") or gen.get("stop_sequences") or []
-    return Task("gsm8k", variant, "exact_match", _gsm8k_docs(rows, path), True,
-                {"stop_sequences": list(stops), "max_gen_toks": gen.get("max_gen_toks", 512)})  # fmt: skip
+    return Task(
+        "gsm8k",
+        variant,
+        "exact_match",
+        _gsm8k_docs(rows, path),
+        True,
+        {"stop_sequences": list(stops), "max_gen_toks": gen.get("max_gen_toks", 512)},
+    )
 
 
 def _mmlu(variant: str, root: Path) -> Task:
@@ -266,8 +297,12 @@ def load_task(
         if name == "gsm8k":
             task = _gsm8k_task(variant or "local", rows, file)
         else:
-            task = Task(name, variant or "local", primary_metric(name, variant, cfg, primary),
-                        _docs_from_requests(rows, file))  # fmt: skip
+            task = Task(
+                name,
+                variant or "local",
+                primary_metric(name, variant, cfg, primary),
+                _docs_from_requests(rows, file),
+            )
     elif name not in ALL_TASKS:
         raise EvalError(f"unknown task {name!r}: choose from {', '.join(ALL_TASKS)} (or pass a local path)")
     elif name == "mmlu":
@@ -282,17 +317,23 @@ def load_task(
         if name == "gsm8k":
             task = _gsm8k_task(variant, rows, d)
         else:
-            task = Task(name, variant, primary_metric(name, variant, _config(d), primary),
-                        _docs_from_requests(rows, d))  # fmt: skip
+            task = Task(
+                name,
+                variant,
+                primary_metric(name, variant, _config(d), primary),
+                _docs_from_requests(rows, d),
+            )
     if not task.generative:
         if task.primary_metric not in MC_METRICS:
             raise EvalError(
                 f"task {name!r}: primary metric {task.primary_metric!r} is not one of {', '.join(MC_METRICS)}"
             )
         if task.primary_metric == "acc_uncond" and not task.has_uncond:
-            raise EvalError(f"task {name!r} ({task.variant}): primary metric acc_uncond needs the unconditional "
-                            f"requests (doc ids + {UNCOND_OFFSET}), which this request file lacks; "
-                            "use --primary dump or a file that has them")  # fmt: skip
+            raise EvalError(
+                f"task {name!r} ({task.variant}): primary metric acc_uncond needs the unconditional "
+                f"requests (doc ids + {UNCOND_OFFSET}), which this request file lacks; "
+                "use --primary dump or a file that has them"
+            )
     if limit is not None:
         task.docs = task.docs[:limit]
     return task
@@ -319,8 +360,10 @@ def mc_predictions(docs: list[Doc], cond: list[list], uncond: list[list] | None)
 
 def mc_metrics(docs: list[Doc], cond: list[list], uncond: list[list] | None) -> dict[str, float]:
     """OLMES accuracies from per-choice scores."""
-    return {m: sum(int(p == d.gold) for p, d in zip(preds, docs)) / max(len(docs), 1)
-            for m, preds in mc_predictions(docs, cond, uncond).items()}  # fmt: skip
+    return {
+        m: sum(int(p == d.gold) for p, d in zip(preds, docs)) / max(len(docs), 1)
+        for m, preds in mc_predictions(docs, cond, uncond).items()
+    }
 
 
 _NUM = re.compile(r"-?[\d,]*\.?\d+")

@@ -23,10 +23,15 @@ from speed_train.atomic import write_json, write_text
 from speed_train.eval.olmes import MC_TASKS, EvalError, load_task, task_primary_metric
 from speed_train.eval.run import evaluate_task, load_eval_model, markdown_table
 from speed_train.speed.config import SpeedConfig, parse_k
+from speed_train.speed.roles import check_add_bos
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m speed_train.eval.reproduce",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--adapter", default=None)
     ap.add_argument("--k", default="0.75")
@@ -38,6 +43,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     ap.add_argument("--dtype", default="float32", help="float32 (the tables in the docs), bfloat16, auto")
     ap.add_argument("--primary", default="olmes", choices=["olmes", "dump"])
+    ap.add_argument(
+        "--add-bos",
+        default="auto",
+        help="the BoS rule for the prompts: auto (as the tokenizer, plus the anchor's own below full depth), "
+        "true (every column; the tables of docs/REPRODUCTION.md sections 2-3), false",
+    )
     ap.add_argument("--rebuild-from", default=None, help="a results.json of this command: re-table only")
     ap.add_argument(
         "--sweep-k",
@@ -55,8 +66,11 @@ def main(argv=None) -> dict:
     L = model.config.num_hidden_layers
     K = SpeedConfig(k=k).resolve_k(L)
     runs: dict[str, list[dict]] = {}
-    plan = [("full depth", SpeedConfig(k=None), model), (f"SPEED-{K}+BoS zero-shot", SpeedConfig(k=k, anchor="bos"), model),
-            (f"SPEED-{K} zero-shot", SpeedConfig(k=k, anchor="none"), model)]  # fmt: skip
+    plan = [
+        ("full depth", SpeedConfig(k=None), model),
+        (f"SPEED-{K}+BoS zero-shot", SpeedConfig(k=k, anchor="bos"), model),
+        (f"SPEED-{K} zero-shot", SpeedConfig(k=k, anchor="none"), model),
+    ]
     if args.sweep_k:
         ks = [int(x) for x in args.sweep_k.split(",")]
         plan = [plan[0]] + [
@@ -72,7 +86,10 @@ def main(argv=None) -> dict:
     for name, cfg, m in plan:
         runs[name] = []
         for task in tasks:
-            r = evaluate_task(m, tok, cfg, task, batch_size=args.batch_size)
+            r = evaluate_task(
+                m, tok, cfg, task, batch_size=args.batch_size, add_bos=check_add_bos(args.add_bos)
+            )
+            r.pop("samples", None)  # per-question data: python -m speed_train.eval writes it
             runs[name].append(r)
             print(
                 f"{name:28} {task.name:14} {r['primary_metric']:13} {100 * r['primary']:5.1f}  ({r['seconds']:.0f}s)"
@@ -88,8 +105,10 @@ def main(argv=None) -> dict:
 
 def _header(out: dict) -> str:
     a = out["args"]
-    return (f"{a['variant']}, {a['limit']} questions per task, K={out['K']}/{out['num_layers']}, "
-            f"primary metrics: {a.get('primary', 'dump')}, {out['minutes']:.1f} min\n\n")  # fmt: skip
+    return (
+        f"{a['variant']}, {a['limit']} questions per task, K={out['K']}/{out['num_layers']}, "
+        f"primary metrics: {a.get('primary', 'dump')}, {out['minutes']:.1f} min\n\n"
+    )
 
 
 def rebuild(path: str, primary: str, out_dir: Path) -> dict:

@@ -63,8 +63,11 @@ def speed_presets() -> dict[str, dict]:
     import yaml
 
     folder = resources.files("speed_train.conf").joinpath("speed")
-    return {p.name.rsplit(".", 1)[0]: yaml.safe_load(p.read_text(encoding="utf-8"))
-            for p in folder.iterdir() if p.name.endswith(".yaml")}  # fmt: skip
+    return {
+        p.name.rsplit(".", 1)[0]: yaml.safe_load(p.read_text(encoding="utf-8"))
+        for p in folder.iterdir()
+        if p.name.endswith(".yaml")
+    }
 
 
 def load_eval_model(model: str, adapter: str | None = None, dtype: str = "auto", device: str | None = None):
@@ -97,21 +100,40 @@ def _mc_requests(task: Task) -> tuple[list[tuple[str, list[str]]], list[list[tup
     return reqs, where
 
 
-def evaluate_task(model, tok, cfg: SpeedConfig, task: Task, *, batch_size: int = 8, max_gen_tokens: int | None = None,
-                  add_bos="auto", progress=None) -> dict:  # fmt: skip
+def evaluate_task(
+    model,
+    tok,
+    cfg: SpeedConfig,
+    task: Task,
+    *,
+    batch_size: int = 8,
+    max_gen_tokens: int | None = None,
+    add_bos="auto",
+    progress=None,
+) -> dict:
     """Score one task. ``progress(done, total)`` is called after every batch of requests."""
     t0 = time.perf_counter()
     samples = None
     if task.generative:
         ctxs = [d.contexts[0] for d in task.docs]
-        gens = generate_text(model, tok, cfg, ctxs, max_new_tokens=max_gen_tokens or task.generation["max_gen_toks"],
-                             stop_sequences=tuple(task.generation["stop_sequences"]), batch_size=batch_size,
-                             add_bos=add_bos, progress=progress)  # fmt: skip
+        gens = generate_text(
+            model,
+            tok,
+            cfg,
+            ctxs,
+            max_new_tokens=max_gen_tokens or task.generation["max_gen_toks"],
+            stop_sequences=tuple(task.generation["stop_sequences"]),
+            batch_size=batch_size,
+            add_bos=add_bos,
+            progress=progress,
+        )
         preds = [extract_gsm8k_answer(g) for g in gens]
         hits = [p == d.meta["answer"] for p, d in zip(preds, task.docs)]
         metrics = {"exact_match": sum(hits) / max(len(hits), 1)}
-        samples = [{"doc_id": d.doc_id, "generation": g, "prediction": p, "answer": d.meta["answer"]}
-                   for d, g, p in zip(task.docs, gens, preds)]  # fmt: skip
+        samples = [
+            {"doc_id": d.doc_id, "generation": g, "prediction": p, "answer": d.meta["answer"]}
+            for d, g, p in zip(task.docs, gens, preds)
+        ]
     else:
         reqs, where = _mc_requests(task)
         # score in order of context length (less padding per batch), then restore the order
@@ -129,8 +151,14 @@ def evaluate_task(model, tok, cfg: SpeedConfig, task: Task, *, batch_size: int =
         cond = [[scores[r][p] for r, p in loc] for loc in where]
         uncond = None
         if task.has_uncond:
-            uncond = score_requests(model, tok, cfg, [(d.uncond_context, d.choices) for d in task.docs],
-                                    batch_size=batch_size, add_bos=add_bos)  # fmt: skip
+            uncond = score_requests(
+                model,
+                tok,
+                cfg,
+                [(d.uncond_context, d.choices) for d in task.docs],
+                batch_size=batch_size,
+                add_bos=add_bos,
+            )
             if progress is not None:
                 progress(total, total)
         metrics = mc_metrics(task.docs, cond, uncond)
@@ -139,8 +167,15 @@ def evaluate_task(model, tok, cfg: SpeedConfig, task: Task, *, batch_size: int =
         raise EvalError(
             f"task {task.name}: primary metric {task.primary_metric} was not computed ({sorted(metrics)})"
         )
-    out = {"task": task.name, "variant": task.variant, "n": len(task.docs), "primary_metric": task.primary_metric,
-           "primary": metrics[task.primary_metric], "metrics": metrics, "seconds": time.perf_counter() - t0}  # fmt: skip
+    out = {
+        "task": task.name,
+        "variant": task.variant,
+        "n": len(task.docs),
+        "primary_metric": task.primary_metric,
+        "primary": metrics[task.primary_metric],
+        "metrics": metrics,
+        "seconds": time.perf_counter() - t0,
+    }
     if samples is not None:
         out["samples"] = samples
     return out
@@ -150,12 +185,17 @@ def question_records(task: Task, cond: list[list], uncond: list[list] | None) ->
     """One record per question: the gold index, every choice's log-likelihood (and tokens), and
     the index each metric predicts (the per-question data behind paired comparisons)."""
     records = []
+    preds = mc_predictions(task.docs, cond, uncond)
     for i, d in enumerate(task.docs):
-        rec = {"doc_id": d.doc_id, "gold": d.gold, "logprobs": [c.logprob for c in cond[i]],
-               "num_tokens": [c.num_tokens for c in cond[i]]}  # fmt: skip
+        rec = {
+            "doc_id": d.doc_id,
+            "gold": d.gold,
+            "logprobs": [c.logprob for c in cond[i]],
+            "num_tokens": [c.num_tokens for c in cond[i]],
+        }
         if uncond is not None:
             rec["uncond_logprobs"] = [c.logprob for c in uncond[i]]
-        rec["predictions"] = {m: p[i] for m, p in mc_predictions(task.docs, cond, uncond).items()}
+        rec["predictions"] = {m: p[i] for m, p in preds.items()}
         records.append(rec)
     return records
 
@@ -175,7 +215,11 @@ def markdown_table(runs: dict[str, list[dict]]) -> str:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m speed_train.eval",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--model", default="smollm2", help="'smollm2' (packaged), a local HF dir or a hub id")
     ap.add_argument("--adapter", default=None, help="a LoRA adapter dir (from training's export)")
     ap.add_argument(
@@ -217,35 +261,64 @@ def main(argv=None) -> dict:
     if args.batch_size < 1:
         raise EvalError(f"--batch-size {args.batch_size}: must be >= 1")
     loaded = [  # fail fast: every task file is read and checked before the model loads
-        load_task(t, args.gsm8k_variant if ALIASES.get(t, t) == "gsm8k" else args.variant,
-                  path=args.task_path, limit=args.limit, primary=args.primary)
+        load_task(
+            t,
+            args.gsm8k_variant if ALIASES.get(t, t) == "gsm8k" else args.variant,
+            path=args.task_path,
+            limit=args.limit,
+            primary=args.primary,
+        )
         for t in tasks
-    ]  # fmt: skip
+    ]
     model, tok, saved = load_eval_model(args.model, args.adapter, args.dtype, args.device)
     preset = speed_presets()[args.speed] if args.speed else None
     anchor = args.anchor or (preset["anchor"] if preset else saved.get("anchor", "bos"))
     k = parse_k(args.k) if args.k is not None else (preset["k"] if preset else saved.get("k"))
     cfg = SpeedConfig(k=k, anchor=anchor)
     add_bos = check_add_bos(args.add_bos if args.add_bos is not None else saved.get("add_bos", "auto"))
-    K = cfg.resolve_k(model.config.num_hidden_layers if not hasattr(model, "peft_config")
-                      else model.get_base_model().config.num_hidden_layers)  # fmt: skip
+    K = cfg.resolve_k(
+        model.config.num_hidden_layers
+        if not hasattr(model, "peft_config")
+        else model.get_base_model().config.num_hidden_layers
+    )
     name = args.name or (f"SPEED-{K}+{anchor}" if k is not None else "full")
     results = []
     with Progress() as prog:
         bar = prog.add_task("tasks", total=len(loaded))
         for task in loaded:
             sub = prog.add_task(f"  {task.name}", total=None)
-            results.append(evaluate_task(model, tok, cfg, task, batch_size=args.batch_size,
-                                         max_gen_tokens=args.max_gen_tokens, add_bos=add_bos,
-                                         progress=lambda done, total, sub=sub: prog.update(sub, completed=done, total=total)))  # fmt: skip
+            results.append(
+                evaluate_task(
+                    model,
+                    tok,
+                    cfg,
+                    task,
+                    batch_size=args.batch_size,
+                    max_gen_tokens=args.max_gen_tokens,
+                    add_bos=add_bos,
+                    progress=lambda done, total, sub=sub: prog.update(sub, completed=done, total=total),
+                )
+            )
             prog.remove_task(sub)
-            prog.console.print(f"{task.name}: {task.primary_metric} = {100 * results[-1]['primary']:.1f} "
-                               f"(n={results[-1]['n']}, {results[-1]['seconds']:.0f}s)")  # fmt: skip
+            prog.console.print(
+                f"{task.name}: {task.primary_metric} = {100 * results[-1]['primary']:.1f} "
+                f"(n={results[-1]['n']}, {results[-1]['seconds']:.0f}s)"
+            )
             prog.advance(bar)
     avg = sum(r["primary"] for r in results) / max(len(results), 1)
     lines = [json.dumps({"task": r["task"], **q}) for r in results for q in r.pop("samples", [])]
-    out = {"name": name, "model": args.model, "adapter": args.adapter, "k": K, "anchor": str(anchor),
-           "add_bos": add_bos, "limit": args.limit, "primary": args.primary, "tasks": results, "average": avg}  # fmt: skip
+    out = {
+        "name": name,
+        "model": args.model,
+        "adapter": args.adapter,
+        "k": K,
+        "anchor": str(anchor),
+        "add_bos": add_bos,
+        "limit": args.limit,
+        "primary": args.primary,
+        "tasks": results,
+        "average": avg,
+    }
     d = Path(args.out)
     d.mkdir(parents=True, exist_ok=True)
     write_json(d / "results.json", out)

@@ -18,7 +18,7 @@ from speed_train.speed.batch import collate
 from speed_train.speed.config import SpeedConfig
 from speed_train.speed.generate import decode_chunk, prefill, speed_generate
 from speed_train.speed.plain_roles import encode_plain
-from speed_train.speed.roles import DECODE, AddBos
+from speed_train.speed.roles import DECODE, AddBos, tokenize
 from speed_train.speed.visibility import TokenMeta
 
 
@@ -27,10 +27,6 @@ class ContinuationScore:
     logprob: float  # sum of log p(continuation tokens | context)
     num_tokens: int
     greedy: bool  # every continuation token is the argmax
-
-
-def _tok_ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 @torch.no_grad()
@@ -55,9 +51,11 @@ def score_requests(
     results: list[list[ContinuationScore]] = []
     for i in range(0, len(requests), batch_size):
         group = requests[i : i + batch_size]
-        prompts = [encode_plain(ctx, None, tokenizer, cfg, add_bos=add_bos, full_depth=full, headers=headers)
-                   for ctx, _ in group]  # fmt: skip
-        conts = [[_tok_ids(tokenizer, c) for c in cs] for _, cs in group]
+        prompts = [
+            encode_plain(ctx, None, tokenizer, cfg, add_bos=add_bos, full_depth=full, headers=headers)
+            for ctx, _ in group
+        ]
+        conts = [[tokenize(tokenizer, c) for c in cs] for _, cs in group]
         for g, (ctx, cs) in enumerate(group):
             for c, ids in zip(cs, conts[g]):
                 if not ids:
@@ -128,12 +126,22 @@ def generate_text(
 
     outs: list[str] = []
     parts = enable_speed_attention(model)
-    full = cfg.resolve_k(parts.num_layers) == parts.num_layers
+    K = cfg.resolve_k(parts.num_layers)
+    full = K == parts.num_layers
     for i in range(0, len(contexts), batch_size):
-        prompts = [encode_plain(c, None, tokenizer, cfg, add_bos=add_bos, full_depth=full, headers=headers)
-                   for c in contexts[i : i + batch_size]]  # fmt: skip
-        gen = speed_generate(model, prompts, cfg, max_new_tokens=max_new_tokens, stop_token_ids=eos,
-                             pad_token_id=tokenizer.pad_token_id or 0, stop_fn=stop_fn)  # fmt: skip
+        prompts = [
+            encode_plain(c, None, tokenizer, cfg, add_bos=add_bos, full_depth=full, headers=headers)
+            for c in contexts[i : i + batch_size]
+        ]
+        gen = speed_generate(
+            model,
+            prompts,
+            K,
+            max_new_tokens=max_new_tokens,
+            stop_token_ids=eos,
+            pad_token_id=tokenizer.pad_token_id or 0,
+            stop_fn=stop_fn,
+        )
         for seq in gen.sequences:
             text = tokenizer.decode([t for t in seq if t not in eos], skip_special_tokens=True)
             cut = min([text.find(s) for s in stop_sequences if s and s in text], default=len(text))
@@ -152,13 +160,18 @@ def chat_headers(tokenizer) -> tuple[str, ...]:
         return ()
     render = chat_renderer(tokenizer)
     found: list[str] = []
-    for history in ([{"role": "user", "content": "x"}],
-                    [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"},
-                     {"role": "user", "content": "z"}]):  # fmt: skip
+    for history in (
+        [{"role": "user", "content": "x"}],
+        [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "content": "y"},
+            {"role": "user", "content": "z"},
+        ],
+    ):
         try:
             nogen, gen = render(history, False), render(history, True)
         except Exception:  # a template that cannot render this history: no header from it
             continue
-        if gen.startswith(nogen) and gen != nogen and gen[len(nogen):] not in found:
+        if gen.startswith(nogen) and gen != nogen and gen[len(nogen) :] not in found:
             found.append(gen[len(nogen) :])
     return tuple(found)

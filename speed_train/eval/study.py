@@ -39,10 +39,14 @@ def arm_name(r: dict) -> str:
 def read_runs(sweep: str | Path) -> list[dict]:
     """Every finished job of a multirun folder: its results.json (+ the job folder)."""
     runs = []
-    for job in sorted((p for p in Path(sweep).iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
+    for job in sorted(
+        (p for p in Path(sweep).iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)
+    ):
         f = job / "results.json"
         if f.is_file():
             r = json.loads(f.read_text(encoding="utf-8"))
+            if r.get("preempted_by_signal"):  # stopped early: resume it first
+                continue
             r["dir"], r["name"] = str(job), arm_name(r)
             runs.append(r)
     if not runs:
@@ -64,7 +68,9 @@ def mcnemar_p(a: list[bool], b: list[bool]) -> float:
     return min(1.0, 2 * tail)
 
 
-def bootstrap_diff(a: dict[str, list[bool]], b: dict[str, list[bool]], reps: int = 2000, seed: int = 0) -> dict:
+def bootstrap_diff(
+    a: dict[str, list[bool]], b: dict[str, list[bool]], reps: int = 2000, seed: int = 0
+) -> dict:
     """Difference of task-averaged accuracy (a - b, in points) with a paired bootstrap over the
     questions of each task: mean, standard error and the 2.5/97.5 percentiles."""
     rng = random.Random(seed)
@@ -87,12 +93,15 @@ def compare(name_a: str, name_b: str, correct: dict[str, dict[str, list[bool]]])
     boot = bootstrap_diff(a, b)
     lo, hi = boot["ci95"]
     return {
-        "a": name_a, "b": name_b, **boot,
+        "a": name_a,
+        "b": name_b,
+        **boot,
         "beyond_noise": not lo <= 0.0 <= hi,
         "mcnemar_p_pooled": mcnemar_p(pooled_a, pooled_b),
         "mcnemar_p_per_task": {t: mcnemar_p(a[t], b[t]) for t in sorted(a)},
-        "discordant": sum(x != y for x, y in zip(pooled_a, pooled_b)), "questions": len(pooled_a),
-    }  # fmt: skip
+        "discordant": sum(x != y for x, y in zip(pooled_a, pooled_b)),
+        "questions": len(pooled_a),
+    }
 
 
 # -- the study ----------------------------------------------------------------------------------
@@ -102,22 +111,35 @@ def evaluate_arm(r: dict, tasks, base: str, batch_size: int) -> tuple[list[dict]
     from speed_train.eval.run import evaluate_task, load_eval_model
     from speed_train.speed.config import SpeedConfig
 
-    model, tok, saved = load_eval_model(base, r["export"]["adapter"], "float32", "cpu")
+    adapter = (r.get("export") or {}).get("adapter")
+    if adapter is None:
+        raise SystemExit(
+            f"{r['dir']}: no exported LoRA adapter (the study trains LoRA arms with export.enabled)"
+        )
+    model, tok, saved = load_eval_model(base, adapter, "float32", "cpu")
     k = None if r["k"] >= r["num_layers"] else r["k"]
     cfg = SpeedConfig(k=k, anchor=r["anchor"])
     results, correct = [], {}
     for task in tasks:
-        res = evaluate_task(model, tok, cfg, task, batch_size=batch_size, add_bos=saved.get("add_bos", "auto"))
+        res = evaluate_task(
+            model, tok, cfg, task, batch_size=batch_size, add_bos=saved.get("add_bos", "auto")
+        )
         metric = res["primary_metric"]
         correct[task.name] = [q["predictions"][metric] == q["gold"] for q in res.pop("samples")]
         results.append(res)
-        print(f"{r['name']:14} {task.name:14} {metric:13} {100 * res['primary']:5.1f} ({res['seconds']:.0f}s)", flush=True)
+        print(
+            f"{r['name']:14} {task.name:14} {metric:13} {100 * res['primary']:5.1f} ({res['seconds']:.0f}s)",
+            flush=True,
+        )
     return results, correct
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m speed_train.eval.study", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap = argparse.ArgumentParser(
+        prog="python -m speed_train.eval.study",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("arms", help="the multirun folder of `+experiment=small_study`")
     ap.add_argument("--pilot", default=None, help="the multirun folder of the pilot over K")
     ap.add_argument("--base", default="smollm2", help="the base model the adapters were trained on")
@@ -135,8 +157,22 @@ def main(argv=None) -> dict:
     olmes, correct = {}, {}
     study: dict = {"args": vars(args), "arms": [], "olmes": olmes}
     for r in arms:
-        study["arms"].append({k: r.get(k) for k in ("name", "k", "num_layers", "anchor", "global_step", "fit_seconds",
-                                                  "steps_per_s", "dir", *HELDOUT_ROWS)})  # fmt: skip
+        study["arms"].append(
+            {
+                k: r.get(k)
+                for k in (
+                    "name",
+                    "k",
+                    "num_layers",
+                    "anchor",
+                    "global_step",
+                    "fit_seconds",
+                    "steps_per_s",
+                    "dir",
+                    *HELDOUT_ROWS,
+                )
+            }
+        )
         olmes[r["name"]], correct[r["name"]] = evaluate_arm(r, tasks, args.base, args.batch_size)
         study["minutes"] = (time.perf_counter() - t0) / 60
         write_json(out_dir / "small_study.json", study)  # after every arm: a long run keeps what it did
@@ -188,12 +224,16 @@ def plot_pilot(rows: list[dict], arms: list[dict], path: Path) -> None:
 
 
 def markdown(study: dict) -> str:
-    lines = ["| arm | before: full depth | before: SPEED zero-shot | after: as served | after: same weights, full depth |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| arm | before: full depth | before: SPEED zero-shot | after: as served | after: same weights, full depth |",
+        "|---|---|---|---|---|",
+    ]
     fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
     for a in study["arms"]:
-        lines.append(f"| {a['name']} | {fmt(a['heldout_full_depth'])} | {fmt(a.get('heldout_speed_zero_shot'))} | "
-                     f"{fmt(a['heldout_after'])} | {fmt(a.get('heldout_after_full_depth'))} |")  # fmt: skip
+        lines.append(
+            f"| {a['name']} | {fmt(a['heldout_full_depth'])} | {fmt(a.get('heldout_speed_zero_shot'))} | "
+            f"{fmt(a['heldout_after'])} | {fmt(a.get('heldout_after_full_depth'))} |"
+        )
     names = list(study["olmes"])
     tasks = [r["task"] for r in study["olmes"][names[0]]]
     lines += ["", "| task | n | metric | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
@@ -201,20 +241,29 @@ def markdown(study: dict) -> str:
         r0 = study["olmes"][names[0]][i]
         cells = " | ".join(f"{100 * study['olmes'][n][i]['primary']:.1f}" for n in names)
         lines.append(f"| {t} | {r0['n']} | {r0['primary_metric']} | {cells} |")
-    avgs = " | ".join(f"**{100 * sum(r['primary'] for r in study['olmes'][n]) / len(tasks):.1f}**" for n in names)
+    avgs = " | ".join(
+        f"**{100 * sum(r['primary'] for r in study['olmes'][n]) / len(tasks):.1f}**" for n in names
+    )
     lines.append(f"| **average** | | | {avgs} |")
     if study.get("comparisons"):
-        lines += ["", "| comparison | difference (points) | 95% CI | SE | McNemar p (pooled) | beyond noise |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "| comparison | difference (points) | 95% CI | SE | McNemar p (pooled) | beyond noise |",
+            "|---|---|---|---|---|---|",
+        ]
         for c in study["comparisons"]:
             lo, hi = c["ci95"]
-            lines.append(f"| {c['a']} - {c['b']} | {c['diff']:+.2f} | [{lo:+.2f}, {hi:+.2f}] | {c['se']:.2f} | "
-                         f"{c['mcnemar_p_pooled']:.3f} | {'yes' if c['beyond_noise'] else 'no'} |")  # fmt: skip
+            lines.append(
+                f"| {c['a']} - {c['b']} | {c['diff']:+.2f} | [{lo:+.2f}, {hi:+.2f}] | {c['se']:.2f} | "
+                f"{c['mcnemar_p_pooled']:.3f} | {'yes' if c['beyond_noise'] else 'no'} |"
+            )
     if study.get("pilot"):
         lines += ["", "| K | held-out after (served) | zero-shot | after, full depth |", "|---|---|---|---|"]
         for r in study["pilot"]:
-            lines.append(f"| {r['k']} | {fmt(r['heldout_after'])} | {fmt(r['heldout_speed_zero_shot'])} | "
-                         f"{fmt(r['heldout_after_full_depth'])} |")  # fmt: skip
+            lines.append(
+                f"| {r['k']} | {fmt(r['heldout_after'])} | {fmt(r['heldout_speed_zero_shot'])} | "
+                f"{fmt(r['heldout_after_full_depth'])} |"
+            )
     return "\n".join(lines) + "\n"
 
 

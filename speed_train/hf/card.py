@@ -18,33 +18,17 @@ def inference_saving(config, k: int, context: int) -> dict[str, float]:
 
     shape = ModelShape.from_config(config)
     kept = 1 + 4  # anchor + a typical assistant header
-    kv = kv_bytes_formula(shape, k, context, kept, 1, 2) / kv_bytes_formula(shape, shape.layers, context, kept, 1, 2)
+    kv = kv_bytes_formula(shape, k, context, kept, 1, 2) / kv_bytes_formula(
+        shape, shape.layers, context, kept, 1, 2
+    )
     flops = prefill_flops(shape, k, context, kept, 1) / prefill_flops(shape, shape.layers, context, kept, 1)
     return {"kv_ratio": kv, "prefill_flop_ratio": flops}
 
 
-def model_card(cfg: DictConfig, config, k: int, result: Any | None, repo: str | None) -> str:
-    L = config.num_hidden_layers
-    speed = SpeedConfig(k=cfg.speed.k, anchor=cfg.speed.anchor)
-    base = cfg.model.pretrained or cfg.model.name
-    what = "Full-IT (full depth)" if k >= L else f"SPEED-{k}" + ("+BoS" if str(speed.anchor) == "bos" else "")
-    tags = ["speed", "shallow-prefill", "text-generation"]
-    lines = [
-        "---",
-        "library_name: transformers",
-        f"base_model: {base}" if cfg.model.source == "hub" else f"# base model: {base} ({cfg.model.source})",
-        "pipeline_tag: text-generation",
-        "tags:",
-        *[f"- {t}" for t in tags],
-        "---",
-        "",
-        f"# {what} of {base}",
-        "",
-        f"Trained with [speed-train](https://github.com/) (SPEED: Shallow Prefill, dEEp Decode): prompt tokens "
-        f"run through the lower {k} of {L} layers only; the anchor ({speed.anchor}), the assistant header and the "
-        "response run through all of them. This folder is an HF-native SPEED model: loaded with "
-        "`trust_remote_code=True`, `generate()`, pipelines and streamers do the shallow prefill and deep decode "
-        "exactly as the model was trained.",
+def _use_hf_native(repo: str | None, L: int) -> list[str]:
+    return [
+        "This folder is an HF-native SPEED model: loaded with `trust_remote_code=True`, `generate()`, "
+        "pipelines and streamers do the shallow prefill and deep decode exactly as the model was trained.",
         "",
         "## Use",
         "",
@@ -63,6 +47,52 @@ def model_card(cfg: DictConfig, config, k: int, result: Any | None, repo: str | 
         "`trust_remote_code` loading fails (model_type `speed_*`) rather than silently running full depth.",
         "Chat in a terminal: `python -m speed_train.chat <this folder>`.",
         "",
+    ]
+
+
+def _use_with_speed_train(k: int) -> list[str]:
+    return [
+        "This folder is a plain HF checkpoint (the `system` anchor needs the chat template's message "
+        "boundaries, which a model served from token ids cannot see): loaded with transformers alone it runs "
+        "at full depth, not as trained. Run it under SPEED with speed-train:",
+        "",
+        "## Use",
+        "",
+        "```bash",
+        "python -m speed_train.chat <this folder>        # K and the anchor from speed_config.json",
+        "python -m speed_train.eval --model <this folder>",
+        "```",
+        "",
+        f"From Python: `speed_train.speed.generate.speed_generate(model, prompts, {k})` with prompts from "
+        "`speed_train.speed.chat_roles.encode_generation_prompt`.",
+        "",
+    ]
+
+
+def model_card(
+    cfg: DictConfig, config, k: int, result: Any | None, repo: str | None, hf_native: bool = True
+) -> str:
+    L = config.num_hidden_layers
+    speed = SpeedConfig(k=cfg.speed.k, anchor=cfg.speed.anchor)
+    base = cfg.model.pretrained or cfg.model.name
+    what = "Full-IT (full depth)" if k >= L else f"SPEED-{k}" + ("+BoS" if str(speed.anchor) == "bos" else "")
+    tags = ["speed", "shallow-prefill", "text-generation"]
+    lines = [
+        "---",
+        "library_name: transformers",
+        f"base_model: {base}" if cfg.model.source == "hub" else f"# base model: {base} ({cfg.model.source})",
+        "pipeline_tag: text-generation",
+        "tags:",
+        *[f"- {t}" for t in tags],
+        "---",
+        "",
+        f"# {what} of {base}",
+        "",
+        f"Trained with [speed-train](https://github.com/) (SPEED: Shallow Prefill, dEEp Decode): prompt tokens "
+        f"run through the lower {k} of {L} layers only; the anchor ({speed.anchor}), the assistant header and the "
+        "response run through all of them.",
+        "",
+        *(_use_hf_native(repo, L) if hf_native else _use_with_speed_train(k)),
         "## SPEED settings",
         "",
         "| setting | value |",
@@ -85,13 +115,19 @@ def model_card(cfg: DictConfig, config, k: int, result: Any | None, repo: str | 
     ]
     if result is not None:
         lines += [f"| optimizer steps | {result.global_step} |", ""]
-        rows = [(label, result.heldout[key]) for label, key in _heldout_labels(result) if key in result.heldout]
+        rows = [
+            (label, result.heldout[key]) for label, key in _heldout_labels(result) if key in result.heldout
+        ]
         if rows:
             lines += ["## Held-out decode-token loss", "", "| model | loss | ppl |", "|---|---|---|"]
             lines += [f"| {label} | {v:.4f} | {math.exp(v):.2f} |" for label, v in rows]
             lines.append("")
-    lines += ["## Efficiency (by the formulas speed-train's benchmarks check)", "",
-              "| context | active KV vs full depth | prefill FLOPs vs full depth |", "|---|---|---|"]  # fmt: skip
+    lines += [
+        "## Efficiency (by the formulas speed-train's benchmarks check)",
+        "",
+        "| context | active KV vs full depth | prefill FLOPs vs full depth |",
+        "|---|---|---|",
+    ]
     for context in (8192, 32768, 131072):
         s = inference_saving(config, k, context)
         lines.append(f"| {context:,} | {s['kv_ratio']:.3f} | {s['prefill_flop_ratio']:.3f} |")

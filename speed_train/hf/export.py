@@ -58,8 +58,11 @@ def decode_markers(tokenizer: Any, anchor: str, add_bos) -> TokenRoleRule:
     if getattr(tokenizer, "chat_template", None):
         histories = [
             [{"role": "user", "content": "Hi."}],
-            [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
-             {"role": "user", "content": "And?"}],  # fmt: skip
+            [
+                {"role": "user", "content": "Hi."},
+                {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "And?"},
+            ],
         ]
         for history in histories:
             try:
@@ -70,8 +73,12 @@ def decode_markers(tokenizer: Any, anchor: str, add_bos) -> TokenRoleRule:
             header = [t for t, r, j in zip(ex.input_ids, ex.roles, ex.turns) if r == DECODE and j == turn]
             if header and header not in headers:
                 headers.append(header)
-    return TokenRoleRule(anchor=anchor, headers=headers, cues=cue_token_sequences(tokenizer),
-                         end_ids=default_end_token_ids(tokenizer))  # fmt: skip
+    return TokenRoleRule(
+        anchor=anchor,
+        headers=headers,
+        cues=cue_token_sequences(tokenizer),
+        end_ids=default_end_token_ids(tokenizer),
+    )
 
 
 def served_tokenizer(tokenizer: Any, add_bos, anchor_needs_bos: bool) -> Any:
@@ -79,7 +86,9 @@ def served_tokenizer(tokenizer: Any, add_bos, anchor_needs_bos: bool) -> Any:
     tok = copy.deepcopy(tokenizer)
     template = getattr(tok, "chat_template", None)
     if isinstance(template, str):
-        probe = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=True, add_generation_prompt=True)
+        probe = tok.apply_chat_template(
+            [{"role": "user", "content": "x"}], tokenize=True, add_generation_prompt=True
+        )
         ids = probe["input_ids"] if isinstance(probe, dict) or hasattr(probe, "keys") else probe
         if bos_prefix(tok, add_bos, ids[0] if ids else None):
             tok.chat_template = "{{- bos_token }}" + template
@@ -101,10 +110,14 @@ def make_hf_native(folder: Path, tokenizer: Any, *, k: int, num_layers: int, anc
     config = json.loads(config_path.read_text(encoding="utf-8"))
     base = str(config.get("model_type", "")).removeprefix("speed_")
     if base not in SPEED_CLASSES:
-        raise ValueError(f"no HF-native SPEED class for model_type {base!r}; supported: {', '.join(SPEED_CLASSES)}")
+        raise ValueError(
+            f"no HF-native SPEED class for model_type {base!r}; supported: {', '.join(SPEED_CLASSES)}"
+        )
     anchor_needs_bos = anchor == "bos" and k < num_layers
     tok = served_tokenizer(tokenizer, add_bos, anchor_needs_bos)
-    rule = decode_markers(tok, "none" if anchor == "none" else "bos", add_bos=False)  # the template has its BoS now
+    rule = decode_markers(
+        tok, "none" if anchor == "none" else "bos", add_bos=False
+    )  # the template has its BoS now
     config_cls, model_cls = SPEED_CLASSES[base]
     fields = speed_config_fields(None if k >= num_layers else k, rule, add_bos)
     config.update(fields)

@@ -47,6 +47,7 @@ from .roles import (
     RoleError,
     bos_prefix,
     mark_anchors,
+    tokenize,
 )
 
 if TYPE_CHECKING:
@@ -234,8 +235,9 @@ def _validate_messages(messages: Any, *, for_generation: bool = False) -> list[d
 class _ChatEncoder:
     """One tokenizer + settings; ``encode`` labels one (validated) message list."""
 
-    def __init__(self, tokenizer: Any, config: SpeedConfig, end_ids: frozenset[int], empty_header: str,
-                 add_bos: AddBos) -> None:
+    def __init__(
+        self, tokenizer: Any, config: SpeedConfig, end_ids: frozenset[int], empty_header: str, add_bos: AddBos
+    ) -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise RoleError(
                 "the tokenizer has no chat template: set tokenizer.chat_template (a Jinja string), or use "
@@ -255,7 +257,9 @@ class _ChatEncoder:
                 TEMPLATE_ERROR,
             ) from exc
         if not isinstance(text, str):
-            raise RoleError(f"the chat template rendered a {type(text).__name__}, expected str", TEMPLATE_ERROR)
+            raise RoleError(
+                f"the chat template rendered a {type(text).__name__}, expected str", TEMPLATE_ERROR
+            )
         return text
 
     def encode(self, msgs: list[dict[str, Any]], *, generation: bool) -> EncodedExample:
@@ -378,7 +382,12 @@ class _ChatEncoder:
         pre = bos_prefix(self.tokenizer, self.add_bos, ids[0] if ids else None)
         if pre:
             p = len(pre)
-            ids, roles, turns, labels = pre + ids, [PROMPT] * p + roles, [-1] * p + turns, [IGNORE] * p + labels
+            ids, roles, turns, labels = (
+                pre + ids,
+                [PROMPT] * p + roles,
+                [-1] * p + turns,
+                [IGNORE] * p + labels,
+            )
             token_spans = [tuple(x + p for x in span) for span in token_spans]  # type: ignore[misc]
             system_tokens = None if system_tokens is None else system_tokens + p
         mark_anchors(roles, self.config.anchor, system_tokens)
@@ -416,7 +425,9 @@ def chat_renderer(tokenizer: Any):
 
     def render(msgs: list[dict[str, Any]], gen: bool) -> str:
         if all(m.keys() == _PLAIN_KEYS and isinstance(m["content"], str) for m in msgs):
-            return compiled.render(messages=msgs, tools=None, documents=None, add_generation_prompt=gen, **variables)
+            return compiled.render(
+                messages=msgs, tools=None, documents=None, add_generation_prompt=gen, **variables
+            )
         rendered, _ = render_jinja_template(
             conversations=[msgs], chat_template=template, add_generation_prompt=gen, **variables
         )
@@ -426,11 +437,6 @@ def chat_renderer(tokenizer: Any):
 
 
 _PLAIN_KEYS = {"role": None, "content": None}.keys()
-
-
-def tokenize(tokenizer: Any, text: str) -> list[int]:
-    # add_special_tokens=False: the template already wrote BoS etc. (no double <|begin_of_text|>).
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 class Boundaries:
@@ -453,7 +459,9 @@ class Boundaries:
         if pattern is not None:
             where = [i for i, t in enumerate(self.ids) if t in strings]
             found = list(pattern.finditer(text))
-            if len(found) == len(where) and all(m.group(0) == strings[self.ids[i]] for m, i in zip(found, where)):
+            if len(found) == len(where) and all(
+                m.group(0) == strings[self.ids[i]] for m, i in zip(found, where)
+            ):
                 self._ends = [m.end() for m in found]
                 self._starts = [(m.start(), i) for m, i in zip(found, where)]
         self.cache: dict[int, int] = {0: 0, len(text): len(self.ids)}

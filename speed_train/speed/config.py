@@ -57,7 +57,9 @@ def choice(enum: type[StrEnum], value: Any, what: str) -> StrEnum:
     try:
         return enum(value)
     except ValueError:
-        raise SpeedConfigError(f"unknown {what} {value!r}: choose one of {', '.join(enum.values())}") from None
+        raise SpeedConfigError(
+            f"unknown {what} {value!r}: choose one of {', '.join(enum.values())}"
+        ) from None
 
 
 @dataclass
@@ -131,4 +133,6 @@ def parse_k(value: object) -> int | float | None:
     try:
         return float(text)
     except ValueError:
-        raise SpeedConfigError(f"cutoff k={value!r}: give a layer count (24), a fraction (0.75) or 'full'") from None
+        raise SpeedConfigError(
+            f"cutoff k={value!r}: give a layer count (24), a fraction (0.75) or 'full'"
+        ) from None

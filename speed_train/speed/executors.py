@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .adapters import LayerMasks, ModelParts, enable_speed_attention
 from .batch import SpeedBatch, gather_rows
-from .config import Executor, SpeedConfig, choice
+from .config import Executor, SpeedConfig, SpeedConfigError, choice
 from .roles import DECODE, IGNORE
 from .visibility import build_mask
 
@@ -42,12 +42,15 @@ class SpeedOutput:
         return out
 
 
-def resolve_k(model_or_parts, k: int | float | SpeedConfig | None) -> int:
-    parts = (
-        model_or_parts if isinstance(model_or_parts, ModelParts) else enable_speed_attention(model_or_parts)
-    )
-    cfg = k if isinstance(k, SpeedConfig) else SpeedConfig(k=k)
-    return cfg.resolve_k(parts.num_layers)
+def check_k(parts: ModelParts, k: int) -> int:
+    """The cutoff an execution runs at: a layer count in 1..L. Resolve a fraction or full depth
+    once, where the model is known (``SpeedConfig.resolve_k``), and pass the int."""
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise SpeedConfigError(
+            f"k={k!r}: SPEED executions take a layer count; resolve a fraction or None (full depth) "
+            "first with SpeedConfig(k=...).resolve_k(num_layers)"
+        )
+    return SpeedConfig(k=k).resolve_k(parts.num_layers)
 
 
 def _wanted(batch: SpeedBatch, positions: str) -> torch.Tensor:
@@ -67,11 +70,11 @@ def _head(parts: ModelParts, hidden: torch.Tensor, normed: bool) -> torch.Tensor
 def _prepare(model, batch: SpeedBatch, k) -> tuple[ModelParts, int]:
     parts = enable_speed_attention(model)
     parts.check_length(batch.input_ids.shape[1])
-    return parts, resolve_k(parts, k)
+    return parts, check_k(parts, k)
 
 
 def mask_forward(
-    model, batch: SpeedBatch, k, *, positions: str = "decode", backend: str = "sdpa"
+    model, batch: SpeedBatch, k: int, *, positions: str = "decode", backend: str = "sdpa"
 ) -> SpeedOutput:
     """Execution 1: a single forward with layer-dependent masks through the HF model."""
     parts, K = _prepare(model, batch, k)
@@ -96,13 +99,18 @@ def run_layers(parts: ModelParts, layers, hidden, position_ids, mask, **layer_kw
     """Run HF decoder layers over ``hidden`` at ``position_ids`` (RoPE computed once)."""
     pos_emb = parts.rope(hidden, position_ids)
     for layer in layers:
-        hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=pos_emb,
-                       **layer_kwargs)  # fmt: skip
+        hidden = layer(
+            hidden,
+            attention_mask=mask,
+            position_ids=position_ids,
+            position_embeddings=pos_emb,
+            **layer_kwargs,
+        )
     return hidden
 
 
 def gather_forward(
-    model, batch: SpeedBatch, k, *, positions: str = "decode", backend: str = "sdpa"
+    model, batch: SpeedBatch, k: int, *, positions: str = "decode", backend: str = "sdpa"
 ) -> SpeedOutput:
     """Execution 2: lower layers over everything, upper layers over anchor + decode rows."""
     parts, K = _prepare(model, batch, k)
@@ -126,7 +134,7 @@ def gather_forward(
     return SpeedOutput(_head(parts, row_hidden[r, c], normed=False), rb[r, c], rt[r, c])
 
 
-def speed_forward(model, batch: SpeedBatch, k, *, executor: str = "gather", **kw) -> SpeedOutput:
+def speed_forward(model, batch: SpeedBatch, k: int, *, executor: str = "gather", **kw) -> SpeedOutput:
     run = gather_forward if choice(Executor, executor, "executor") == Executor.gather else mask_forward
     return run(model, batch, k, **kw)
 
@@ -144,7 +152,9 @@ class SpeedLoss:
         return self.loss_sum / max(self.num_tokens, 1)
 
 
-def speed_loss(model, batch: SpeedBatch, k, *, executor: str = "gather", backend: str = "sdpa") -> SpeedLoss:
+def speed_loss(
+    model, batch: SpeedBatch, k: int, *, executor: str = "gather", backend: str = "sdpa"
+) -> SpeedLoss:
     out = speed_forward(model, batch, k, executor=executor, positions="targets", backend=backend)
     targets = batch.targets()[out.batch_idx, out.pos_idx]
     loss = F.cross_entropy(out.logits.float(), targets, reduction="sum")

@@ -33,8 +33,15 @@ class ModelShape:
     @classmethod
     def from_config(cls, cfg) -> ModelShape:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return cls(cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-                   head_dim, cfg.intermediate_size, cfg.vocab_size)  # fmt: skip
+        return cls(
+            cfg.num_hidden_layers,
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            head_dim,
+            cfg.intermediate_size,
+            cfg.vocab_size,
+        )
 
     @property
     def layer_params(self) -> int:
@@ -74,8 +81,9 @@ def step_flops(shape: ModelShape, batch: SpeedBatch, k: int, execution: str) -> 
     return 3.0 * fwd
 
 
-def flop_ratio(shape: ModelShape, batch: SpeedBatch, k: int, execution: str = "gather",
-               baseline: str = "full_hf") -> float:  # fmt: skip
+def flop_ratio(
+    shape: ModelShape, batch: SpeedBatch, k: int, execution: str = "gather", baseline: str = "full_hf"
+) -> float:
     """Predicted step-FLOP ratio of a SPEED execution to a baseline on the same batch.
 
     The default baseline "full_hf" is a standard Full-IT step (LM head at every token), so the

@@ -19,7 +19,7 @@ import torch
 
 from .adapters import ModelParts, enable_speed_attention
 from .batch import SpeedBatch, collate, gather_rows
-from .executors import resolve_k, run_layers
+from .executors import check_k, run_layers
 from .roles import DECODE, EncodedExample
 from .visibility import TokenMeta, allowed, build_mask
 
@@ -34,8 +34,16 @@ class SpeedCache:
     ``[pos, pos + n)`` of their depth; ``advance`` moves on.
     """
 
-    def __init__(self, parts: ModelParts, k: int, batch: int, lower_capacity: int, upper_capacity: int,
-                 dtype: torch.dtype, device) -> None:  # fmt: skip
+    def __init__(
+        self,
+        parts: ModelParts,
+        k: int,
+        batch: int,
+        lower_capacity: int,
+        upper_capacity: int,
+        dtype: torch.dtype,
+        device,
+    ) -> None:
         cfg = parts.config
         heads = cfg.num_key_value_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -99,10 +107,16 @@ class SpeedCache:
         q = slice(p, S)
         kidx = torch.arange(S, device=m.roles.device)
         allowed_ = allowed(
-            m.roles[:, q, None], m.turns[:, q, None], m.seq_ids[:, q, None], kidx[q][None, :, None],
-            m.roles[:, None, :S], m.turns[:, None, :S], m.seq_ids[:, None, :S], kidx[None, None, :],
+            m.roles[:, q, None],
+            m.turns[:, q, None],
+            m.seq_ids[:, q, None],
+            kidx[q][None, :, None],
+            m.roles[:, None, :S],
+            m.turns[:, None, :S],
+            m.seq_ids[:, None, :S],
+            kidx[None, None, :],
             upper=depth == "upper",
-        )  # fmt: skip
+        )
         return allowed_[:, None]
 
     def select_rows(self, index: torch.Tensor) -> SpeedCache:
@@ -164,8 +178,15 @@ def prefill(
         parts, k, B, T + extra_capacity, upper_len + extra_capacity, parts.embed.weight.dtype, device
     )
     cache.begin("lower", meta)
-    hidden = run_layers(parts, parts.layers[:k], parts.embed(batch.input_ids), batch.position_ids,
-                        build_mask(meta, upper=False), cache=cache, use_cache=True)  # fmt: skip
+    hidden = run_layers(
+        parts,
+        parts.layers[:k],
+        parts.embed(batch.input_ids),
+        batch.position_ids,
+        build_mask(meta, upper=False),
+        cache=cache,
+        use_cache=True,
+    )
     cache.advance("lower")
     if rows is None:
         last_hidden = hidden[torch.arange(B, device=device), last]
@@ -173,15 +194,23 @@ def prefill(
         rb, rt, valid = rows.b, rows.t, rows.valid
         row_meta = rows.meta(meta)
         cache.begin("upper", row_meta)
-        h = run_layers(parts, parts.layers[k:], hidden[rb, rt], batch.position_ids[rb, rt],
-                       build_mask(row_meta, upper=True), cache=cache, use_cache=True)  # fmt: skip
+        h = run_layers(
+            parts,
+            parts.layers[k:],
+            hidden[rb, rt],
+            batch.position_ids[rb, rt],
+            build_mask(row_meta, upper=True),
+            cache=cache,
+            use_cache=True,
+        )
         cache.advance("upper")
         last_hidden = h[torch.arange(B, device=device), valid.sum(1) - 1]
     return cache, parts.lm_head(parts.norm(last_hidden))
 
 
-def decode_chunk(parts: ModelParts, cache: SpeedCache, tokens: torch.Tensor, positions: torch.Tensor,
-                 meta: TokenMeta) -> torch.Tensor:  # fmt: skip
+def decode_chunk(
+    parts: ModelParts, cache: SpeedCache, tokens: torch.Tensor, positions: torch.Tensor, meta: TokenMeta
+) -> torch.Tensor:
     """Run n decode-phase tokens per row ([B, n]) through all layers on top of the cache;
     returns their logits [B, n, V]. ``meta`` marks padding (seq_ids -1) and the turn."""
     h = parts.embed(tokens)
@@ -190,8 +219,14 @@ def decode_chunk(parts: ModelParts, cache: SpeedCache, tokens: torch.Tensor, pos
         cache.begin(depth, meta)
     masks = {d: cache.step_mask(d) for d in ("lower", "upper")}
     for i, layer in enumerate(parts.layers):
-        h = layer(h, attention_mask=masks[cache.depth(i)], position_ids=positions, cache=cache, use_cache=True,
-                  position_embeddings=pe)  # fmt: skip
+        h = layer(
+            h,
+            attention_mask=masks[cache.depth(i)],
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            position_embeddings=pe,
+        )
     for depth in ("lower", "upper"):
         cache.advance(depth)
     return parts.lm_head(parts.norm(h))
@@ -218,7 +253,9 @@ def sampling_processors(temperature: float, top_k: int | None, top_p: float | No
     return procs
 
 
-def _next_tokens(logits: torch.Tensor, do_sample: bool, procs, generator: torch.Generator | None) -> torch.Tensor:
+def _next_tokens(
+    logits: torch.Tensor, do_sample: bool, procs, generator: torch.Generator | None
+) -> torch.Tensor:
     scores = logits.float()
     if not do_sample:
         return scores.argmax(-1)
@@ -230,7 +267,7 @@ def _next_tokens(logits: torch.Tensor, do_sample: bool, procs, generator: torch.
 def speed_generate(
     model,
     prompts: list[EncodedExample],
-    k,
+    k: int,
     *,
     max_new_tokens: int = 64,
     stop_token_ids: list[int] | None = None,
@@ -249,7 +286,7 @@ def speed_generate(
     of ``stop_token_ids`` or when ``stop_fn(tokens so far)`` is true (e.g. a stop string).
     ``streamer``: a transformers streamer (``put``/``end``, e.g. TextStreamer) for one prompt."""
     parts = enable_speed_attention(model)
-    K = resolve_k(parts, k)
+    K = check_k(parts, k)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     for i, p in enumerate(prompts):
@@ -265,6 +302,8 @@ def speed_generate(
     parts.check_length(int(lengths.max()) + max_new_tokens)
     turn = torch.tensor([p.turns[-1] for p in prompts], device=device)
     cache, logits = prefill(parts, K, batch, max_new_tokens)
+    if do_sample and temperature <= 0:  # temperature 0 means greedy, never a division by zero
+        do_sample = False
     procs = sampling_processors(temperature, top_k, top_p) if do_sample else None
     if streamer is not None:
         if B != 1:

@@ -86,21 +86,49 @@ class SpeedGenerationMixin:
     def generate(self, *args, **kwargs):
         # the prefill sizes its cache from the generation length (it grows if that is exceeded)
         gen_cfg = kwargs.get("generation_config") or self.generation_config
-        self._speed_capacity = kwargs.get("max_new_tokens") or getattr(gen_cfg, "max_new_tokens", None) or (
-            DEFAULT_DECODE_CAPACITY)  # fmt: skip
-        if kwargs.get("num_beams", getattr(gen_cfg, "num_beams", 1) or 1) > 1 and self.speed_k < self.config.num_hidden_layers:
-            raise ValueError("SPEED generation supports greedy decoding and sampling, not beam search (num_beams=1)")
+        self._speed_capacity = (
+            kwargs.get("max_new_tokens")
+            or getattr(gen_cfg, "max_new_tokens", None)
+            or (DEFAULT_DECODE_CAPACITY)
+        )
+        if (
+            kwargs.get("num_beams") or getattr(gen_cfg, "num_beams", 1) or 1
+        ) > 1 and self.speed_k < self.config.num_hidden_layers:
+            raise ValueError(
+                "SPEED generation supports greedy decoding and sampling, not beam search (num_beams=1)"
+            )
         return super().generate(*args, **kwargs)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                labels=None, use_cache=None, logits_to_keep=0, past_key_values=None, **kwargs):  # fmt: skip
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        past_key_values=None,
+        **kwargs,
+    ):
         cache = cache if cache is not None else past_key_values
         if self.speed_k >= self.config.num_hidden_layers:  # full depth: the unmodified model
-            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   cache=cache, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-                                   logits_to_keep=logits_to_keep, **kwargs)  # fmt: skip
+            return super().forward(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            )
         if input_ids is None:
-            raise ValueError("a SPEED model needs input_ids (its token roles come from the ids), not inputs_embeds")
+            raise ValueError(
+                "a SPEED model needs input_ids (its token roles come from the ids), not inputs_embeds"
+            )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if isinstance(cache, SpeedCache):
@@ -111,7 +139,9 @@ class SpeedGenerationMixin:
             logits, cache = self._speed_teacher_forced(input_ids, attention_mask), None
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
+            )
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
     # -- the three cases ---------------------------------------------------------------------
@@ -136,8 +166,11 @@ class SpeedGenerationMixin:
         B, n = input_ids.shape
         if position_ids is None:
             position_ids = cache.next_pos[:, None] + torch.arange(n, device=input_ids.device)[None]
-        meta = TokenMeta(torch.full_like(input_ids, DECODE), cache.turn[:, None].expand(B, n).clone(),
-                         torch.zeros_like(input_ids))  # fmt: skip
+        meta = TokenMeta(
+            torch.full_like(input_ids, DECODE),
+            cache.turn[:, None].expand(B, n).clone(),
+            torch.zeros_like(input_ids),
+        )
         logits = decode_chunk(parts, cache, input_ids, position_ids, meta)
         cache.next_pos = position_ids[:, -1] + 1
         return logits
@@ -155,8 +188,9 @@ class SpeedGenerationMixin:
             roles[b, where], turns[b, where], seq[b, where] = torch.tensor(r), torch.tensor(j), 0
         seq = seq.to(device)
         positions = ((seq >= 0).long().cumsum(1) - 1).clamp(min=0)
-        batch = SpeedBatch(input_ids, positions, roles.to(device), turns.to(device), seq,
-                           torch.full_like(input_ids, IGNORE))  # fmt: skip
+        batch = SpeedBatch(
+            input_ids, positions, roles.to(device), turns.to(device), seq, torch.full_like(input_ids, IGNORE)
+        )
         out = mask_forward(self, batch, self.speed_k, positions="all")
         return out.dense((B, T))
 

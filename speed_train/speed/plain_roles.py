@@ -20,6 +20,7 @@ from .roles import (
     RoleError,
     mark_anchors,
     plain_adds_bos,
+    tokenize,
 )
 
 if TYPE_CHECKING:
@@ -55,14 +56,16 @@ def encode_plain(
     if not isinstance(context, str):
         raise RoleError(f"context must be a string, got {type(context).__name__}", BAD_ARGUMENT)
     if continuation is not None and not isinstance(continuation, str):
-        raise RoleError(f"continuation must be a string or None, got {type(continuation).__name__}", BAD_ARGUMENT)
+        raise RoleError(
+            f"continuation must be a string or None, got {type(continuation).__name__}", BAD_ARGUMENT
+        )
     full = config.k is None if full_depth is None else full_depth
     with_bos = plain_adds_bos(tokenizer, add_bos, anchor_needs_bos=config.anchor == "bos" and not full)
     prefix = [int(tokenizer.bos_token_id)] if with_bos else []
-    ctx_ids = _tokenize(tokenizer, context)
+    ctx_ids = tokenize(tokenizer, context)
     if prefix and ctx_ids[:1] == prefix:  # the text carries its BoS already (a rendered chat template)
         prefix = []
-    cont_ids = _tokenize(tokenizer, continuation) if continuation else []
+    cont_ids = tokenize(tokenizer, continuation) if continuation else []
     if not prefix and not ctx_ids:
         raise RoleError(
             "the context is empty and no BoS is added: there is no token to predict the continuation "
@@ -74,10 +77,12 @@ def encode_plain(
     # across it, start at the first token that differs, so the decode segment covers the whole cue.
     cue = ANSWER_CUE.search(context)
     header = next((h for h in headers if h and context.endswith(h)), None)
-    cue_start = len(context) - len(header) if header is not None else (cue.start() if cue is not None else None)
+    cue_start = (
+        len(context) - len(header) if header is not None else (cue.start() if cue is not None else None)
+    )
     cue_exact = True
     if cue_start is not None:
-        before = _tokenize(tokenizer, context[:cue_start])
+        before = tokenize(tokenizer, context[:cue_start])
         common = 0
         while common < min(len(before), len(ctx_ids)) and before[common] == ctx_ids[common]:
             common += 1
@@ -109,10 +114,6 @@ def encode_plain(
     return EncodedExample(ids, roles, turns, labels, meta)
 
 
-def _tokenize(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def cue_token_sequences(tokenizer: Any) -> list[list[int]]:
     """The token sequences that ``encode_plain`` marks as an answer cue at the end of a context,
     for the usual spellings (``"...\\nAnswer:"``, ``"... A:"``, ``"Response :"``, ...): what a
@@ -122,10 +123,12 @@ def cue_token_sequences(tokenizer: Any) -> list[list[int]]:
     cfg = SpeedConfig(anchor="none")
     found: set[tuple[int, ...]] = set()
     for word in CUE_WORDS:
-        for before in ("\n", " ", "?\n", ".\n", ":\n"):
+        for before in ("\n", "\n\n", " ", "?\n", ".\n", ":\n", "?\n\n", ".\n\n"):
             for colon in (":", " :"):
                 for after in ("", " "):
-                    ex = encode_plain(f"Question: x{before}{word}{colon}{after}", None, tokenizer, cfg, add_bos=False)
-                    if ex.meta["cue"] is not None and ex.meta["cue_exact"]:
+                    ex = encode_plain(
+                        f"Question: x{before}{word}{colon}{after}", None, tokenizer, cfg, add_bos=False
+                    )
+                    if ex.meta["cue"] is not None:  # what encode_plain marks, merged with the text or not
                         found.add(tuple(t for t, r in zip(ex.input_ids, ex.roles) if r == DECODE))
     return [list(s) for s in sorted(found, key=lambda s: (-len(s), s))]

@@ -1,4 +1,4 @@
-"""The role contract every SPEED execution reads (see the shared spec, docs/SPEED.md).
+"""The role contract every SPEED execution reads (the specification is summarised in docs/DESIGN.md).
 
 - ``roles[t]``  ANCHOR (0), PROMPT (1) or DECODE (2)
 - ``turns[t]``  assistant-turn index (0, 1, ...) for decode tokens, -1 for anchor/prompt
@@ -103,6 +103,12 @@ def bos_prefix(tokenizer: Any, add_bos: AddBos, first_id: int | None) -> list[in
     if policy is False or bos is None or first_id == bos:
         return []
     return [int(bos)]
+
+
+def tokenize(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` with no special tokens added: every encoder's one way to tokenise
+    (templates write their own BoS etc.; the BoS rule adds it as an id, never as text)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def tokenizer_adds_bos(tokenizer: Any) -> bool:

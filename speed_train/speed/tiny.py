@@ -8,16 +8,32 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from .adapters import SUPPORTED_ARCHITECTURES
 
 
-def tiny_config(arch: str = "llama", *, layers: int = 4, hidden: int = 32, heads: int = 4, kv_heads: int = 2,
-                intermediate: int | None = None, vocab: int = 96, **overrides):  # fmt: skip
+def tiny_config(
+    arch: str = "llama",
+    *,
+    layers: int = 4,
+    hidden: int = 32,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int | None = None,
+    vocab: int = 96,
+    **overrides,
+):
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"no tiny config for {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     kw = dict(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate or 2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
         tie_word_embeddings=False,
-    )  # fmt: skip
+    )
     if arch == "qwen3":
         kw["head_dim"] = hidden // heads
     kw.update(overrides)

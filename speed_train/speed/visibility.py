@@ -62,9 +62,16 @@ def flex_block_mask(meta: TokenMeta, upper: bool):
 
     def mask_mod(b, h, q_idx, kv_idx):
         return allowed(
-            roles[b, q_idx], turns[b, q_idx], seqs[b, q_idx], q_idx,
-            roles[b, kv_idx], turns[b, kv_idx], seqs[b, kv_idx], kv_idx, upper,
-        )  # fmt: skip
+            roles[b, q_idx],
+            turns[b, q_idx],
+            seqs[b, q_idx],
+            q_idx,
+            roles[b, kv_idx],
+            turns[b, kv_idx],
+            seqs[b, kv_idx],
+            kv_idx,
+            upper,
+        )
 
     B, T = roles.shape
     return create_block_mask(mask_mod, B, None, T, T, device=roles.device)

@@ -29,7 +29,10 @@ def _overrides(job: Path) -> list[str]:
 def _job_status(job: Path) -> tuple[str, dict, str]:
     res = job / "results.json"
     if res.exists():
-        return "ok", json.loads(res.read_text()), ""
+        results = json.loads(res.read_text())
+        if results.get("preempted_by_signal"):  # stopped early with a checkpoint: resume it
+            return "unfinished", results, f"pre-empted at step {results.get('global_step')}"
+        return "ok", results, ""
     failed = job / "failed.json"
     if failed.exists():
         return "failed", {}, json.loads(failed.read_text()).get("error", "")[:300]
@@ -47,27 +50,44 @@ def _k_of(overrides: list[str], results: dict):
 
 def summarize(sweep_dir: str | Path, metric: str = "heldout_after") -> dict:
     d = Path(sweep_dir)
-    jobs = sorted((p for p in d.iterdir() if p.is_dir() and (p / ".hydra").exists()),
-                  key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else p.name))  # fmt: skip
+    jobs = sorted(
+        (p for p in d.iterdir() if p.is_dir() and (p / ".hydra").exists()),
+        key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else p.name),
+    )
     if not jobs:
         raise SystemExit(f"no Hydra jobs (folders with .hydra/) under {d}")
     rows = []
     for job in jobs:
         status, res, why = _job_status(job)
         ov = _overrides(job)
-        rows.append({"job": job.name, "status": status, "overrides": " ".join(ov), "k": _k_of(ov, res),
-                     "final_train_loss": (res.get("step_losses") or [None])[-1],
-                     **{m: res.get(m) for m in METRICS}, "error": why})  # fmt: skip
+        rows.append(
+            {
+                "job": job.name,
+                "status": status,
+                "overrides": " ".join(ov),
+                "k": _k_of(ov, res),
+                "final_train_loss": (res.get("step_losses") or [None])[-1],
+                **{m: res.get(m) for m in METRICS},
+                "error": why,
+            }
+        )
     fmt = lambda v: "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
-    lines = ["| job | status | K | final train loss | " + " | ".join(METRICS) + " | overrides |",
-             "|---|---|---|---|" + "---|" * len(METRICS) + "---|"]  # fmt: skip
+    lines = [
+        "| job | status | K | final train loss | " + " | ".join(METRICS) + " | overrides |",
+        "|---|---|---|---|" + "---|" * len(METRICS) + "---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['job']} | {r['status']} | {fmt(r['k'])} | {fmt(r['final_train_loss'])} | "
-                     + " | ".join(fmt(r[m]) for m in METRICS) + f" | `{r['overrides']}` |")  # fmt: skip
+        lines.append(
+            f"| {r['job']} | {r['status']} | {fmt(r['k'])} | {fmt(r['final_train_loss'])} | "
+            + " | ".join(fmt(r[m]) for m in METRICS)
+            + f" | `{r['overrides']}` |"
+        )
     bad = [r for r in rows if r["status"] != "ok"]
     if bad:
-        lines += ["", "Not finished:"] + [f"- job {r['job']} ({r['overrides']}): {r['status']}"
-                                          + (f" — {r['error']}" if r["error"] else "") for r in bad]  # fmt: skip
+        lines += ["", "Not finished:"] + [
+            f"- job {r['job']} ({r['overrides']}): {r['status']}" + (f" — {r['error']}" if r["error"] else "")
+            for r in bad
+        ]
     md = "\n".join(lines) + "\n"
     write_text(d / "summary.md", md)
     _plot(rows, metric, d / "summary.png")
@@ -98,7 +118,11 @@ def _plot(rows, metric: str, path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m speed_train.sweep.summarize",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("sweep_dir")
     ap.add_argument("--metric", default="heldout_after", choices=METRICS)
     args = ap.parse_args(argv)

@@ -18,8 +18,12 @@ from collections.abc import Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m speed_train.chat", description=__doc__.splitlines()[0],
-                                epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m speed_train.chat",
+        description=__doc__.splitlines()[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("model", help="an export or adapter folder, 'smollm2', or a Hub id")
     p.add_argument("--k", default=None, help="cutoff (layers or fraction; 'full'); default: the saved one")
     p.add_argument("--anchor", choices=("none", "bos", "system"), default=None)
@@ -58,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     end_ids = default_end_token_ids(tok)
     interactive = sys.stdin.isatty()
     L = model.config.num_hidden_layers
-    print(f"# {args.model}: K={cfg.resolve_k(L)} of {L} layers, anchor {cfg.anchor}. /reset, /quit", flush=True)
+    K = cfg.resolve_k(L)  # once, now that the model is known
+    print(f"# {args.model}: K={K} of {L} layers, anchor {cfg.anchor}. /reset, /quit", flush=True)
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     start = list(history)
     while True:
@@ -85,10 +90,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         print("assistant> ", end="", flush=True)
         streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-        out = speed_generate(model, [prompt], cfg, max_new_tokens=args.max_new_tokens, stop_token_ids=end_ids,
-                             pad_token_id=tok.pad_token_id or 0, do_sample=args.temperature > 0,
-                             temperature=args.temperature or 1.0, top_p=args.top_p, streamer=streamer)  # fmt: skip
-        reply = tok.decode([t for t in out.sequences[0] if t not in end_ids], skip_special_tokens=True).strip()
+        out = speed_generate(
+            model,
+            [prompt],
+            K,
+            max_new_tokens=args.max_new_tokens,
+            stop_token_ids=end_ids,
+            pad_token_id=tok.pad_token_id or 0,
+            do_sample=args.temperature > 0,
+            temperature=args.temperature or 1.0,
+            top_p=args.top_p,
+            streamer=streamer,
+        )
+        reply = tok.decode(
+            [t for t in out.sequences[0] if t not in end_ids], skip_special_tokens=True
+        ).strip()
         history.append({"role": "assistant", "content": reply or "..."})
     return 0
 

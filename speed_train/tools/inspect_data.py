@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--recipe", default="packaged_chat", help="a packaged recipe name or a recipe YAML file")
-    p.add_argument("--model", default="smollm2", help="tokenizer: 'smollm2', 'llama3', a local folder or a Hub id")
+    p.add_argument(
+        "--model", default="smollm2", help="tokenizer: 'smollm2', 'llama3', a local folder or a Hub id"
+    )
     p.add_argument("--chat-template", default=None, help="override: 'tulu', 'llama3', 'chatml' or Jinja text")
     p.add_argument("--n", type=int, default=3, help="examples to show (default 3)")
     p.add_argument("--skip", type=int, default=0, help="examples to skip first")
@@ -58,9 +60,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         tokenizer = load_tokenizer(args.model, chat_template=args.chat_template)
         # Built with no limit so the report is always shown; the recipe's limit is checked below.
         train, held_out, report = build_dataset(
-            recipe, tokenizer, cfg, args.max_length, args.cache_dir, truncate=args.truncate, max_bad_fraction=1.0,
-            num_proc=args.num_proc, add_bos=check_add_bos(args.add_bos), rebuild=args.rebuild,
-        )  # fmt: skip
+            recipe,
+            tokenizer,
+            cfg,
+            args.max_length,
+            args.cache_dir,
+            truncate=args.truncate,
+            max_bad_fraction=1.0,
+            num_proc=args.num_proc,
+            add_bos=check_add_bos(args.add_bos),
+            rebuild=args.rebuild,
+        )
     except (DataError, SpeedConfigError, RoleError, ModelNotFoundError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -97,13 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--add-bos", type=_add_bos_arg, default="auto", help="auto (default), true or false")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--messages", help="a JSON list of {role, content} messages")
-    src.add_argument("--jsonl", type=Path, help="a JSONL file: one {'messages': [...]} object (or list) per line")
+    src.add_argument(
+        "--jsonl", type=Path, help="a JSONL file: one {'messages': [...]} object (or list) per line"
+    )
     src.add_argument("--plain", help="a plain (non-chat) context; \\n and \\t escapes are expanded")
     p.add_argument("--n", type=int, default=3, help="with --jsonl: how many lines to show (default 3)")
     p.add_argument("--continuation", default=None, help="with --plain: the continuation to score")
     p.add_argument("--max-length", type=int, default=None)
     p.add_argument("--truncate", choices=TRUNCATE, default="error")
-    p.add_argument("--end-token-id", type=int, action="append", default=None, help="end-of-turn id (repeatable)")
+    p.add_argument(
+        "--end-token-id", type=int, action="append", default=None, help="end-of-turn id (repeatable)"
+    )
     p.add_argument("--no-color", action="store_true", help="bracket markup instead of ANSI colours")
     return p
 
@@ -179,18 +183,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = SpeedConfig(k=args.k, anchor=args.anchor, loss_scope=args.loss_scope)
         tokenizer = load_tokenizer(args.model, chat_template=args.chat_template)
         layers = _num_layers(args.model)
-        depth = f"k={args.k} (layer count unknown)" if layers is None else f"K={config.resolve_k(layers)} of {layers} layers"
+        depth = (
+            f"k={args.k} (layer count unknown)"
+            if layers is None
+            else f"K={config.resolve_k(layers)} of {layers} layers"
+        )
     except (SpeedConfigError, ModelNotFoundError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     full_depth = layers is not None and config.resolve_k(layers) == layers or config.k is None
-    print(f"# model {args.model} | {depth} | anchor {config.anchor} | loss scope {config.loss_scope} | add_bos {args.add_bos}")
+    print(
+        f"# model {args.model} | {depth} | anchor {config.anchor} | loss scope {config.loss_scope} | add_bos {args.add_bos}"
+    )
 
     items: list[tuple[str, EncodedExample | RoleError]] = []
     if args.plain is not None:
         cont = _unescape(args.continuation) if args.continuation is not None else None
         try:
-            ex = encode_plain(_unescape(args.plain), cont, tokenizer, config, add_bos=args.add_bos, full_depth=full_depth)
+            ex = encode_plain(
+                _unescape(args.plain), cont, tokenizer, config, add_bos=args.add_bos, full_depth=full_depth
+            )
             items.append(("plain", ex))
         except RoleError as exc:
             items.append(("plain", exc))
@@ -200,8 +212,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 items.append((name, messages))
                 continue
             try:
-                ex = encode_conversation(messages, tokenizer, config, end_token_ids=args.end_token_id,
-                                         max_length=args.max_length, truncate=args.truncate, add_bos=args.add_bos)
+                ex = encode_conversation(
+                    messages,
+                    tokenizer,
+                    config,
+                    end_token_ids=args.end_token_id,
+                    max_length=args.max_length,
+                    truncate=args.truncate,
+                    add_bos=args.add_bos,
+                )
                 items.append((name, ex))
             except RoleError as exc:
                 items.append((name, exc))

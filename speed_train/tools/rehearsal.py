@@ -35,8 +35,11 @@ EXPERIMENT = "speed24_bos"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m speed_train.tools.rehearsal", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m speed_train.tools.rehearsal",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", default="outputs/rehearsal", help="work folder (replaced)")
     p.add_argument("--short", action="store_true", help="the test suite's form: fewer, smaller steps")
     p.add_argument("--timeout", type=int, default=900, help="seconds per training run")
@@ -56,7 +59,9 @@ def write_tulu_format_data(folder: Path) -> Path:
     train, held, _ = load_conversations("packaged_chat")
     rows = [
         {"id": f"packaged_{i}", "messages": messages, "source": source}
-        for i, (messages, source) in enumerate(zip(train["messages"] + held["messages"], train["source"] + held["source"]))
+        for i, (messages, source) in enumerate(
+            zip(train["messages"] + held["messages"], train["source"] + held["source"])
+        )
     ]
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / "tulu_format.jsonl"
@@ -93,24 +98,43 @@ def overrides(recipe: Path, run_dir: Path, cache: Path, short: bool) -> list[str
     ]
 
 
-def launch(args: list[str], *, timeout: int, kill_after_checkpoint: Path | None = None) -> subprocess.CompletedProcess:
+def launch(
+    args: list[str], *, timeout: int, kill_after_checkpoint: Path | None = None
+) -> subprocess.CompletedProcess:
     """Two CPU ranks under torchrun (as scripts/torchrun.sh starts them). With
     ``kill_after_checkpoint``, SIGKILL the whole process group once that checkpoint is complete."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "speed_train", *args]  # fmt: skip
-    if kill_after_checkpoint is None:
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "speed_train",
+        *args,
+    ]
+    # its own session: a timeout or the hard kill reaches the launcher and both ranks
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     deadline = time.monotonic() + timeout
-    while not (kill_after_checkpoint / "COMPLETE").is_file():
-        if proc.poll() is not None or time.monotonic() > deadline:
+    while proc.poll() is None:
+        if kill_after_checkpoint is not None and (kill_after_checkpoint / "COMPLETE").is_file():
+            os.killpg(proc.pid, signal.SIGKILL)  # hard: no handler, no cleanup, like a node failure
+            break
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
             out = proc.communicate()[0]
-            raise RuntimeError(f"the run ended before {kill_after_checkpoint.name} was complete:\n{out[-4000:]}")
+            raise RuntimeError(f"the run took more than {timeout} s and was stopped:\n{out[-4000:]}")
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # hard: no handler, no cleanup, like a node failure
     out = proc.communicate()[0]
+    if kill_after_checkpoint is not None and not (kill_after_checkpoint / "COMPLETE").is_file():
+        raise RuntimeError(f"the run ended before {kill_after_checkpoint.name} was complete:\n{out[-4000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 
@@ -135,12 +159,17 @@ def main(argv=None) -> int:
     check = Check()
     t0 = time.perf_counter()
 
-    print(f"1. data: packaged chat as a Tulu-3-format file, +experiment={EXPERIMENT} on llama31_8b_mini", flush=True)
+    print(
+        f"1. data: packaged chat as a Tulu-3-format file, +experiment={EXPERIMENT} on llama31_8b_mini",
+        flush=True,
+    )
     recipe = write_tulu_format_data(out / "data")
     first = first_example_roles(recipe, cache)
     print(first["rendered"])
-    check(first["first_token"] == "<|begin_of_text|>" and first["first_role"] == "anchor",
-          f"token 0 is the anchor and is <|begin_of_text|> (got {first['first_token']!r}, {first['first_role']})")  # fmt: skip
+    check(
+        first["first_token"] == "<|begin_of_text|>" and first["first_role"] == "anchor",
+        f"token 0 is the anchor and is <|begin_of_text|> (got {first['first_token']!r}, {first['first_role']})",
+    )
     check(first["bos_count"] == 1, f"exactly one BoS in the first example (got {first['bos_count']})")
 
     print("2. reference run (2 ranks, ZeRO-3, uninterrupted)", flush=True)
@@ -148,36 +177,48 @@ def main(argv=None) -> int:
     ref = launch(overrides(recipe, ref_dir, cache, args.short), timeout=args.timeout)
     check(ref.returncode == 0, f"reference run exits 0 (got {ref.returncode})")
     if ref.returncode != 0:
-        print(ref.stdout[-3000:], ref.stderr[-6000:], sep="\n")
+        print(ref.stdout[-6000:])
         return _finish(check, t0)
     reference = json.loads((ref_dir / "results.json").read_text())
 
     print("3. the same run, killed hard after the step-2 checkpoint, then the same command again", flush=True)
     run_dir = out / "run"
-    launch(overrides(recipe, run_dir, cache, args.short), timeout=args.timeout,
-           kill_after_checkpoint=run_dir / "checkpoints" / "step=2.ckpt")  # fmt: skip
+    launch(
+        overrides(recipe, run_dir, cache, args.short),
+        timeout=args.timeout,
+        kill_after_checkpoint=run_dir / "checkpoints" / "step=2.ckpt",
+    )
     check(not (run_dir / "results.json").exists(), "the killed run left no results")
     resumed = launch(overrides(recipe, run_dir, cache, args.short), timeout=args.timeout)
     check(resumed.returncode == 0, f"the resumed run exits 0 (got {resumed.returncode})")
     if resumed.returncode != 0:
-        print(resumed.stdout[-3000:], resumed.stderr[-6000:], sep="\n")
+        print(resumed.stdout[-6000:])
         return _finish(check, t0)
     result = json.loads((run_dir / "results.json").read_text())
-    check(str(result["resumed_from"]).endswith("step=2.ckpt"), f"resumed from step 2 ({result['resumed_from']})")
-    check(result["step_losses"] == reference["step_losses"],
-          f"losses identical to the uninterrupted run: {result['step_losses']}")  # fmt: skip
+    check(
+        str(result["resumed_from"]).endswith("step=2.ckpt"), f"resumed from step 2 ({result['resumed_from']})"
+    )
+    check(
+        result["step_losses"] == reference["step_losses"],
+        f"losses identical to the uninterrupted run: {result['step_losses']}",
+    )
     check(result["val_losses"] == reference["val_losses"], f"validation identical: {result['val_losses']}")
     check(result["zero3_partitioned_at_construction"] is True, "the model was built ZeRO-3-partitioned")
 
     print("4. held-out table (sharded over the 2 ranks, on their devices, before consolidation)", flush=True)
     for key in ("heldout_full_depth", "heldout_speed_zero_shot", "heldout_after", "heldout_after_full_depth"):
         check(key in result and result[key] == result[key], f"{key} = {result.get(key)}")
-    check(result["heldout_after"] < result["heldout_speed_zero_shot"], "training lowered the SPEED held-out loss")
+    check(
+        result["heldout_after"] < result["heldout_speed_zero_shot"],
+        "training lowered the SPEED held-out loss",
+    )
 
     print("5. the consolidated export, reloaded, generating under SPEED", flush=True)
     gen = reload_and_generate(Path(result["export"]["model"]))
     print(f"  generated ids: {gen['tokens']}")
-    check(gen["prompt_starts_with_bos"], "the generation prompt starts with <|begin_of_text|> (the BoS anchor)")
+    check(
+        gen["prompt_starts_with_bos"], "the generation prompt starts with <|begin_of_text|> (the BoS anchor)"
+    )
     check(gen["matches_teacher_forced"], "SPEED generation == the argmax of the teacher-forced SPEED forward")
     return _finish(check, t0)
 
@@ -185,7 +226,9 @@ def main(argv=None) -> int:
 def _finish(check: Check, t0: float) -> int:
     minutes = (time.perf_counter() - t0) / 60
     if check.failed:
-        print(f"\nrehearsal FAILED ({len(check.failed)} checks, {minutes:.1f} min): {'; '.join(check.failed)}")
+        print(
+            f"\nrehearsal FAILED ({len(check.failed)} checks, {minutes:.1f} min): {'; '.join(check.failed)}"
+        )
         return 1
     print(f"\nrehearsal passed ({minutes:.1f} min)")
     return 0
@@ -205,8 +248,9 @@ def first_example_roles(recipe: Path, cache: Path) -> dict:
     with initialize_config_module(config_module="speed_train.conf", version_base=None):
         cfg = compose(config_name="config", overrides=[f"+experiment={EXPERIMENT}", "model=llama31_8b_mini"])
     tok = load_tokenizer(cfg)
-    train, _, report = build_dataset(recipe, tok, speed_config(cfg), cfg.data.max_length, cache, num_proc=2,
-                                     add_bos=cfg.data.add_bos)  # fmt: skip
+    train, _, report = build_dataset(
+        recipe, tok, speed_config(cfg), cfg.data.max_length, cache, num_proc=2, add_bos=cfg.data.add_bos
+    )
     ex = train[0]
     return {
         "rendered": render_roles(ex, tok, color=False),
@@ -233,17 +277,28 @@ def reload_and_generate(model_dir: Path) -> dict:
     speed = json.loads((model_dir / "speed_config.json").read_text())
     model, tok = load_model(str(model_dir))
     cfg = SpeedConfig(k=speed["k_layers"], anchor=speed["anchor"])
-    prompt = encode_generation_prompt([{"role": "user", "content": "What is the capital of France?"}], tok, cfg,
-                                      add_bos=speed.get("add_bos", "auto"))  # fmt: skip
+    prompt = encode_generation_prompt(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        tok,
+        cfg,
+        add_bos=speed.get("add_bos", "auto"),
+    )
     out = speed_generate(model, [prompt], cfg.k, max_new_tokens=6, keep_logits=True)
     tokens = out.sequences[0]
-    full = EncodedExample(prompt.input_ids + tokens, prompt.roles + [DECODE] * len(tokens),
-                          prompt.turns + [prompt.turns[-1]] * len(tokens), [-100] * (len(prompt) + len(tokens)))  # fmt: skip
+    full = EncodedExample(
+        prompt.input_ids + tokens,
+        prompt.roles + [DECODE] * len(tokens),
+        prompt.turns + [prompt.turns[-1]] * len(tokens),
+        [-100] * (len(prompt) + len(tokens)),
+    )
     with torch.no_grad():
         tf = mask_forward(model, collate([full], tok.pad_token_id), cfg.k).dense((1, len(full)))[0]
     steps = tf[len(prompt) - 1 : len(prompt) - 1 + len(tokens)].argmax(-1).tolist()
-    return {"tokens": tokens, "prompt_starts_with_bos": prompt.input_ids[0] == tok.bos_token_id,
-            "matches_teacher_forced": steps == tokens}  # fmt: skip
+    return {
+        "tokens": tokens,
+        "prompt_starts_with_bos": prompt.input_ids[0] == tok.bos_token_id,
+        "matches_teacher_forced": steps == tokens,
+    }
 
 
 if __name__ == "__main__":

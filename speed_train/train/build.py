@@ -48,8 +48,12 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     # numbers a user can get wrong, checked here rather than deep inside torch after loading
     _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
-    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas),
-           "must be two numbers in [0, 1)")  # fmt: skip
+    _check(
+        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+        "optim.betas",
+        list(o.betas),
+        "must be two numbers in [0, 1)",
+    )
     _check(o.eps > 0, "optim.eps", o.eps, "must be > 0")
     _check(0 <= o.warmup_ratio <= 1, "optim.warmup_ratio", o.warmup_ratio, "must be in [0, 1]")
     _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
@@ -58,10 +62,16 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     _check(obj.temperature > 0, "objective.temperature", obj.temperature, "must be > 0")
     _check(obj.ce_weight >= 0, "objective.ce_weight", obj.ce_weight, "must be >= 0")
     _check(d.max_length >= 2, "data.max_length", d.max_length, "must be >= 2 tokens")
-    _check(d.num_proc is None or d.num_proc >= 1, "data.num_proc", d.num_proc, "must be >= 1 (null: every core)")
+    _check(
+        d.num_proc is None or d.num_proc >= 1, "data.num_proc", d.num_proc, "must be >= 1 (null: every core)"
+    )
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
-    _check(d.max_bad_fraction is None or 0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction",
-           d.max_bad_fraction, "must be in [0, 1] (null: the recipe's)")  # fmt: skip
+    _check(
+        d.max_bad_fraction is None or 0 <= d.max_bad_fraction <= 1,
+        "data.max_bad_fraction",
+        d.max_bad_fraction,
+        "must be in [0, 1] (null: the recipe's)",
+    )
     for key in ("max_train_examples", "max_eval_examples"):
         v = d[key]
         _check(v is None or v >= 0, f"data.{key}", v, "must be >= 0 (null: all)")
@@ -86,15 +96,23 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
             f"({t.micro_batch_size}) x data-parallel ranks ({world_size}) = {per_step}"
         )
     if t.eval_every_n_steps is not None and t.eval_every_n_steps < 1:
-        raise ConfigError(f"trainer.eval_every_n_steps={t.eval_every_n_steps}: >= 1, or null for no validation")
-    _check(t.checkpoint_every_n_steps is None or t.checkpoint_every_n_steps >= 1, "trainer.checkpoint_every_n_steps",
-           t.checkpoint_every_n_steps, "must be >= 1 (null: at the end only)")  # fmt: skip
+        raise ConfigError(
+            f"trainer.eval_every_n_steps={t.eval_every_n_steps}: >= 1, or null for no validation"
+        )
+    _check(
+        t.checkpoint_every_n_steps is None or t.checkpoint_every_n_steps >= 1,
+        "trainer.checkpoint_every_n_steps",
+        t.checkpoint_every_n_steps,
+        "must be >= 1 (null: at the end only)",
+    )
     _check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
     _check(t.log_every_n_steps >= 1, "trainer.log_every_n_steps", t.log_every_n_steps, "must be >= 1")
     if t.max_steps == 0 or (t.max_steps < 0 and t.epochs < 1):
         raise ConfigError("set trainer.max_steps > 0 or trainer.epochs >= 1")
     if obj.kind == "distill" and not cfg.lora.enabled:
-        raise ConfigError("objective.kind=distill needs lora.enabled=true (teacher = adapters disabled, K = L)")
+        raise ConfigError(
+            "objective.kind=distill needs lora.enabled=true (teacher = adapters disabled, K = L)"
+        )
     if cfg.strategy.name == "deepspeed" and cfg.strategy.zero_stage not in (1, 2, 3):
         raise ConfigError(f"strategy.zero_stage={cfg.strategy.zero_stage}: 1, 2 or 3 with deepspeed")
     if cfg.export.enabled and cfg.export.push_to_hub:
@@ -103,7 +121,9 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     layers = config.num_hidden_layers if config is not None else m.num_layers
     if layers is not None:
         if m.num_layers is not None and m.num_layers != layers:
-            raise ConfigError(f"model.num_layers={m.num_layers} but {m.name} has {layers} layers; fix the config")
+            raise ConfigError(
+                f"model.num_layers={m.num_layers} but {m.name} has {layers} layers; fix the config"
+            )
         try:
             sc.resolve_k(layers)
         except SpeedConfigError as e:
@@ -158,7 +178,9 @@ def check_output_dir(path: str | os.PathLike) -> Path:
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
             pass
     except OSError as e:
-        raise ConfigError(f"output folder {out} is not writable ({e.strerror or e}): choose another output_dir") from None
+        raise ConfigError(
+            f"output folder {out} is not writable ({e.strerror or e}): choose another output_dir"
+        ) from None
     return out
 
 
@@ -185,10 +207,10 @@ def load_tokenizer(cfg: DictConfig):
 def load_model(cfg: DictConfig, tokenizer):
     m = cfg.model
     dtype = DTYPES[str(m.dtype)]
-    if m.source == "smollm2":
-        from speed_train.assets import load_smollm2
+    if m.source in ("smollm2", "hub"):
+        from speed_train.loading import load_weights
 
-        model, _ = load_smollm2(dtype=dtype)
+        model = load_weights("smollm2" if m.source == "smollm2" else m.pretrained, dtype=dtype)
     elif m.source == "tiny":
         from speed_train.speed.tiny import tiny_model
 
@@ -197,10 +219,6 @@ def load_model(cfg: DictConfig, tokenizer):
         model = tiny_model(m.arch, layers=m.num_layers or 4, seed=cfg.trainer.seed, dtype=dtype, **kw)
         model.config.pad_token_id = tokenizer.pad_token_id
         seeded_init(model, cfg.trainer.seed)  # the same weights whether partitioned (ZeRO-3) or not
-    else:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(m.pretrained, dtype=dtype)
     if m.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
@@ -269,7 +287,9 @@ def seeded_init(model: torch.nn.Module, seed: int) -> None:
             elif len(shape) == 1:  # RMSNorm / LayerNorm weights (OLMo2/Qwen3 q/k norms included)
                 value = torch.ones(shape)
             else:
-                raise ValueError(f"seeded_init: no init rule for {name} ({type(module).__name__}, shape {shape})")
+                raise ValueError(
+                    f"seeded_init: no init rule for {name} ({type(module).__name__}, shape {shape})"
+                )
             if is_partitioned(p):
                 import deepspeed
 

@@ -52,8 +52,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             atomic_write(path, lambda fh: torch.save(checkpoint, fh), binary=True)
             _write_record(path.with_name(path.name + ".complete"), {"bytes": path.stat().st_size})
         except OSError as e:
-            raise CheckpointError(e.errno, f"cannot write checkpoint {path}: {e.strerror or e}; free space "
-                                  "or choose a writable output_dir, then resume (resume=auto)") from None  # fmt: skip
+            raise CheckpointError(
+                e.errno,
+                f"cannot write checkpoint {path}: {e.strerror or e}; free space "
+                "or choose a writable output_dir, then resume (resume=auto)",
+            ) from None
 
 
 def _write_record(path: Path, record: dict) -> None:
@@ -64,7 +67,11 @@ def mark_complete(path: str | os.PathLike) -> None:
     """Record a saved DeepSpeed directory as complete, with every file's size."""
     p = Path(path)
     if p.is_dir():
-        files = {str(f.relative_to(p)): f.stat().st_size for f in sorted(p.rglob("*")) if f.is_file() and f.name != COMPLETE}
+        files = {
+            str(f.relative_to(p)): f.stat().st_size
+            for f in sorted(p.rglob("*"))
+            if f.is_file() and f.name != COMPLETE
+        }
         _write_record(p / COMPLETE, {"files": files})
 
 
@@ -111,8 +118,11 @@ def checkpoint_step(path: str | os.PathLike) -> int | None:
 
 def _candidates(d: Path) -> list[Path]:
     """Checkpoint-like entries, newest first (by step, then modification time)."""
-    found = [p for p in d.iterdir()
-             if _STEP.search(p.name) and not p.name.endswith(_SUFFIXES) and not p.name.startswith(".")]  # fmt: skip
+    found = [
+        p
+        for p in d.iterdir()
+        if _STEP.search(p.name) and not p.name.endswith(_SUFFIXES) and not p.name.startswith(".")
+    ]
     return sorted(found, key=lambda p: (checkpoint_step(p), p.stat().st_mtime), reverse=True)
 
 
@@ -155,10 +165,11 @@ def _remove(p: Path) -> None:
     p.with_name(p.name + ".complete").unlink(missing_ok=True)
 
 
-def prune(ckpt_dir: str | os.PathLike, keep: int) -> list[str]:
+def prune(ckpt_dir: str | os.PathLike, keep: int, protect: str | os.PathLike | None = None) -> list[str]:
     """Apply retention: keep the newest ``keep`` complete step checkpoints; remove older ones,
     pre-emption checkpoints older than the newest complete checkpoint, and ``*.tmp`` leftovers
-    (call it when no save is in progress). Returns the removed names."""
+    (call it when no save is in progress). ``protect`` (the checkpoint a run resumes from) is
+    never removed. Returns the removed names."""
     d = Path(ckpt_dir)
     if not d.is_dir():
         return []
@@ -169,7 +180,10 @@ def prune(ckpt_dir: str | os.PathLike, keep: int) -> list[str]:
     complete = [p for p in _candidates(d) if verify(p) is None]  # newest first
     regular = [p for p in complete if not p.name.startswith("preempt-")]
     stale = [p for p in complete[1:] if p.name.startswith("preempt-")]  # a newer checkpoint exists
+    keep_path = Path(protect).resolve() if protect is not None else None
     for p in regular[keep:] + stale:
+        if keep_path is not None and p.resolve() == keep_path:
+            continue
         _remove(p)
         removed.append(p.name)
     return removed
@@ -191,8 +205,11 @@ class CompleteCheckpoint(ModelCheckpoint):
                 _remove(Path(filepath))
             if isinstance(e, CheckpointError):
                 raise
-            raise CheckpointError(e.errno, f"cannot write checkpoint {filepath}: {e.strerror or e}; free space or "
-                                  "choose a writable output_dir, then resume (resume=auto)") from None  # fmt: skip
+            raise CheckpointError(
+                e.errno,
+                f"cannot write checkpoint {filepath}: {e.strerror or e}; free space or "
+                "choose a writable output_dir, then resume (resume=auto)",
+            ) from None
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             mark_complete(filepath)
@@ -209,7 +226,9 @@ class PreemptionCheckpoint(L.Callback):
     Installed at train start, it replaces Lightning's own SIGTERM handler for the fit (which
     would stop without a checkpoint) and restores it at train end."""
 
-    def __init__(self, ckpt_dir: str | os.PathLike, signals=(signal.SIGTERM, signal.SIGUSR1), requeue: bool = False):
+    def __init__(
+        self, ckpt_dir: str | os.PathLike, signals=(signal.SIGTERM, signal.SIGUSR1), requeue: bool = False
+    ):
         self.ckpt_dir, self.signals, self.requeue = Path(ckpt_dir), signals, requeue
         self.received: int | None = None
         self.saved: str | None = None
@@ -228,14 +247,15 @@ class PreemptionCheckpoint(L.Callback):
         self._previous = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if (batch_idx + 1) % trainer.accumulate_grad_batches:  # finish the optimizer step first
+        if not pl_module.step_ended:  # finish the optimizer step first (StepBookkeeping decided)
             return
         signum = self.received or 0
         if trainer.world_size > 1:
             import torch
 
-            agreed = trainer.strategy.reduce(torch.tensor(float(signum), device=trainer.strategy.root_device),
-                                             reduce_op="max")  # fmt: skip
+            agreed = trainer.strategy.reduce(
+                torch.tensor(float(signum), device=trainer.strategy.root_device), reduce_op="max"
+            )
             signum = int(agreed.item())
         if not signum:
             return

@@ -1,10 +1,11 @@
-"""Export after training: a consolidated HF checkpoint (``save_pretrained``) with
-``speed_config.json`` beside it, plus the LoRA adapter when LoRA was trained.
+"""Export after training: an HF-native SPEED model folder (``speed_train.hf.export``) with a
+model card and ``speed_config.json``, plus the LoRA adapter when LoRA was trained.
 
 Under ZeRO-3 every rank holds a shard of each parameter and the module's tensors are empty
-(size 0): ``save_pretrained`` on it writes empty tensors (PITFALLS). ``consolidate`` gathers the
+(size 0): ``save_pretrained`` on it writes empty tensors. ``consolidate`` gathers the
 parameters one at a time (all ranks take part; rank 0 keeps a CPU copy) and loads them into a
-freshly built model on rank 0, which is then evaluated and exported like any other model.
+freshly built model on rank 0, which is then exported (the held-out table was computed on the
+ranks before, see validation.HeldoutTable).
 """
 
 from __future__ import annotations
@@ -53,8 +54,10 @@ def materialize(cfg: DictConfig, tokenizer, state: dict[str, torch.Tensor]) -> t
     loaded = set(state)
     not_loaded = [n for n, _ in fresh.named_parameters() if n not in loaded]
     if unexpected or not_loaded:
-        raise RuntimeError(f"consolidating the ZeRO-3 model: unexpected keys {unexpected[:5]}, "
-                           f"parameters not gathered {not_loaded[:5]}")  # fmt: skip
+        raise RuntimeError(
+            f"consolidating the ZeRO-3 model: unexpected keys {unexpected[:5]}, "
+            f"parameters not gathered {not_loaded[:5]}"
+        )
     return fresh
 
 
@@ -72,8 +75,10 @@ def consolidate(
 def check_not_empty(model: torch.nn.Module, what: str) -> None:
     empty = [n for n, t in model.state_dict().items() if t.numel() == 0]
     if empty:
-        raise RuntimeError(f"refusing to export {what}: {len(empty)} empty (size-0) tensors, e.g. {empty[0]!r}; "
-                           "a ZeRO-3 model must be consolidated first (export.consolidate)")  # fmt: skip
+        raise RuntimeError(
+            f"refusing to export {what}: {len(empty)} empty (size-0) tensors, e.g. {empty[0]!r}; "
+            "a ZeRO-3 model must be consolidated first (export.consolidate)"
+        )
 
 
 def export(model, tokenizer, cfg: DictConfig, k: int, out: Path, result=None) -> dict[str, str]:
@@ -92,8 +97,12 @@ def export(model, tokenizer, cfg: DictConfig, k: int, out: Path, result=None) ->
     check_not_empty(model, "the model")
     config = unwrap(model).config
     num_layers = config.num_hidden_layers
-    speed = {**speed_config(cfg).to_dict(), "k_layers": k, "num_layers": num_layers,
-             "add_bos": check_add_bos(cfg.data.add_bos)}  # fmt: skip
+    speed = {
+        **speed_config(cfg).to_dict(),
+        "k_layers": k,
+        "num_layers": num_layers,
+        "add_bos": check_add_bos(cfg.data.add_bos),
+    }
     paths: dict[str, str] = {}
 
     def write_speed(d: Path) -> None:
@@ -112,16 +121,21 @@ def export(model, tokenizer, cfg: DictConfig, k: int, out: Path, result=None) ->
         merged = model
     repo = cfg.export.push_to_hub
 
+    # the system anchor needs message boundaries that token ids do not show: a plain folder then
+    hf_native = str(cfg.speed.anchor) != "system"
+
     def write_model(d: Path) -> None:
         merged.save_pretrained(d)
         tokenizer.save_pretrained(d)
-        if str(cfg.speed.anchor) == "system":  # token roles cannot find a system message: plain folder
-            log.warning("anchor=system: the export is a plain HF checkpoint (use speed_train.speed.generate)")
+        if hf_native:
+            anchor = str(cfg.speed.anchor)
+            make_hf_native(d, tokenizer, k=k, num_layers=num_layers, anchor=anchor, add_bos=cfg.data.add_bos)
         else:
-            make_hf_native(d, tokenizer, k=k, num_layers=num_layers, anchor=str(cfg.speed.anchor),
-                           add_bos=cfg.data.add_bos)  # fmt: skip
+            log.warning(
+                "anchor=system: the export is a plain HF checkpoint (run it with speed_train.chat / eval)"
+            )
         write_speed(d)
-        write_text(d / "README.md", model_card(cfg, config, k, result, repo))
+        write_text(d / "README.md", model_card(cfg, config, k, result, repo, hf_native=hf_native))
 
     atomic_dir(out / "model", write_model)
     paths["model"] = str(out / "model")

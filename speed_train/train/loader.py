@@ -133,7 +133,9 @@ class StepPlan:
                 f"{self.world_size} ranks; choose a global batch that is a multiple of {per_step}"
             )
         self._row_tokens = (
-            list(self.num_supervised) if self.rows is None else [sum(self.num_supervised[i] for i in r) for r in self.rows]
+            list(self.num_supervised)
+            if self.rows is None
+            else [sum(self.num_supervised[i] for i in r) for r in self.rows]
         )
         if self.steps_per_epoch == 0:
             what = "packed rows" if self.rows is not None else "training examples"
@@ -179,9 +181,15 @@ class StepPlan:
 
     def shape(self) -> dict:
         """What a checkpoint's plan must match to resume."""
-        return {"examples": len(self.num_supervised), "rows": self.num_rows, "global_batch": self.global_batch,
-                "micro_batch": self.micro_batch, "world_size": self.world_size, "seed": self.seed,
-                "reduce": self.reduce}  # fmt: skip
+        return {
+            "examples": len(self.num_supervised),
+            "rows": self.num_rows,
+            "global_batch": self.global_batch,
+            "micro_batch": self.micro_batch,
+            "world_size": self.world_size,
+            "seed": self.seed,
+            "reduce": self.reduce,
+        }
 
 
 class _MicroBatches(Dataset):
@@ -225,8 +233,14 @@ class ResumableLoader(DataLoader):
         ds = _MicroBatches(examples, plan, rank, pad_id, pack_to)
         # Own generator: DataLoader draws a base seed from its generator at every iter(); from
         # the global one that would shift the torch RNG (dropout) by one draw on each resume.
-        super().__init__(ds, batch_size=None, sampler=_EpochSampler(len(ds)), collate_fn=_identity,
-                         num_workers=num_workers, generator=torch.Generator().manual_seed(plan.seed))  # fmt: skip
+        super().__init__(
+            ds,
+            batch_size=None,
+            sampler=_EpochSampler(len(ds)),
+            collate_fn=_identity,
+            num_workers=num_workers,
+            generator=torch.Generator().manual_seed(plan.seed),
+        )
         self.consumed = 0  # micro-batches of the current epoch finished (counted by the module)
         self._epoch_of_count = 0
 

@@ -35,6 +35,7 @@ class _KeepingWriter(ExperimentWriter):
                 for r in reader
                 if r.get("step") not in (None, "") and int(float(r["step"])) < self.keep_before_step
             ]
+
         def write(fh) -> None:
             writer = csv.DictWriter(fh, fieldnames=fields)
             writer.writeheader()

@@ -24,8 +24,13 @@ from speed_train.speed.roles import DECODE, PROMPT
 from speed_train.train.schema import ObjectiveConfig, OptimConfig
 
 # Our schedule names -> transformers.get_scheduler's (all with linear warm-up).
-SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup",
-              "cosine_with_min_lr": "cosine_with_min_lr", "warmup_stable_decay": "warmup_stable_decay"}  # fmt: skip
+SCHEDULERS = {
+    "linear": "linear",
+    "cosine": "cosine",
+    "constant": "constant_with_warmup",
+    "cosine_with_min_lr": "cosine_with_min_lr",
+    "warmup_stable_decay": "warmup_stable_decay",
+}
 
 
 def build_scheduler(optimizer, optim: OptimConfig, total_steps: int):
@@ -41,14 +46,29 @@ def build_scheduler(optimizer, optim: OptimConfig, total_steps: int):
     elif name == "warmup_stable_decay":
         decay = round(optim.decay_ratio * total_steps)
         extra = {"num_decay_steps": decay, "num_stable_steps": max(0, total_steps - warmup - decay)}
-    return get_scheduler(SCHEDULERS[name], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
-                         scheduler_specific_kwargs=extra or None)  # fmt: skip
+    return get_scheduler(
+        SCHEDULERS[name],
+        optimizer,
+        num_warmup_steps=warmup,
+        num_training_steps=total_steps,
+        scheduler_specific_kwargs=extra or None,
+    )
 
 
 class SpeedLM(L.LightningModule):
-    def __init__(self, model, *, k: int, executor: str, backend: str, optim: OptimConfig,
-                 objective: ObjectiveConfig, total_steps: int, accumulation: int,
-                 peak_flops: float | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model,
+        *,
+        k: int,
+        executor: str,
+        backend: str,
+        optim: OptimConfig,
+        objective: ObjectiveConfig,
+        total_steps: int,
+        accumulation: int,
+        peak_flops: float | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.k, self.executor, self.backend = k, str(executor), str(backend)
@@ -56,9 +76,18 @@ class SpeedLM(L.LightningModule):
         self.total_steps, self.accumulation = total_steps, accumulation
         self.peak_flops = peak_flops
         self.shape = ModelShape.from_config(_config_of(model))
-        self._acc = {"loss": 0.0, "tokens": 0, "all_tokens": 0, "cells": 0, "prompt": 0, "decode": 0, "flops": 0.0}
+        self._acc = {
+            "loss": 0.0,
+            "tokens": 0,
+            "all_tokens": 0,
+            "cells": 0,
+            "prompt": 0,
+            "decode": 0,
+            "flops": 0.0,
+        }
         self._t0: float | None = None
         self._last_step = 0
+        self.step_ended = False  # did the latest micro-batch finish an optimizer step?
         self.step_losses: list[float] = []  # per optimizer step (restored from the checkpoint on resume)
         self.last_metrics: dict[str, float] = {}  # of the newest step, for the progress bar
 
@@ -73,12 +102,21 @@ class SpeedLM(L.LightningModule):
         """KL(teacher || student) on supervised positions; teacher = same weights, adapters off,
         full depth (no second copy of the model)."""
         if not hasattr(self.model, "disable_adapter"):
-            raise ValueError("objective=distill needs a LoRA model: its teacher is the model with adapters disabled")
+            raise ValueError(
+                "objective=distill needs a LoRA model: its teacher is the model with adapters disabled"
+            )
         with torch.no_grad(), self.model.disable_adapter():
-            teacher = speed_forward(self.model, batch, self.shape.layers, executor="gather", positions="targets",
-                                    backend=self.backend)  # fmt: skip
-        student = speed_forward(self.model, batch, self.k, executor=self.executor, positions="targets",
-                                backend=self.backend)  # fmt: skip
+            teacher = speed_forward(
+                self.model,
+                batch,
+                self.shape.layers,
+                executor="gather",
+                positions="targets",
+                backend=self.backend,
+            )
+        student = speed_forward(
+            self.model, batch, self.k, executor=self.executor, positions="targets", backend=self.backend
+        )
         T = self.objective.temperature
         log_p_t = F.log_softmax(teacher.logits.float() / T, -1)
         log_p_s = F.log_softmax(student.logits.float() / T, -1)
@@ -122,7 +160,11 @@ class SpeedLM(L.LightningModule):
         loader = self.trainer.train_dataloader
         if hasattr(loader, "mark_consumed"):
             loader.mark_consumed(item["epoch"])
-        if self.trainer.global_step == self._last_step:  # still accumulating (key off global_step)
+        # The one place that knows whether this micro-batch ended an optimizer step (keyed off
+        # global_step: with DeepSpeed the optimizer hooks fire per micro-batch); the callbacks
+        # after StepBookkeeping (validation, pre-emption) read `step_ended`.
+        self.step_ended = self.trainer.global_step != self._last_step
+        if not self.step_ended:  # still accumulating
             return
         self._last_step = self.trainer.global_step
         keys = ("loss", "tokens", "all_tokens", "cells", "prompt", "decode", "flops")
@@ -182,8 +224,14 @@ class SpeedLM(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
-        groups = [g for g in ({"params": decay, "weight_decay": o.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]  # fmt: skip
+        groups = [
+            g
+            for g in (
+                {"params": decay, "weight_decay": o.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            )
+            if g["params"]
+        ]
         # fused AdamW (one kernel for all parameters) where every trained parameter is on a GPU
         fused = o.fused if o.fused is not None else bool(params) and all(p.is_cuda for p in params)
         opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None)
@@ -194,8 +242,22 @@ class SpeedLM(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["speed_rng"] = {"torch": torch.get_rng_state(), "last_step": self._last_step}
         checkpoint["speed_step_losses"] = list(self.step_losses)
+        # Frozen weights (the base model under LoRA) are rebuilt from their source on resume:
+        # keeping them out makes a LoRA checkpoint megabytes instead of the whole model.
+        frozen = {f"model.{n}" for n, p in self.model.named_parameters() if not p.requires_grad}
+        state = checkpoint.get("state_dict")
+        if frozen and state is not None:
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if k not in frozen}
+            checkpoint["speed_frozen_excluded"] = len(frozen)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # the frozen weights left out at save come from the model as built (the same source);
+        # the load stays strict, so any other missing or unexpected key is still an error
+        state = checkpoint.get("state_dict")
+        if state is not None and checkpoint.get("speed_frozen_excluded"):
+            own = self.state_dict()
+            frozen = {f"model.{n}" for n, p in self.model.named_parameters() if not p.requires_grad}
+            state.update({k: own[k] for k in frozen if k not in state and k in own})
         if "speed_rng" in checkpoint:
             torch.set_rng_state(checkpoint["speed_rng"]["torch"])
         self.step_losses = list(checkpoint.get("speed_step_losses", []))

@@ -23,7 +23,6 @@ class StepProgressBar(ProgressBar):
         self._enabled = True
         self._progress: Progress | None = None
         self._task = None
-        self._last = -1
 
     @property
     def is_enabled(self) -> bool:
@@ -50,13 +49,13 @@ class StepProgressBar(ProgressBar):
             transient=False,
         )
         self._progress.start()
-        self._task = self._progress.add_task("train", total=trainer.max_steps, completed=trainer.global_step, stats="")
-        self._last = trainer.global_step
+        self._task = self._progress.add_task(
+            "train", total=trainer.max_steps, completed=trainer.global_step, stats=""
+        )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._progress is None or trainer.global_step == self._last:
+        if self._progress is None or not getattr(pl_module, "step_ended", True):
             return
-        self._last = trainer.global_step
         m = getattr(pl_module, "last_metrics", {}) or {}
         stats = ""
         if m:

@@ -112,11 +112,14 @@ def _train(cfg: DictConfig, callbacks) -> RunResult:
     data = prepare_data(cfg, world)
     # 3. trainer: strategy, loggers, callbacks, checkpoint to resume from
     ckpt = resolve_resume(cfg.resume, out / "checkpoints", quarantine=rank_zero_only.rank == 0)
-    cbs = run_callbacks(cfg, out, data.held_out, data.pad_id, data.total_steps, lockstep=is_zero3(cfg), extra=callbacks)
-    trainer = build_trainer(cfg, out, cbs, data.total_steps, data.plan.accumulation,
-                            checkpoint_step(ckpt) if ckpt else None)  # fmt: skip
+    cbs = run_callbacks(
+        cfg, out, data.held_out, data.pad_id, data.total_steps, lockstep=is_zero3(cfg), extra=callbacks
+    )
+    trainer = build_trainer(
+        cfg, out, cbs, data.total_steps, data.plan.accumulation, checkpoint_step(ckpt) if ckpt else None
+    )
     if trainer.is_global_zero and ckpt is not None:
-        prune(out / "checkpoints", cfg.trainer.keep_checkpoints)
+        prune(out / "checkpoints", cfg.trainer.keep_checkpoints, protect=ckpt)
     with ExitStack() as scope:
         # 4. model, built ZeRO-3-partitioned when the ranks exist already
         partitioned = _enter_zero3_construction(cfg, trainer, scope)
@@ -125,18 +128,33 @@ def _train(cfg: DictConfig, callbacks) -> RunResult:
         check_window(config, cfg.data.max_length, cfg.model.name)
         num_layers = config.num_hidden_layers
         k = speed_config(cfg).resolve_k(num_layers)
-        module = SpeedLM(model, k=k, executor=cfg.speed.executor, backend=cfg.model.attn_backend, optim=cfg.optim,
-                         objective=cfg.objective, total_steps=data.total_steps, accumulation=data.plan.accumulation,
-                         peak_flops=peak_flops(cfg.trainer.accelerator))  # fmt: skip
+        module = SpeedLM(
+            model,
+            k=k,
+            executor=cfg.speed.executor,
+            backend=cfg.model.attn_backend,
+            optim=cfg.optim,
+            objective=cfg.objective,
+            total_steps=data.total_steps,
+            accumulation=data.plan.accumulation,
+            peak_flops=peak_flops(cfg.trainer.accelerator),
+        )
         # 5. fit (the held-out table is computed on the devices at fit start and train end)
-        loader = ResumableLoader(data.train, data.plan, trainer.global_rank, data.pad_id,
-                                 pack_to=cfg.data.max_length if cfg.data.pack else None,
-                                 num_workers=cfg.data.num_workers)  # fmt: skip
+        loader = ResumableLoader(
+            data.train,
+            data.plan,
+            trainer.global_rank,
+            data.pad_id,
+            pack_to=cfg.data.max_length if cfg.data.pack else None,
+            num_workers=cfg.data.num_workers,
+        )
         fit_start, step_start = time.perf_counter(), trainer.global_step
         trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt)
         fit_seconds = time.perf_counter() - fit_start
     # (transformers' ZeRO-3 config is released here: the consolidated rank-0 model is a full one)
-    result = _result(cfg, trainer, module, cbs, data, k, num_layers, partitioned, ckpt, fit_seconds, step_start)
+    result = _result(
+        cfg, trainer, module, cbs, data, k, num_layers, partitioned, ckpt, fit_seconds, step_start
+    )
     # 6. export: ZeRO-3 shards are gathered into one model on rank 0 (all ranks take part)
     if cfg.export.enabled and result.preempted_by_signal is None:
         final = consolidate(model, cfg, data.tokenizer, trainer.is_global_zero)
@@ -155,10 +173,18 @@ def prepare_data(cfg: DictConfig, world: int) -> TrainData:
     d = cfg.data
     tokenizer = load_tokenizer(cfg)
     train_ex, held_ex, report = build_dataset(
-        d.recipe, tokenizer, speed_config(cfg), max_length=d.max_length, cache_dir=d.cache_dir,
-        truncate=str(d.truncate), max_bad_fraction=d.max_bad_fraction, num_proc=d.num_proc, add_bos=d.add_bos,
-        held_out=d.held_out, held_out_recipe=d.held_out_recipe,
-    )  # fmt: skip
+        d.recipe,
+        tokenizer,
+        speed_config(cfg),
+        max_length=d.max_length,
+        cache_dir=d.cache_dir,
+        truncate=str(d.truncate),
+        max_bad_fraction=d.max_bad_fraction,
+        num_proc=d.num_proc,
+        add_bos=d.add_bos,
+        held_out=d.held_out,
+        held_out_recipe=d.held_out_recipe,
+    )
     if rank_zero_only.rank == 0:
         log.info("data:\n%s", report.summary())
     if d.max_train_examples:
@@ -169,8 +195,15 @@ def prepare_data(cfg: DictConfig, world: int) -> TrainData:
     counts = [int(x) for x in train_ex.supervised_counts()]
     rows = pack_rows([int(x) for x in train_ex.lengths], d.max_length, t.seed) if d.pack else None
     try:
-        plan = StepPlan(counts, t.global_batch_size, t.micro_batch_size, world, t.seed, rows=rows,
-                        reduce=str(cfg.objective.reduce))  # fmt: skip
+        plan = StepPlan(
+            counts,
+            t.global_batch_size,
+            t.micro_batch_size,
+            world,
+            t.seed,
+            rows=rows,
+            reduce=str(cfg.objective.reduce),
+        )
     except ValueError as e:
         raise ConfigError(f"data.recipe={d.recipe}: {e}") from None
     total = t.max_steps if t.max_steps > 0 else t.epochs * plan.steps_per_epoch
@@ -184,31 +217,45 @@ def _enter_zero3_construction(cfg: DictConfig, trainer: L.Trainer, scope: ExitSt
     ranks itself (LightningEnvironment), they do not exist yet when rank 0 builds its model:
     every process then builds the full model, which the engine partitions at setup."""
     env = getattr(trainer.strategy, "cluster_environment", None)
-    partitioned = (is_zero3(cfg) and env is not None and env.creates_processes_externally
-                   and not isinstance(env, LightningEnvironment))  # fmt: skip
+    partitioned = (
+        is_zero3(cfg)
+        and env is not None
+        and env.creates_processes_externally
+        and not isinstance(env, LightningEnvironment)
+    )
     if partitioned:
         trainer.strategy.setup_environment()
         scope.enter_context(zero3_construction(trainer.strategy.config))
     return partitioned
 
 
-def _result(cfg, trainer, module, cbs, data, k, num_layers, partitioned, ckpt, fit_seconds, step_start) -> RunResult:
+def _result(
+    cfg, trainer, module, cbs, data, k, num_layers, partitioned, ckpt, fit_seconds, step_start
+) -> RunResult:
     table = cbs.get("heldout")
     preemption = cbs["preemption"]
     validation = cbs.get("validation")
     heldout_seconds = table.seconds if table is not None else 0.0
     return RunResult(
-        k=k, num_layers=num_layers, anchor=str(cfg.speed.anchor), data_report=data.report.summary(),
-        global_step=trainer.global_step, rank=trainer.global_rank, world_size=trainer.world_size,
+        k=k,
+        num_layers=num_layers,
+        anchor=str(cfg.speed.anchor),
+        data_report=data.report.summary(),
+        global_step=trainer.global_step,
+        rank=trainer.global_rank,
+        world_size=trainer.world_size,
         step_losses=list(module.step_losses),
         val_losses={str(s): v for s, v in sorted(validation.history.items())} if validation else {},
         heldout=dict(table.results) if table is not None else {},
-        fit_seconds=fit_seconds, heldout_seconds=heldout_seconds,
+        fit_seconds=fit_seconds,
+        heldout_seconds=heldout_seconds,
         steps_per_s=(trainer.global_step - step_start) / max(fit_seconds - heldout_seconds, 1e-9),
-        resumed_from=ckpt, preempted_by_signal=preemption.received, preempt_checkpoint=preemption.saved,
+        resumed_from=ckpt,
+        preempted_by_signal=preemption.received,
+        preempt_checkpoint=preemption.saved,
         zero3_partitioned_at_construction=partitioned,
         packed_rows=data.plan.num_rows if cfg.data.pack else None,
-    )  # fmt: skip
+    )
 
 
 def resume_command(output_dir: str) -> str:
@@ -218,10 +265,16 @@ def resume_command(output_dir: str) -> str:
         from hydra.core.hydra_config import HydraConfig
 
         if HydraConfig.initialized():
-            args = [a for a in HydraConfig.get().overrides.task if not a.startswith(("hydra.run.dir=", "output_dir="))]
+            args = [
+                a
+                for a in HydraConfig.get().overrides.task
+                if not a.startswith(("hydra.run.dir=", "output_dir="))
+            ]
     except (ImportError, ValueError):
         pass
-    return shlex.join(["python", "-m", "speed_train", *args, f"hydra.run.dir={Path(output_dir)}", "resume=auto"])
+    return shlex.join(
+        ["python", "-m", "speed_train", *args, f"hydra.run.dir={Path(output_dir)}", "resume=auto"]
+    )
 
 
 def _finish_wandb(exit_code: int | None = None) -> None:

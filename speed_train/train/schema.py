@@ -8,7 +8,7 @@ so its allowed values exist once.
 
 Keys whose recipe also sets them (``data.max_bad_fraction``, ``data.held_out``) default to
 null here, which means "the recipe's value": a schema default must never silently win over the
-recipe (PITFALLS).
+recipe.
 """
 
 from __future__ import annotations

@@ -42,10 +42,14 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         import deepspeed
 
         engine, ds_optimizer, _, _ = deepspeed.initialize(
-            args=argparse.Namespace(device_rank=self.local_rank), config=self.config, model=model,
-            model_parameters=filter(lambda p: p.requires_grad, model.parameters()), optimizer=optimizer,
-            lr_scheduler=lr_scheduler, dist_init_required=False,
-        )  # fmt: skip
+            args=argparse.Namespace(device_rank=self.local_rank),
+            config=self.config,
+            model=model,
+            model_parameters=filter(lambda p: p.requires_grad, model.parameters()),
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            dist_init_required=False,
+        )
         return engine, ds_optimizer
 
 
@@ -58,8 +62,14 @@ def _disable_deepspeed_shm_op() -> None:
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
-def deepspeed_config(stage: int, offload_optimizer: bool, offload_parameters: bool, cpu: bool,
-                     micro_batch_size: int = 1, precision: str = "32-true") -> dict:  # fmt: skip
+def deepspeed_config(
+    stage: int,
+    offload_optimizer: bool,
+    offload_parameters: bool,
+    cpu: bool,
+    micro_batch_size: int = 1,
+    precision: str = "32-true",
+) -> dict:
     zero: dict = {"stage": stage, "overlap_comm": not cpu, "contiguous_gradients": True}
     if stage == 3:
         # export gathers parameters itself (run.consolidated_state_dict), one at a time
@@ -93,8 +103,14 @@ def build_strategy(cfg, accelerator: str):
         return "auto"
     if s.name == "ddp":
         return DDPStrategy(process_group_backend="gloo" if cpu else None)
-    config = deepspeed_config(s.zero_stage, s.offload_optimizer, s.offload_parameters, cpu,
-                              cfg.trainer.micro_batch_size, str(cfg.trainer.precision))  # fmt: skip
+    config = deepspeed_config(
+        s.zero_stage,
+        s.offload_optimizer,
+        s.offload_parameters,
+        cpu,
+        cfg.trainer.micro_batch_size,
+        str(cfg.trainer.precision),
+    )
     if cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         return CPUDeepSpeedStrategy(config=config, process_group_backend="gloo")

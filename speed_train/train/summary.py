@@ -14,8 +14,10 @@ def heldout_rows(r: RunResult) -> list[tuple[str, str]]:
     """(label, heldout key) of the table, named for what the run trained."""
     k, n = r.k, r.num_layers
     if r.full_it:
-        return [("full depth (before training)", "heldout_full_depth"),
-                (f"Full-IT after training (full depth, {n}/{n} layers)", "heldout_after")]  # fmt: skip
+        return [
+            ("full depth (before training)", "heldout_full_depth"),
+            (f"Full-IT after training (full depth, {n}/{n} layers)", "heldout_after"),
+        ]
     return [
         ("full depth (before training)", "heldout_full_depth"),
         (f"SPEED-{k} zero-shot (before training)", "heldout_speed_zero_shot"),
@@ -28,8 +30,11 @@ def print_summary(result: RunResult, cfg=None, console: Console | None = None) -
     if result.rank != 0:
         return  # one table per run, from rank 0
     console = console or Console()
-    what = f"Full-IT ({result.num_layers} layers)" if result.full_it else (
-        f"SPEED-{result.k}/{result.num_layers}, anchor={result.anchor}")  # fmt: skip
+    what = (
+        f"Full-IT ({result.num_layers} layers)"
+        if result.full_it
+        else (f"SPEED-{result.k}/{result.num_layers}, anchor={result.anchor}")
+    )
     t = Table(title=f"held-out decode-token loss: {what}")
     t.add_column("model")
     t.add_column("loss", justify="right")
@@ -41,13 +46,17 @@ def print_summary(result: RunResult, cfg=None, console: Console | None = None) -
     if t.row_count:
         console.print(t)
     if result.steps_per_s:
-        console.print(f"training: {result.steps_per_s:.2f} optimizer steps/s ({result.fit_seconds:.0f} s in fit, "
-                      f"{result.heldout_seconds:.0f} s of it on the held-out table)")  # fmt: skip
+        console.print(
+            f"training: {result.steps_per_s:.2f} optimizer steps/s ({result.fit_seconds:.0f} s in fit, "
+            f"{result.heldout_seconds:.0f} s of it on the held-out table)"
+        )
     resumed = f" (resumed from {result.resumed_from})" if result.resumed_from else ""
     console.print(f"steps: {result.global_step}{resumed}")
     if result.preempted_by_signal:
-        console.print(f"stopped by signal {result.preempted_by_signal} at step {result.global_step}: checkpoint "
-                      f"{result.preempt_checkpoint}")  # fmt: skip
+        console.print(
+            f"stopped by signal {result.preempted_by_signal} at step {result.global_step}: checkpoint "
+            f"{result.preempt_checkpoint}"
+        )
         if cfg is not None:
             console.print(f"to resume:\n  {resume_command(cfg.output_dir)}", soft_wrap=True)
     for what, path in result.export.items():

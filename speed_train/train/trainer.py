@@ -8,7 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from speed_train.train.checkpointing import AtomicCheckpointIO, CompleteCheckpoint, PreemptionCheckpoint
 from speed_train.train.module import StepBookkeeping
@@ -20,8 +20,17 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
 
 
 def world_size_of(cfg: DictConfig) -> int:
+    """Data-parallel ranks of the run, from the config (the step plan needs it before the Trainer
+    exists): ``devices`` as a count, a list of device ids, or -1/"auto" (every visible GPU)."""
     devices = cfg.trainer.devices
-    n = devices if isinstance(devices, int) else (len(devices) if isinstance(devices, (list, tuple)) else 1)
+    if isinstance(devices, ListConfig):
+        devices = list(devices)
+    if isinstance(devices, (list, tuple)):
+        n = len(devices)
+    elif devices in (-1, "-1", "auto"):
+        n = torch.cuda.device_count() if cfg.trainer.accelerator in ("gpu", "cuda", "auto") else 1
+    else:
+        n = int(devices)
     return max(1, n) * cfg.trainer.num_nodes
 
 
@@ -37,7 +46,11 @@ def peak_flops(accelerator: str) -> float | None:
 def wandb_mode(cfg: DictConfig) -> str:
     """logger.mode, else $WANDB_MODE, else online only with an API key in the environment:
     offline runs write to <output_dir>/wandb and never touch the network (``wandb sync`` later)."""
-    return cfg.logger.mode or os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    return (
+        cfg.logger.mode
+        or os.environ.get("WANDB_MODE")
+        or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    )
 
 
 def hydra_job() -> tuple[str, int] | None:
@@ -60,8 +73,15 @@ def loggers(cfg: DictConfig, out: Path, resume_step: int | None) -> list:
     if "csv" in kinds:
         from speed_train.train.logs import ResumableCSVLogger
 
-        found.append(ResumableCSVLogger(str(out), name="logs", version="", keep_before_step=resume_step,
-                                        flush_logs_every_n_steps=cfg.trainer.log_every_n_steps))  # fmt: skip
+        found.append(
+            ResumableCSVLogger(
+                str(out),
+                name="logs",
+                version="",
+                keep_before_step=resume_step,
+                flush_logs_every_n_steps=cfg.trainer.log_every_n_steps,
+            )
+        )
     if "wandb" in kinds:
         from lightning.pytorch.loggers import WandbLogger
 
@@ -70,9 +90,17 @@ def loggers(cfg: DictConfig, out: Path, resume_step: int | None) -> list:
         job = hydra_job()
         if name is None and job is not None:
             name = f"{cfg.logger.group or job[0]}-{job[1]}"
-        found.append(WandbLogger(project=cfg.logger.project, group=cfg.logger.group, name=name, job_type="train",
-                                 save_dir=str(out), mode=wandb_mode(cfg),
-                                 config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)))  # fmt: skip
+        found.append(
+            WandbLogger(
+                project=cfg.logger.project,
+                group=cfg.logger.group,
+                name=name,
+                job_type="train",
+                save_dir=str(out),
+                mode=wandb_mode(cfg),
+                config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+            )
+        )
     return found
 
 
@@ -85,8 +113,12 @@ def under_slurm() -> bool:
         ntasks = int(os.environ.get("SLURM_NTASKS", "0"))
     except ValueError:
         ntasks = 0
-    return bool(os.environ.get("SLURM_JOB_ID")) and ntasks > 0 and SLURMEnvironment.detect() and \
-        not TorchElasticEnvironment.detect()  # fmt: skip
+    return (
+        bool(os.environ.get("SLURM_JOB_ID"))
+        and ntasks > 0
+        and SLURMEnvironment.detect()
+        and not TorchElasticEnvironment.detect()
+    )
 
 
 def trainer_plugins(cfg: DictConfig) -> list | None:
@@ -103,22 +135,35 @@ def trainer_plugins(cfg: DictConfig) -> list | None:
     return plugins or None
 
 
-def run_callbacks(cfg: DictConfig, out: Path, held_out, pad_id: int, total_steps: int, lockstep: bool,
-                  extra=()) -> dict[str, L.Callback]:  # fmt: skip
+def run_callbacks(
+    cfg: DictConfig, out: Path, held_out, pad_id: int, total_steps: int, lockstep: bool, extra=()
+) -> dict[str, L.Callback]:
     """The run's callbacks by name. Order matters for on_train_batch_end: book-keeping (loader
     position, step loss) first, then validation, then the pre-emption save; Lightning moves
     ModelCheckpoint to the very end."""
     t = cfg.trainer
     cbs: dict[str, L.Callback] = {"bookkeeping": StepBookkeeping()}
     if t.eval_every_n_steps is not None and len(held_out):
-        cbs["validation"] = Validation(held_out, pad_id, every_n_steps=t.eval_every_n_steps, total_steps=total_steps,
-                                       micro_batch=t.micro_batch_size, lockstep=lockstep)  # fmt: skip
+        cbs["validation"] = Validation(
+            held_out,
+            pad_id,
+            every_n_steps=t.eval_every_n_steps,
+            total_steps=total_steps,
+            micro_batch=t.micro_batch_size,
+            lockstep=lockstep,
+        )
     if cfg.eval_report:
         cbs["heldout"] = HeldoutTable(held_out, pad_id, micro_batch=8, lockstep=lockstep)
-    cbs["preemption"] = PreemptionCheckpoint(out / "checkpoints", requeue=bool(os.environ.get("SLURM_JOB_ID")))
-    cbs["checkpoint"] = CompleteCheckpoint(dirpath=str(out / "checkpoints"), filename="{step}",
-                                           every_n_train_steps=t.checkpoint_every_n_steps or total_steps,
-                                           keep=t.keep_checkpoints, save_last=False)  # fmt: skip
+    cbs["preemption"] = PreemptionCheckpoint(
+        out / "checkpoints", requeue=bool(os.environ.get("SLURM_JOB_ID"))
+    )
+    cbs["checkpoint"] = CompleteCheckpoint(
+        dirpath=str(out / "checkpoints"),
+        filename="{step}",
+        every_n_train_steps=t.checkpoint_every_n_steps or total_steps,
+        keep=t.keep_checkpoints,
+        save_last=False,
+    )
     if t.progress_bar:
         from speed_train.train.progress import StepProgressBar
 
@@ -128,16 +173,34 @@ def run_callbacks(cfg: DictConfig, out: Path, held_out, pad_id: int, total_steps
     return cbs
 
 
-def build_trainer(cfg: DictConfig, out: Path, callbacks: dict[str, L.Callback], total_steps: int,
-                  accumulation: int, resume_step: int | None) -> L.Trainer:  # fmt: skip
+def build_trainer(
+    cfg: DictConfig,
+    out: Path,
+    callbacks: dict[str, L.Callback],
+    total_steps: int,
+    accumulation: int,
+    resume_step: int | None,
+) -> L.Trainer:
     t = cfg.trainer
     accelerator = t.accelerator
     return L.Trainer(
-        accelerator=accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
+        accelerator=accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        precision=t.precision,
         strategy=build_strategy(cfg, "cpu" if accelerator == "cpu" else "gpu"),
-        max_steps=total_steps, max_epochs=-1, accumulate_grad_batches=accumulation,
-        gradient_clip_val=cfg.optim.gradient_clip or None, logger=loggers(cfg, out, resume_step) or False,
-        callbacks=list(callbacks.values()), use_distributed_sampler=False, default_root_dir=str(out),
-        enable_progress_bar=t.progress_bar, enable_model_summary=False, log_every_n_steps=t.log_every_n_steps,
-        num_sanity_val_steps=0, deterministic=t.deterministic, plugins=trainer_plugins(cfg),
-    )  # fmt: skip
+        max_steps=total_steps,
+        max_epochs=-1,
+        accumulate_grad_batches=accumulation,
+        gradient_clip_val=cfg.optim.gradient_clip or None,
+        logger=loggers(cfg, out, resume_step) or False,
+        callbacks=list(callbacks.values()),
+        use_distributed_sampler=False,
+        default_root_dir=str(out),
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,
+        log_every_n_steps=t.log_every_n_steps,
+        num_sanity_val_steps=0,
+        deterministic=t.deterministic,
+        plugins=trainer_plugins(cfg),
+    )

@@ -26,8 +26,18 @@ from speed_train.speed.executors import speed_loss
 
 
 @torch.no_grad()
-def sharded_heldout_loss(model, examples, k: int, pad_id: int, *, rank: int = 0, world: int = 1, reduce=None,
-                         micro_batch: int = 8, lockstep: bool = False) -> float:  # fmt: skip
+def sharded_heldout_loss(
+    model,
+    examples,
+    k: int,
+    pad_id: int,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    reduce=None,
+    micro_batch: int = 8,
+    lockstep: bool = False,
+) -> float:
     """Token-weighted mean decode-token cross-entropy over ``examples``, this rank taking
     ``examples[rank::world]``; ``reduce`` sums a tensor over the ranks (None: one process).
     ``lockstep``: all ranks run the same number of forwards (ZeRO-3)."""
@@ -57,38 +67,47 @@ def sharded_heldout_loss(model, examples, k: int, pad_id: int, *, rank: int = 0,
 def _on_all_ranks(trainer, model, examples, k, pad_id, micro_batch, lockstep) -> float:
     strategy = trainer.strategy
     reduce = (lambda t: strategy.reduce(t, reduce_op="sum")) if trainer.world_size > 1 else None
-    return sharded_heldout_loss(model, examples, k, pad_id, rank=trainer.global_rank, world=trainer.world_size,
-                                reduce=reduce, micro_batch=micro_batch, lockstep=lockstep)  # fmt: skip
+    return sharded_heldout_loss(
+        model,
+        examples,
+        k,
+        pad_id,
+        rank=trainer.global_rank,
+        world=trainer.world_size,
+        reduce=reduce,
+        micro_batch=micro_batch,
+        lockstep=lockstep,
+    )
 
 
 class Validation(L.Callback):
     """``val/loss`` after every ``every_n_steps`` optimizer steps and after the last one
     (``total_steps``); ``history``: {step: loss}, kept in checkpoints across resumes."""
 
-    def __init__(self, examples, pad_id: int, *, every_n_steps: int, total_steps: int, micro_batch: int,
-                 lockstep: bool = False) -> None:  # fmt: skip
-        if every_n_steps < 1:
-            raise ValueError(
-                f"trainer.eval_every_n_steps={every_n_steps}: must be >= 1 (or null: no validation)"
-            )
+    def __init__(
+        self,
+        examples,
+        pad_id: int,
+        *,
+        every_n_steps: int,
+        total_steps: int,
+        micro_batch: int,
+        lockstep: bool = False,
+    ) -> None:
         self.examples, self.pad_id = examples, pad_id
         self.every, self.total_steps = every_n_steps, total_steps
         self.micro_batch, self.lockstep = micro_batch, lockstep
         self.history: dict[int, float] = {}
-        self._last_step = 0
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self._last_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step == self._last_step:  # still accumulating
+        if not pl_module.step_ended:  # still accumulating (StepBookkeeping decided, before us)
             return
-        self._last_step = step
+        step = trainer.global_step
         if step % self.every and step != self.total_steps:
             return
-        loss = _on_all_ranks(trainer, pl_module.model, self.examples, pl_module.k, self.pad_id, self.micro_batch,
-                             self.lockstep)  # fmt: skip
+        loss = _on_all_ranks(
+            trainer, pl_module.model, self.examples, pl_module.k, self.pad_id, self.micro_batch, self.lockstep
+        )
         self.history[step] = loss
         pl_module.log("val/loss", loss, on_step=True, prog_bar=True, logger=True, rank_zero_only=True)
 
@@ -117,8 +136,9 @@ class HeldoutTable(L.Callback):
         self.seconds = 0.0
 
     def _loss(self, trainer, pl_module, k: int) -> float:
-        return _on_all_ranks(trainer, pl_module.model, self.examples, k, self.pad_id, self.micro_batch,
-                             self.lockstep)  # fmt: skip
+        return _on_all_ranks(
+            trainer, pl_module.model, self.examples, k, self.pad_id, self.micro_batch, self.lockstep
+        )
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if trainer.ckpt_path is not None or "heldout_full_depth" in self.results or not len(self.examples):
@@ -143,7 +163,9 @@ class HeldoutTable(L.Callback):
         self.seconds += time.perf_counter() - t0
 
     def state_dict(self) -> dict:
-        return {k: v for k, v in self.results.items() if k in ("heldout_full_depth", "heldout_speed_zero_shot")}
+        return {
+            k: v for k, v in self.results.items() if k in ("heldout_full_depth", "heldout_speed_zero_shot")
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.results.update({k: float(v) for k, v in state_dict.items()})

