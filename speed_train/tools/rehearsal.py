@@ -10,7 +10,8 @@ It runs ``+experiment=speed24_bos`` unchanged except for what a CPU machine must
 - data: a local Tulu-3-format file (rows ``{id, messages, source}``, as
   ``allenai/tulu-3-sft-mixture``) made from the packaged chat data, preprocessed with 2 processes;
 - hardware: 2 CPU processes (torchrun, gloo), fp32, ZeRO-3 as configured;
-- length: a few optimizer steps, checkpoints every 2, validation every 3.
+- length and batch: 6 optimizer steps of 32 conversations, checkpoints every 2 steps, validation
+  every 3 (the short form: 2 steps of 8, a checkpoint after each, validation at the end).
 
 Then, checking each: the first example's roles (the anchor must be ``<|begin_of_text|>``); an
 uninterrupted reference run; the same run killed hard (SIGKILL) after a checkpoint and resumed
@@ -57,11 +58,9 @@ def write_tulu_format_data(folder: Path) -> Path:
     from speed_train.data.recipes import load_conversations
 
     train, held, _ = load_conversations("packaged_chat")
+    convs = [row for split in (train, held) for row in split]  # {"messages", "source"}
     rows = [
-        {"id": f"packaged_{i}", "messages": messages, "source": source}
-        for i, (messages, source) in enumerate(
-            zip(train["messages"] + held["messages"], train["source"] + held["source"])
-        )
+        {"id": f"packaged_{i}", "messages": c["messages"], "source": c["source"]} for i, c in enumerate(convs)
     ]
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / "tulu_format.jsonl"
@@ -77,8 +76,15 @@ def write_tulu_format_data(folder: Path) -> Path:
     return recipe
 
 
+# (steps, conversations a step, checkpoint every, validation every, killed after the checkpoint of)
+FULL = (6, 32, 2, 3, 2)
+SHORT = (2, 8, 1, 2, 1)
+
+
 def overrides(recipe: Path, run_dir: Path, cache: Path, short: bool) -> list[str]:
-    steps, batch = (4, 16) if short else (6, 128)
+    # a CPU must swap the batch too: 128 conversations a step (64 micro-batches per rank, each a
+    # ZeRO-3 gather over gloo) would take about a minute a step here
+    steps, batch, every, val, _ = SHORT if short else FULL
     return [
         f"+experiment={EXPERIMENT}",
         "model=llama31_8b_mini",
@@ -90,8 +96,8 @@ def overrides(recipe: Path, run_dir: Path, cache: Path, short: bool) -> list[str
         "trainer.precision=32-true",
         f"trainer.max_steps={steps}",
         f"trainer.global_batch_size={batch}",
-        "trainer.checkpoint_every_n_steps=2",
-        "trainer.eval_every_n_steps=3",
+        f"trainer.checkpoint_every_n_steps={every}",
+        f"trainer.eval_every_n_steps={val}",
         "trainer.progress_bar=false",
         "logger.mode=offline",
         f"hydra.run.dir={run_dir}",
@@ -125,10 +131,10 @@ def launch(
     deadline = time.monotonic() + timeout
     while proc.poll() is None:
         if kill_after_checkpoint is not None and (kill_after_checkpoint / "COMPLETE").is_file():
-            os.killpg(proc.pid, signal.SIGKILL)  # hard: no handler, no cleanup, like a node failure
+            kill_tree(proc.pid)  # hard: no handler, no cleanup, like a node failure
             break
         if time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
             out = proc.communicate()[0]
             raise RuntimeError(f"the run took more than {timeout} s and was stopped:\n{out[-4000:]}")
         time.sleep(0.2)
@@ -136,6 +142,28 @@ def launch(
     if kill_after_checkpoint is not None and not (kill_after_checkpoint / "COMPLETE").is_file():
         raise RuntimeError(f"the run ended before {kill_after_checkpoint.name} was complete:\n{out[-4000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant (torchrun starts its ranks in sessions of their own,
+    so killing its process group would leave them running)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, found = [pid], []
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo += children.get(p, [])
+    for p in found:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 class Check:
@@ -181,12 +209,16 @@ def main(argv=None) -> int:
         return _finish(check, t0)
     reference = json.loads((ref_dir / "results.json").read_text())
 
-    print("3. the same run, killed hard after the step-2 checkpoint, then the same command again", flush=True)
+    kill_step = (SHORT if args.short else FULL)[4]
+    print(
+        f"3. the same run, killed hard after the step-{kill_step} checkpoint, then the same command again",
+        flush=True,
+    )
     run_dir = out / "run"
     launch(
         overrides(recipe, run_dir, cache, args.short),
         timeout=args.timeout,
-        kill_after_checkpoint=run_dir / "checkpoints" / "step=2.ckpt",
+        kill_after_checkpoint=run_dir / "checkpoints" / f"step={kill_step}.ckpt",
     )
     check(not (run_dir / "results.json").exists(), "the killed run left no results")
     resumed = launch(overrides(recipe, run_dir, cache, args.short), timeout=args.timeout)
@@ -196,7 +228,8 @@ def main(argv=None) -> int:
         return _finish(check, t0)
     result = json.loads((run_dir / "results.json").read_text())
     check(
-        str(result["resumed_from"]).endswith("step=2.ckpt"), f"resumed from step 2 ({result['resumed_from']})"
+        str(result["resumed_from"]).endswith(f"step={kill_step}.ckpt"),
+        f"resumed from step {kill_step} ({result['resumed_from']})",
     )
     check(
         result["step_losses"] == reference["step_losses"],

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from speed_train.train.checkpointing import AtomicCheckpointIO, CompleteCheckpoint, PreemptionCheckpoint
 from speed_train.train.module import StepBookkeeping
 from speed_train.train.strategies import build_strategy
-from speed_train.train.validation import HeldoutTable, Validation
+from speed_train.train.validation import EVAL_MICRO_BATCH, HeldoutTable, Validation
 
 # Dense bf16 peak per device, for the MFU estimate.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
@@ -149,11 +149,11 @@ def run_callbacks(
             pad_id,
             every_n_steps=t.eval_every_n_steps,
             total_steps=total_steps,
-            micro_batch=t.micro_batch_size,
+            micro_batch=EVAL_MICRO_BATCH,
             lockstep=lockstep,
         )
     if cfg.eval_report:
-        cbs["heldout"] = HeldoutTable(held_out, pad_id, micro_batch=8, lockstep=lockstep)
+        cbs["heldout"] = HeldoutTable(held_out, pad_id, micro_batch=EVAL_MICRO_BATCH, lockstep=lockstep)
     cbs["preemption"] = PreemptionCheckpoint(
         out / "checkpoints", requeue=bool(os.environ.get("SLURM_JOB_ID"))
     )

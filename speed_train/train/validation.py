@@ -24,6 +24,11 @@ import torch
 from speed_train.speed.batch import collate
 from speed_train.speed.executors import speed_loss
 
+# Held-out conversations per forward. Evaluation keeps no activations for a backward, so it
+# batches more than training's micro-batch; under ZeRO-3 every forward gathers the parameters,
+# so fewer, larger forwards are much cheaper.
+EVAL_MICRO_BATCH = 8
+
 
 @torch.no_grad()
 def sharded_heldout_loss(
@@ -35,7 +40,7 @@ def sharded_heldout_loss(
     rank: int = 0,
     world: int = 1,
     reduce=None,
-    micro_batch: int = 8,
+    micro_batch: int = EVAL_MICRO_BATCH,
     lockstep: bool = False,
 ) -> float:
     """Token-weighted mean decode-token cross-entropy over ``examples``, this rank taking
