@@ -65,6 +65,10 @@ def quiet_console() -> None:
     logging.getLogger("lightning.fabric.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")  # a deprecation inside Lightning
+    # DeepSpeed's ZeRO-3 collectives call renamed torch.distributed functions on every gather
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
+    )
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars between our lines

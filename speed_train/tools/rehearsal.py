@@ -105,10 +105,11 @@ def overrides(recipe: Path, run_dir: Path, cache: Path, short: bool) -> list[str
 
 
 def launch(
-    args: list[str], *, timeout: int, kill_after_checkpoint: Path | None = None
+    args: list[str], *, log: Path, timeout: int, kill_after_checkpoint: Path | None = None
 ) -> subprocess.CompletedProcess:
-    """Two CPU ranks under torchrun (as scripts/torchrun.sh starts them). With
-    ``kill_after_checkpoint``, SIGKILL the whole process group once that checkpoint is complete."""
+    """Two CPU ranks under torchrun (as scripts/torchrun.sh starts them), their output in ``log``.
+    With ``kill_after_checkpoint``, SIGKILL the whole process group once that checkpoint is
+    complete."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}
     cmd = [
         sys.executable,
@@ -124,24 +125,39 @@ def launch(
         "speed_train",
         *args,
     ]
-    # its own session: a timeout or the hard kill reaches the launcher and both ranks
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None:
-        if kill_after_checkpoint is not None and (kill_after_checkpoint / "COMPLETE").is_file():
-            kill_tree(proc.pid)  # hard: no handler, no cleanup, like a node failure
-            break
-        if time.monotonic() > deadline:
-            kill_tree(proc.pid)
-            out = proc.communicate()[0]
-            raise RuntimeError(f"the run took more than {timeout} s and was stopped:\n{out[-4000:]}")
-        time.sleep(0.2)
-    out = proc.communicate()[0]
+    return run_logged(cmd, env=env, log=log, timeout=timeout, kill_after_checkpoint=kill_after_checkpoint)
+
+
+def run_logged(
+    cmd: list[str], *, env: dict, log: Path, timeout: int, kill_after_checkpoint: Path | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``cmd`` with its output in ``log``; stop it at ``timeout`` or, with
+    ``kill_after_checkpoint``, SIGKILL it once that checkpoint is complete."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    # A file, not a pipe: this loop does not read while it polls, and a full pipe buffer (64 KiB
+    # of rank output) would block both ranks in a write. Its own session: a timeout or the hard
+    # kill reaches the launcher and both ranks.
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None:
+            if kill_after_checkpoint is not None and (kill_after_checkpoint / "COMPLETE").is_file():
+                kill_tree(proc.pid)  # hard: no handler, no cleanup, like a node failure
+                break
+            if time.monotonic() > deadline:
+                kill_tree(proc.pid)
+                proc.wait()
+                raise RuntimeError(f"the run took more than {timeout} s and was stopped:\n{_tail(log)}")
+            time.sleep(0.2)
+        proc.wait()
+    out = log.read_text(errors="replace")
     if kill_after_checkpoint is not None and not (kill_after_checkpoint / "COMPLETE").is_file():
-        raise RuntimeError(f"the run ended before {kill_after_checkpoint.name} was complete:\n{out[-4000:]}")
+        raise RuntimeError(f"the run ended before {kill_after_checkpoint.name} was complete:\n{_tail(log)}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+def _tail(log: Path, n: int = 4000) -> str:
+    return log.read_text(errors="replace")[-n:] + f"\n(whole output: {log})"
 
 
 def kill_tree(pid: int) -> None:
@@ -202,7 +218,9 @@ def main(argv=None) -> int:
 
     print("2. reference run (2 ranks, ZeRO-3, uninterrupted)", flush=True)
     ref_dir = out / "reference"
-    ref = launch(overrides(recipe, ref_dir, cache, args.short), timeout=args.timeout)
+    ref = launch(
+        overrides(recipe, ref_dir, cache, args.short), log=out / "reference.log", timeout=args.timeout
+    )
     check(ref.returncode == 0, f"reference run exits 0 (got {ref.returncode})")
     if ref.returncode != 0:
         print(ref.stdout[-6000:])
@@ -217,11 +235,14 @@ def main(argv=None) -> int:
     run_dir = out / "run"
     launch(
         overrides(recipe, run_dir, cache, args.short),
+        log=out / "killed.log",
         timeout=args.timeout,
         kill_after_checkpoint=run_dir / "checkpoints" / f"step={kill_step}.ckpt",
     )
     check(not (run_dir / "results.json").exists(), "the killed run left no results")
-    resumed = launch(overrides(recipe, run_dir, cache, args.short), timeout=args.timeout)
+    resumed = launch(
+        overrides(recipe, run_dir, cache, args.short), log=out / "resumed.log", timeout=args.timeout
+    )
     check(resumed.returncode == 0, f"the resumed run exits 0 (got {resumed.returncode})")
     if resumed.returncode != 0:
         print(resumed.stdout[-6000:])
