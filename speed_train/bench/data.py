@@ -2,6 +2,7 @@
 
     python -m speed_train.bench.data                        # SmolLM2 tokenizer, 1 and 2 processes
     python -m speed_train.bench.data --n 4000 --num-proc 1,2,4 --json out.json
+    python -m speed_train.bench.data --model llama3 --chat-template tulu   # the paper's pair
 
 Conversations are Tulu-like and deterministic: 1-4 user/assistant turns, 20-500 words a message,
 words drawn from the packaged chat corpus. Two measurements, each the median of interleaved runs:
@@ -76,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--model", default="smollm2", help="tokenizer: 'smollm2', 'llama3' or a local folder")
+    ap.add_argument(
+        "--chat-template",
+        default=None,
+        help="a packaged template (tulu, llama3, chatml) or Jinja; needed for 'llama3', which has none",
+    )
     ap.add_argument("--n", type=int, default=1000, help="conversations")
     ap.add_argument("--runs", type=int, default=3, help="interleaved runs (median reported)")
     ap.add_argument("--num-proc", default="1,2", help="comma list of process counts for the pipeline")
@@ -103,7 +109,7 @@ def main(argv=None) -> dict:
     from speed_train.speed.chat_roles import encode_conversation
     from speed_train.speed.config import SpeedConfig
 
-    tok = load_tokenizer(args.model)
+    tok = load_tokenizer(args.model, chat_template=args.chat_template)
     cfg = SpeedConfig(anchor="bos")
     convs = tulu_like_conversations(args.n)
 
@@ -122,7 +128,10 @@ def main(argv=None) -> dict:
         times["role_encoder"].append(_time(roles))
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["role_encoder"] / med["apply_chat_template"]
-    print(f"tokenizer {args.model}, {args.n} Tulu-like conversations (1-4 turns, 20-500 words a message)")
+    template = f" + {args.chat_template} template" if args.chat_template else ""
+    print(
+        f"tokenizer {args.model}{template}, {args.n} Tulu-like conversations (1-4 turns, 20-500 words a message)"
+    )
     print(f"{'one process':28} {'conv/s':>9}")
     for k, v in med.items():
         print(f"{k:28} {args.n / v:9.0f}")
@@ -146,6 +155,7 @@ def main(argv=None) -> dict:
         print(f"num_proc={p:<19} {cps:9.0f}  {cps / pipeline[args.procs[0]]:.2f}x")
     out = {
         "model": args.model,
+        "chat_template": args.chat_template,
         "n": args.n,
         "runs": args.runs,
         "conversations_per_s": {k: args.n / v for k, v in med.items()},

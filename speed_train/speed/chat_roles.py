@@ -247,6 +247,7 @@ class _ChatEncoder:
         self.tokenizer, self.config, self.end_ids = tokenizer, config, end_ids
         self.empty_header, self.add_bos = empty_header, add_bos
         self.render = chat_renderer(tokenizer)
+        self._header_ids: dict[str, list[int]] = {}
 
     def _render(self, msgs: list[dict[str, Any]], gen: bool) -> str:
         try:
@@ -261,6 +262,23 @@ class _ChatEncoder:
                 f"the chat template rendered a {type(text).__name__}, expected str", TEMPLATE_ERROR
             )
         return text
+
+    def _header_start(self, bounds: Boundaries, hs_c: int, cs: int, header: str, msg_i: int) -> int:
+        """Token index where the assistant header starts, given its end ``cs`` (checked).
+
+        The history through the header (``text[:cs_c]``, what a shallow prefill sees) is the
+        boundary that must tokenise to a prefix; the header's own start only has to be where its
+        tokens begin. When the tokens before ``cs`` end with the header's own tokenisation, they
+        are the header (as a served model finds it from token ids alone) and the history before
+        it need not be tokenised again (with templates whose headers are plain text, such as
+        Tulu's ``<|assistant|>`` under Llama-3, that re-tokenised the whole user message);
+        otherwise the prefix check decides, as at every other boundary."""
+        ids = self._header_ids.get(header)
+        if ids is None:
+            ids = self._header_ids[header] = tokenize(self.tokenizer, header) if header else []
+        if ids and len(ids) <= cs and bounds.ids[cs - len(ids) : cs] == ids:
+            return cs - len(ids)
+        return bounds.at(hs_c, f"start of the assistant header before message {msg_i}")
 
     def encode(self, msgs: list[dict[str, Any]], *, generation: bool) -> EncodedExample:
         assistant_idx = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
@@ -344,8 +362,8 @@ class _ChatEncoder:
         else:
             supervised_turns = [len(assistant_idx) - 1]
         for j, ((hs_c, cs_c, te_c), msg_i) in enumerate(zip(char_spans, turn_msg_idx)):
-            hs = bounds.at(hs_c, f"start of the assistant header before message {msg_i}")
             cs = bounds.at(cs_c, f"header/content boundary of assistant message {msg_i}")
+            hs = self._header_start(bounds, hs_c, cs, headers[j], msg_i)
             if hs == cs:  # empty header (allowed by empty_header='last_prompt_token'): the last prompt token
                 if cs == 0 or roles[cs - 1] == DECODE:
                     raise RoleError(
