@@ -5,8 +5,10 @@ The assistant header is never hard-coded. For assistant message ``i`` the histor
 header that inference will prefill, so it is exactly what training marks as decode (no loss).
 The content up to and including the first end-of-turn token is decode + supervised; template
 glue after it (ChatML's ``"\\n"``) is prompt. The conversation is tokenised once and every
-character boundary is checked to be a token boundary whose prefix tokenises to a prefix of the
-whole, so training sees the same tokens as a shallow prefill of the same history would.
+history boundary (through a header, through a turn) is checked to be a token boundary whose
+prefix tokenises to a prefix of the whole, so training sees the same tokens as a shallow
+prefill of the same history would. A header's start is where its own tokens begin before that
+checked boundary (as a served model finds it from token ids alone), or else checked the same way.
 
 How the check stays cheap: a tokenizer splits text on its added (special) tokens first and
 encodes the pieces between them independently, so "``text[:pos]`` tokenises to ``ids[:n]``"
