@@ -69,6 +69,10 @@ def quiet_console() -> None:
     warnings.filterwarnings(
         "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
     )
+    import torch
+
+    if not torch.cuda.is_available():  # else DeepSpeed warns that it fell back to CPU when imported
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars between our lines

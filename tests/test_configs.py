@@ -63,6 +63,33 @@ def test_default_is_offline_lora_smollm2():
     validate(cfg)
     assert cfg.model.source == "smollm2" and cfg.lora.enabled and cfg.data.recipe == "packaged_chat"
     assert cfg.speed.anchor == "bos" and cfg.speed.k == 0.75
+    assert cfg.trainer.precision == "auto"  # bf16 where the CPU has it natively
+
+
+@pytest.mark.parametrize(
+    "flags, accelerator, given, want",
+    [
+        ("fpu sse avx512f avx512_bf16 amx_tile", "cpu", "auto", "bf16-mixed"),
+        ("fpu sse amx_bf16", "cpu", "auto", "bf16-mixed"),
+        ("fpu sse avx2", "cpu", "auto", "32-true"),
+        (None, "cpu", "auto", "32-true"),  # no /proc/cpuinfo
+        ("fpu sse avx512_bf16", "cpu", "32-true", "32-true"),  # an explicit value is kept
+        ("fpu sse avx2", "cpu", "bf16-mixed", "bf16-mixed"),
+    ],
+)
+def test_precision_auto_follows_native_bf16(tmp_path, monkeypatch, flags, accelerator, given, want):
+    from speed_train.train import trainer
+
+    cpuinfo = tmp_path / "cpuinfo"
+    if flags is not None:
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    probe = trainer.cpu_has_fast_bf16
+    monkeypatch.setattr(trainer, "cpu_has_fast_bf16", lambda: probe(str(cpuinfo)))
+    cfg = compose_cfg(
+        ["output_dir=/tmp/x", f"trainer.accelerator={accelerator}", f"trainer.precision={given}"]
+    )
+    assert cfg.trainer.precision == given
+    assert trainer.resolve_precision(cfg) == want and cfg.trainer.precision == want
 
 
 @pytest.mark.parametrize(

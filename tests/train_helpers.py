@@ -27,6 +27,7 @@ BASE = [
     "model=tiny_llama",
     "data=packaged_chat",
     "trainer=cpu",
+    "trainer.precision=32-true",  # exact comparisons; the default (auto) is bf16 on AMX CPUs
     "strategy=auto",
     "logger=csv",
     "data.max_length=256",

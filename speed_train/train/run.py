@@ -36,7 +36,13 @@ from speed_train.train.checkpointing import checkpoint_step, prune, resolve_resu
 from speed_train.train.export import consolidate, export, is_zero3
 from speed_train.train.loader import ResumableLoader, StepPlan, pack_rows
 from speed_train.train.module import SpeedLM
-from speed_train.train.trainer import build_trainer, peak_flops, run_callbacks, world_size_of
+from speed_train.train.trainer import (
+    build_trainer,
+    peak_flops,
+    resolve_precision,
+    run_callbacks,
+    world_size_of,
+)
 
 log = logging.getLogger("speed_train")
 
@@ -106,6 +112,10 @@ def _train(cfg: DictConfig, callbacks) -> RunResult:
     # 1. validate everything that can be checked before data or weights are read
     world = world_size_of(cfg)
     validate(cfg, world)
+    auto = str(cfg.trainer.precision) == "auto"
+    precision = resolve_precision(cfg)
+    if auto and rank_zero_only.rank == 0:
+        log.info("precision: %s (trainer.precision=auto)", precision)
     out = check_output_dir(cfg.output_dir)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     # 2. data: tokenise (cached), plan the optimizer steps

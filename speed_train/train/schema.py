@@ -141,7 +141,7 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = 1
     num_nodes: int = 1
-    precision: str = "32-true"
+    precision: str = "32-true"  # or "auto": bf16-mixed where the device has native bf16, else 32-true
     micro_batch_size: int = 4  # rows per micro-batch (a row is one conversation, or a packed row)
     global_batch_size: int = 8  # rows per optimizer step, all ranks and micro-batches
     epochs: int = 1

@@ -173,6 +173,29 @@ def run_callbacks(
     return cbs
 
 
+def cpu_has_fast_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Does this CPU multiply bf16 natively (AMX-BF16 or AVX512-BF16)? Elsewhere bf16 autocast is
+    emulated and slower than fp32."""
+    try:
+        flags = set(Path(cpuinfo).read_text().split())
+    except OSError:  # no /proc (macOS, Windows): assume not
+        return False
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def resolve_precision(cfg: DictConfig) -> str:
+    """``trainer.precision=auto``: bf16 autocast where the device multiplies bf16 natively (a
+    bf16-capable GPU; a CPU with AMX-BF16 or AVX512-BF16), else fp32. Resolved once, in place,
+    before anything reads it; any other value is kept as given."""
+    t = cfg.trainer
+    if str(t.precision) != "auto":
+        return str(t.precision)
+    cuda = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
+    fast = (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) if cuda else cpu_has_fast_bf16()
+    t.precision = "bf16-mixed" if fast else "32-true"
+    return t.precision
+
+
 def build_trainer(
     cfg: DictConfig,
     out: Path,
