@@ -80,8 +80,8 @@ def test_full_depth_scores_equal_plain_hf_forward(model, tok, k):
     for cont, s in zip(conts, got):
         c_ids = tok(ctx, add_special_tokens=False)["input_ids"]
         x_ids = tok(cont, add_special_tokens=False)["input_ids"]
-        # add_bos=auto at full depth: what the tokenizer adds by default (SmolLM2's: nothing),
-        # exactly as lm-eval's hf model scores
+        # add_bos=auto: the tokenizer's BoS before the context, at full depth as in every arm
+        c_ids = [tok.bos_token_id, *c_ids]
         ids = torch.tensor([[*c_ids, *x_ids]])
         with torch.no_grad():
             lp = stock(ids).logits[0].log_softmax(-1)

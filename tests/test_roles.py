@@ -746,21 +746,71 @@ def copy_with_template(tokenizer, template):
 
 def test_plain_bos_rule(tok, real_llama3):
     ctx = "Question: x?\nAnswer:"
-    # SmolLM2's tokenizer adds no BoS by default: full depth follows it (lm-eval's hf model) ...
-    assert encode_plain(ctx, " y", tok, SpeedConfig(anchor="bos")).input_ids[0] != tok.bos_token_id
-    # ... and the BoS anchor below full depth gets the real BoS
-    ex = encode_plain(ctx, " y", tok, SpeedConfig(k=0.5, anchor="bos"))
-    assert ex.input_ids[0] == tok.bos_token_id and ex.roles[0] == A and ex.meta["bos_added"]
-    assert encode_plain(ctx, " y", tok, SpeedConfig(k=0.5, anchor="none")).input_ids[0] != tok.bos_token_id
-    assert (
-        encode_plain(ctx, " y", tok, SpeedConfig(k=0.5, anchor="bos"), full_depth=True).meta["bos_added"]
-        is False
-    )
-    assert (
-        encode_plain(ctx, " y", tok, SpeedConfig(k=0.5, anchor="bos"), add_bos=False).meta["bos_added"]
-        is False
-    )
-    # the Llama-3 tokenizer adds its BoS by default: auto keeps it, at any depth
+    # auto: the tokenizer's BoS on every plain prompt, whatever the arm and depth (SmolLM2's
+    # tokenizer adds none by default, so the rule prepends it) ...
+    for cfg in (
+        SpeedConfig(anchor="bos"),
+        SpeedConfig(k=0.5, anchor="bos"),
+        SpeedConfig(k=0.5, anchor="none"),
+    ):
+        ex = encode_plain(ctx, " y", tok, cfg)
+        assert ex.input_ids[0] == tok.bos_token_id and ex.input_ids.count(tok.bos_token_id) == 1
+        assert ex.meta["bos_added"] and ex.roles[0] == (P if cfg.anchor == "none" else A)
+    assert encode_plain(ctx, " y", tok, SpeedConfig(k=0.5, anchor="bos"), add_bos=True).meta["bos_added"]
+    # ... false: the text's tokens only (lm-eval hf's tokens for SmolLM2), for every arm too
+    for cfg in (SpeedConfig(anchor="bos"), SpeedConfig(k=0.5, anchor="bos")):
+        ex = encode_plain(ctx, " y", tok, cfg, add_bos=False)
+        assert ex.input_ids == ids(tok, ctx) + ids(tok, " y") and not ex.meta["bos_added"]
+    # the Llama-3 tokenizer: one BoS, never a second when the text carries it
     assert encode_plain(ctx, " y", real_llama3, SpeedConfig(anchor="none")).input_ids[0] == 128000
+    ex = encode_plain("<|begin_of_text|>" + ctx, " y", real_llama3, SpeedConfig(k=0.5))
+    assert ex.input_ids.count(128000) == 1 and not ex.meta["bos_added"]
     with pytest.raises(RoleError, match="add_bos='maybe'"):
         encode_plain(ctx, " y", tok, SpeedConfig(), add_bos="maybe")  # type: ignore[arg-type]
+
+
+def test_add_bos_true_needs_a_bos_token(tok):
+    import copy
+
+    no_bos = copy.deepcopy(tok)
+    no_bos.bos_token = None
+    assert no_bos.bos_token_id is None
+    with pytest.raises(RoleError, match="add_bos=true, but the tokenizer defines no BoS token"):
+        encode_plain("Q: x\nA:", " y", no_bos, SpeedConfig(), add_bos=True)
+    with pytest.raises(RoleError, match="add_bos=true, but the tokenizer defines no BoS token"):
+        encode_conversation(conv("hi", "hello"), no_bos, SpeedConfig(), add_bos=True)
+    # auto: nothing to add, and no error
+    assert encode_plain("Q: x\nA:", " y", no_bos, SpeedConfig(), add_bos="auto").input_ids == ids(
+        tok, "Q: x\nA:"
+    ) + ids(tok, " y")
+
+
+ARMS = {  # the study's arms: they differ in visibility only
+    "Full-IT": SpeedConfig(k=None, anchor="bos"),
+    "SPEED-K": SpeedConfig(k=0.75, anchor="none"),
+    "SPEED-K+BoS": SpeedConfig(k=0.75, anchor="bos"),
+}
+
+
+@pytest.mark.parametrize("add_bos", ["auto", True, False])
+@pytest.mark.parametrize("family", ["tok", "tulu", "llama3"])
+def test_arms_encode_identical_token_ids(request, family, add_bos):
+    """Full-IT, SPEED-K and SPEED-K+BoS see the same ids for the same plain prompts and
+    conversations (under every BoS rule and template family); only the roles may differ."""
+    tokenizer = request.getfixturevalue(family)
+    plain = [
+        ("Question: Which gas do plants take in?\nAnswer:", " carbon dioxide"),
+        ("Hello there", " friend"),
+    ]
+    chats = [conv("What is 2+2?", "4"), conv("Hi", "Hello!", "And you?", "Fine.", system="Be brief.")]
+    encoded = {}
+    for arm, cfg in ARMS.items():
+        encoded[arm] = (
+            [encode_plain(c, x, tokenizer, cfg, add_bos=add_bos).input_ids for c, x in plain]
+            + [encode_conversation(m, tokenizer, cfg, add_bos=add_bos).input_ids for m in chats]
+            + [encode_generation_prompt(m[:-1], tokenizer, cfg, add_bos=add_bos).input_ids for m in chats]
+        )
+    assert encoded["Full-IT"] == encoded["SPEED-K"] == encoded["SPEED-K+BoS"]
+    bos = tokenizer.bos_token_id
+    starts = {seq[0] == bos for seq in encoded["Full-IT"]}
+    assert starts == ({True} if add_bos in ("auto", True) else starts)  # the BoS on every sequence

@@ -10,9 +10,10 @@
     adapter      a LoRA adapter folder or Hub id on top of `pretrained`
     k            cutoff: layers (22), a fraction (0.75) or 'full'; default: the model's saved K
     anchor       none | bos | system; default: the model's saved anchor, else bos
-    add_bos      auto (default) | true | false. auto = what the tokenizer does by default, exactly
-                 as lm-eval's own `hf` model scores (so full depth reproduces `hf`), plus the BoS
-                 the BoS anchor needs below full depth
+    add_bos      auto (default) | true | false: the BoS rule, the same for every arm. auto = the
+                 tokenizer's BoS on every prompt when it has one (as the model was trained);
+                 to reproduce lm-eval's own `hf` model, give what the tokenizer does by default
+                 (false for SmolLM2, whose tokenizer adds none; auto for Llama-3)
     batch_size   contexts per batch (default 8; 'auto' = 8)
     dtype        auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
     max_gen_toks default generation length (256)

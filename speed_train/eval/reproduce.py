@@ -46,8 +46,9 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--add-bos",
         default="auto",
-        help="the BoS rule for the prompts: auto (as the tokenizer, plus the anchor's own below full depth), "
-        "true (every column; the tables of docs/REPRODUCTION.md sections 2-3), false",
+        help="the BoS rule for the prompts, the same for every column: auto (the tokenizer's BoS when "
+        "it has one; for SmolLM2 the same tokens as true, which made docs/REPRODUCTION.md sections 2-3), "
+        "true, false",
     )
     ap.add_argument("--rebuild-from", default=None, help="a results.json of this command: re-table only")
     ap.add_argument(

@@ -42,17 +42,16 @@ def score_requests(
     progress=None,
 ) -> list[list[ContinuationScore]]:
     """Score each (context, [continuation, ...]) group; one prefill per context. ``add_bos``: the
-    BoS rule (``auto``: as the tokenizer, plus the BoS anchor's own below full depth);
+    BoS rule of :mod:`speed_train.speed.roles` (the same tokens for every arm);
     ``headers``: chat headers ending chat-rendered contexts. ``progress(done)`` after each batch."""
     parts = enable_speed_attention(model)
     K = cfg.resolve_k(parts.num_layers)
-    full = K == parts.num_layers
     device = parts.embed.weight.device
     results: list[list[ContinuationScore]] = []
     for i in range(0, len(requests), batch_size):
         group = requests[i : i + batch_size]
         prompts = [
-            encode_plain(ctx, None, tokenizer, cfg, add_bos=add_bos, full_depth=full, headers=headers)
+            encode_plain(ctx, None, tokenizer, cfg, add_bos=add_bos, headers=headers)
             for ctx, _ in group
         ]
         conts = [[tokenize(tokenizer, c) for c in cs] for _, cs in group]
@@ -127,10 +126,9 @@ def generate_text(
     outs: list[str] = []
     parts = enable_speed_attention(model)
     K = cfg.resolve_k(parts.num_layers)
-    full = K == parts.num_layers
     for i in range(0, len(contexts), batch_size):
         prompts = [
-            encode_plain(c, None, tokenizer, cfg, add_bos=add_bos, full_depth=full, headers=headers)
+            encode_plain(c, None, tokenizer, cfg, add_bos=add_bos, headers=headers)
             for c in contexts[i : i + batch_size]
         ]
         gen = speed_generate(

@@ -5,7 +5,7 @@
 ``speed_train/speed`` that the model class needs (the transitive closure of its relative
 imports, byte for byte), and saves the tokenizer so that it produces what the model was trained
 on: its chat template emits the BoS when the ``add_bos`` rule prepends one, and plain text gets
-the BoS by default when the BoS anchor needs it (``speed_train.speed.roles``).
+the BoS by default when the rule puts one on plain prompts (``speed_train.speed.roles``).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def decode_markers(tokenizer: Any, anchor: str, add_bos) -> TokenRoleRule:
     )
 
 
-def served_tokenizer(tokenizer: Any, add_bos, anchor_needs_bos: bool) -> Any:
+def served_tokenizer(tokenizer: Any, add_bos) -> Any:
     """A copy of the tokenizer that gives what the model was trained and evaluated on."""
     tok = copy.deepcopy(tokenizer)
     template = getattr(tok, "chat_template", None)
@@ -92,7 +92,7 @@ def served_tokenizer(tokenizer: Any, add_bos, anchor_needs_bos: bool) -> Any:
         ids = probe["input_ids"] if isinstance(probe, dict) or hasattr(probe, "keys") else probe
         if bos_prefix(tok, add_bos, ids[0] if ids else None):
             tok.chat_template = "{{- bos_token }}" + template
-    if plain_adds_bos(tok, add_bos, anchor_needs_bos=anchor_needs_bos) and not tokenizer_adds_bos(tok):
+    if plain_adds_bos(tok, add_bos) and not tokenizer_adds_bos(tok):
         from tokenizers import processors
 
         bos = tok.bos_token
@@ -113,8 +113,7 @@ def make_hf_native(folder: Path, tokenizer: Any, *, k: int, num_layers: int, anc
         raise ValueError(
             f"no HF-native SPEED class for model_type {base!r}; supported: {', '.join(SPEED_CLASSES)}"
         )
-    anchor_needs_bos = anchor == "bos" and k < num_layers
-    tok = served_tokenizer(tokenizer, add_bos, anchor_needs_bos)
+    tok = served_tokenizer(tokenizer, add_bos)
     rule = decode_markers(
         tok, "none" if anchor == "none" else "bos", add_bos=False
     )  # the template has its BoS now

@@ -38,16 +38,14 @@ def encode_plain(
     config: SpeedConfig,
     *,
     add_bos: AddBos = "auto",
-    full_depth: bool | None = None,
     headers: tuple[str, ...] = (),
 ) -> EncodedExample:
     """Encode a plain prompt (and an optional continuation to score or train on).
 
     tokens = [BoS per the ``add_bos`` rule of :mod:`.roles`] + tok(context) + tok(continuation);
     context and continuation are tokenised separately (a leading space stays the continuation's).
-    ``full_depth`` (default: ``config.k is None``) says whether the model runs at K = L, where
-    the BoS anchor needs no BoS of its own (``add_bos="auto"`` then follows the tokenizer).
-    A context that already starts with the BoS text gets no second one. ``headers``: assistant
+    The tokens do not depend on ``config`` (K, anchor): only the roles do. A context that already
+    starts with the BoS text gets no second one. ``headers``: assistant
     headers of a chat template (a context rendered with ``add_generation_prompt``): a context
     ending with one has it as its decode segment, as a chat prompt would.
     Continuation tokens are decode and supervised; all decode tokens are turn 0.
@@ -59,8 +57,7 @@ def encode_plain(
         raise RoleError(
             f"continuation must be a string or None, got {type(continuation).__name__}", BAD_ARGUMENT
         )
-    full = config.k is None if full_depth is None else full_depth
-    with_bos = plain_adds_bos(tokenizer, add_bos, anchor_needs_bos=config.anchor == "bos" and not full)
+    with_bos = plain_adds_bos(tokenizer, add_bos)
     prefix = [int(tokenizer.bos_token_id)] if with_bos else []
     ctx_ids = tokenize(tokenizer, context)
     if prefix and ctx_ids[:1] == prefix:  # the text carries its BoS already (a rendered chat template)

@@ -11,15 +11,18 @@ models served outside this package). They raise :class:`RoleError`, whose ``reas
 of ``ROLE_ERROR_REASONS`` so that data pipelines count drops by reason without reading text.
 
 ``add_bos`` (``"auto"``, ``True``, ``False``) is the one rule for the beginning-of-sequence
-token; every encoder applies it through :func:`bos_prefix` (chat) or
-:func:`plain_adds_bos` (plain prompts):
+token; every encoder applies it through :func:`bos_prefix` (chat) or :func:`plain_adds_bos`
+(plain prompts). It depends on the tokenizer and the template only, never on the SPEED arm:
+Full-IT, SPEED-K and SPEED-K+BoS see the same token ids (the anchor policy changes visibility,
+not tokens), as in Tulu-3, where ``--add_bos`` puts the BoS on every run's input.
 
-- chat: ``auto``/``True`` prepend the tokenizer's BoS when the rendered template does not
-  start with it (open-instruct's ``add_bos``: the Tulu template emits none), never a second
-  one; ``False`` leaves the template's rendering as it is.
-- plain prompts: ``True`` always starts with the BoS; ``auto`` does what the tokenizer does by
-  default (``tokenizer(text)``, as lm-eval's ``hf`` model scores), plus the BoS when the BoS
-  anchor needs it (anchor ``bos`` below full depth); ``False`` never adds one.
+- ``auto``: the tokenizer's BoS starts every sequence when the tokenizer defines one (chat: it is
+  prepended when the rendered template does not start with it, open-instruct's ``add_bos``, never
+  a second one; plain prompts: prepended unless the text starts with it). No BoS token: nothing.
+- ``True``: the same, and a tokenizer without a BoS token is an error.
+- ``False``: nothing is added (chat: the template's rendering as it is; plain prompts: the text's
+  tokens only). This is what lm-eval's ``hf`` model scores with a tokenizer that adds no BoS by
+  default (SmolLM2): an explicit choice, applied to every arm.
 """
 
 from __future__ import annotations
@@ -95,14 +98,24 @@ def check_add_bos(value: Any) -> AddBos:
     raise RoleError(f"add_bos={value!r}: use 'auto', true or false", BAD_ARGUMENT)
 
 
+def _has_bos(tokenizer: Any, policy: AddBos) -> bool:
+    """Does the rule put a BoS on sequences of this tokenizer (``policy`` checked)?"""
+    has = getattr(tokenizer, "bos_token_id", None) is not None
+    if policy is True and not has:
+        raise RoleError(
+            "add_bos=true, but the tokenizer defines no BoS token: use add_bos=auto (a BoS where the "
+            "tokenizer has one) or false",
+            BAD_ARGUMENT,
+        )
+    return has and policy is not False
+
+
 def bos_prefix(tokenizer: Any, add_bos: AddBos, first_id: int | None) -> list[int]:
     """The tokens to put before a chat rendering whose first token is ``first_id``: the
-    tokenizer's BoS when ``add_bos`` asks for one and the rendering does not start with it."""
-    policy = check_add_bos(add_bos)
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if policy is False or bos is None or first_id == bos:
+    tokenizer's BoS when the rule puts one on every sequence and the rendering does not start with it."""
+    if not _has_bos(tokenizer, check_add_bos(add_bos)) or first_id == tokenizer.bos_token_id:
         return []
-    return [int(bos)]
+    return [int(tokenizer.bos_token_id)]
 
 
 def tokenize(tokenizer: Any, text: str) -> list[int]:
@@ -121,14 +134,10 @@ def tokenizer_adds_bos(tokenizer: Any) -> bool:
     return bool(ids) and ids[0] == bos
 
 
-def plain_adds_bos(tokenizer: Any, add_bos: AddBos, *, anchor_needs_bos: bool) -> bool:
-    """Whether a plain prompt starts with the tokenizer's BoS (see the module doc).
-
-    ``anchor_needs_bos``: the BoS anchor is in use below full depth (anchor ``bos``, K < L)."""
-    policy = check_add_bos(add_bos)
-    if getattr(tokenizer, "bos_token_id", None) is None or policy is False:
-        return False
-    return policy is True or anchor_needs_bos or tokenizer_adds_bos(tokenizer)
+def plain_adds_bos(tokenizer: Any, add_bos: AddBos) -> bool:
+    """Whether a plain prompt starts with the tokenizer's BoS (see the module doc): the same
+    answer for every SPEED arm and depth."""
+    return _has_bos(tokenizer, check_add_bos(add_bos))
 
 
 def anchor_end(anchor: str, n: int, system_end_token: int | None = None) -> int:

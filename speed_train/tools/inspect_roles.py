@@ -191,7 +191,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SpeedConfigError, ModelNotFoundError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    full_depth = layers is not None and config.resolve_k(layers) == layers or config.k is None
     print(
         f"# model {args.model} | {depth} | anchor {config.anchor} | loss scope {config.loss_scope} | add_bos {args.add_bos}"
     )
@@ -200,9 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.plain is not None:
         cont = _unescape(args.continuation) if args.continuation is not None else None
         try:
-            ex = encode_plain(
-                _unescape(args.plain), cont, tokenizer, config, add_bos=args.add_bos, full_depth=full_depth
-            )
+            ex = encode_plain(_unescape(args.plain), cont, tokenizer, config, add_bos=args.add_bos)
             items.append(("plain", ex))
         except RoleError as exc:
             items.append(("plain", exc))
