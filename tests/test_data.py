@@ -379,6 +379,56 @@ def test_held_out_count_share_none_and_separate_recipe(tmp_path: Path) -> None:
         load_conversations(recipe_for(path, "messages"), held_out=1.5)
 
 
+def test_held_out_near_duplicates_of_training_are_dropped(tmp_path: Path) -> None:
+    from speed_train.data.recipes import conversation_hash, normalized_turn
+
+    assert normalized_turn("  Hello,   WORLD!!\n") == "hello world"
+    assert normalized_turn("Ｈｅｌｌｏ_world?") == "hello world"  # NFKC folds full-width letters
+    # 30 distinct conversations + templated ones that repeat turns of others in new pairings
+    rows = [{"messages": [msg(U, f"question {i}"), msg(A, f"answer {i}")]} for i in range(30)]
+    rows += [{"messages": [msg(U, f"QUESTION {i}!"), msg(A, f"a reply nobody else gives {i}")]} for i in range(30)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    recipe = recipe_for(path, "messages", held_out=20)
+    raw_train, raw_held, _ = load(recipe, dedup_held_out=False)
+    train, held, report = load(recipe)
+    assert len(raw_held) == 20 and raw_train == train  # training is never changed
+    seen = {(m["role"], normalized_turn(m["content"])) for c in train for m in c}
+    expected = [c for c in raw_held if not any((m["role"], normalized_turn(m["content"])) in seen for m in c)]
+    assert held == expected and 0 < len(held) < 20  # exactly the held-out conversations with no seen turn
+    src = report.sources["src"]
+    assert (src.held_out, src.held_out_near_duplicates) == (len(held), 20 - len(held))
+    assert src.train + src.held_out + src.held_out_near_duplicates == src.selected == 60
+    assert f"-{20 - len(held)} near-duplicates of training" in report.summary()
+    # the split itself is unchanged (content keys), only the duplicates leave the held-out set
+    keys = sorted(conversation_hash(r["messages"], 0) for r in rows)
+    assert all(conversation_hash(c, 0) <= keys[19] for c in held)
+
+
+def test_stratified_held_out_sample_and_allocation() -> None:
+    from datasets import Dataset
+
+    from speed_train.data.pipeline import allocate
+
+    assert allocate({"a": 100, "b": 10, "c": 1}, 11) == {"a": 9, "b": 1, "c": 1}  # at least one each
+    assert allocate({"a": 50, "b": 30, "c": 20}, 10) == {"a": 5, "b": 3, "c": 2}
+    assert allocate({"a": 5, "b": 1}, 10) == {"a": 5, "b": 1}  # never above what there is
+    assert allocate({"a": 3, "b": 3, "c": 3}, 2) == {"a": 1, "b": 1, "c": 0}  # fewer than groups
+    assert sum(allocate({"a": 7, "b": 13, "c": 1, "d": 2}, 9).values()) == 9
+    sources = ["a"] * 60 + ["b"] * 30 + ["c"] * 3
+    n = len(sources)
+    cols = {"input_ids": [[i] for i in range(n)], "roles": [[1]] * n, "turns": [[-1]] * n, "labels": [[-100]] * n}
+    data = Dataset.from_dict({**cols, "source": sources, "turn_spans": [[]] * n, "turns_dropped": [0] * n})
+    ds = EncodedDataset(data)
+    sample = ds.stratified_sample(12, seed=0)
+    picked = [ex.input_ids[0] for ex in sample]
+    assert picked == sorted(picked) and len(set(picked)) == 12  # dataset order, no repeats
+    assert [sources[i] for i in picked].count("c") == 1 and [sources[i] for i in picked].count("a") == 7
+    assert picked != list(range(12))  # random within each source, not the first rows
+    assert [ex.input_ids[0] for ex in ds.stratified_sample(12, seed=0)] == picked  # seeded
+    assert [ex.input_ids[0] for ex in ds.stratified_sample(12, seed=1)] != picked
+    assert ds.stratified_sample(500, seed=0) is ds
+
+
 # --------------------------------------------------------------------------------------------
 # Recipe validation and sampling
 

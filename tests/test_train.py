@@ -132,6 +132,35 @@ def test_experiment_trains_two_steps_on_a_tiny_model(exp, cache, tmp_path):
 
 
 # -- 2. loss normalisation: GA x micro x ranks do not change the gradient ----------------------
+def test_heldout_losses_per_source_and_sharded_equal_independent_sums(cache):
+    from speed_train.speed.batch import collate
+    from speed_train.speed.executors import speed_loss
+    from speed_train.speed.tiny import tiny_model
+    from speed_train.train.validation import sharded_heldout_losses
+
+    examples, pad_id = heldout_examples(6)
+    for i, ex in enumerate(examples):  # two sources, interleaved
+        ex.meta["source"] = "even" if i % 2 == 0 else "odd"
+    model = tiny_model("llama", layers=4, vocab=49152, seed=1).eval()
+    expected, sums = {}, {}
+    with torch.no_grad():
+        for name in ("even", "odd"):
+            part = [ex for ex in examples if ex.meta["source"] == name]
+            out = [speed_loss(model, collate([ex], pad_id), 3) for ex in part]  # one by one
+            sums[name] = (sum(float(o.loss_sum) for o in out), sum(o.num_tokens for o in out))
+            expected[name] = sums[name][0] / sums[name][1]
+    expected["all"] = sum(t for t, _ in sums.values()) / sum(c for _, c in sums.values())
+    got = sharded_heldout_losses(model, examples, 3, pad_id, micro_batch=2)
+    assert got.keys() == expected.keys() and all(abs(got[k] - expected[k]) < 1e-5 for k in got)
+    # two ranks, each summing its shard; the reduction adds them: the one-process result
+    shards = []
+    sharded_heldout_losses(model, examples, 3, pad_id, rank=0, world=2, reduce=lambda t: shards.append(t) or t)
+    total = sharded_heldout_losses(
+        model, examples, 3, pad_id, rank=1, world=2, reduce=lambda t: t + shards[0], micro_batch=2
+    )
+    assert all(abs(total[k] - expected[k]) < 1e-5 for k in got)
+
+
 def test_step_plan_gives_each_step_the_same_examples_whatever_the_split():
     counts = [(i * 7) % 13 + 1 for i in range(24)]
     splits = [(1, 1), (4, 1), (2, 2), (1, 4), (1, 2)]  # (micro, ranks) for a global batch of 4 / 8

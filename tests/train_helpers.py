@@ -145,8 +145,10 @@ class PartitionProbe(L.Callback):
 
 
 def heldout_examples(n: int = 4, max_length: int = 256):
-    """The first ``n`` held-out conversations of the BASE config's data, and the pad id."""
+    """The ``n`` held-out conversations a run with ``data.max_eval_examples=n`` evaluates (BASE
+    config's data), and the pad id."""
     from speed_train.data.pipeline import build_dataset
+    from speed_train.data.recipes import load_recipe
     from speed_train.speed.config import SpeedConfig
     from speed_train.train.build import load_tokenizer
 
@@ -159,7 +161,7 @@ def heldout_examples(n: int = 4, max_length: int = 256):
         max_length=max_length,
         cache_dir=os.environ.get("SPEED_TEST_CACHE"),
     )
-    return list(held[:n]), tok.pad_token_id
+    return list(held.stratified_sample(n, seed=load_recipe("packaged_chat").seed)), tok.pad_token_id
 
 
 def probe_batch(n: int = 4, max_length: int = 256):

@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import sys
@@ -294,6 +295,50 @@ class EncodedDataset(Sequence[EncodedExample]):
     def num_tokens(self) -> int:
         return int(sum(self.data["length"]))
 
+    def sources(self) -> list[str]:
+        return list(self.data["source"])
+
+    def stratified_sample(self, n: int, seed: int) -> EncodedDataset:
+        """``n`` examples drawn at random within each source, in proportion to the sources' sizes
+        (largest remainders), every source at least one when ``n`` allows; kept in dataset order.
+        Depends on ``seed`` and the data only, so every arm and training seed gets the same sample."""
+        sources = self.sources()
+        if n >= len(sources):
+            return self
+        quota = allocate(Counter(sources), n)
+        by_source: dict[str, list[int]] = {}
+        for i, s in enumerate(sources):
+            by_source.setdefault(s, []).append(i)
+        keep = [
+            i
+            for s, idx in by_source.items()
+            for i in random.Random(f"held-out sample:{seed}:{s}").sample(idx, quota[s])
+        ]
+        return EncodedDataset(self.data.select(sorted(keep)))
+
+
+def allocate(counts: Counter[str] | dict[str, int], n: int) -> dict[str, int]:
+    """Split ``n`` over groups in proportion to ``counts`` (largest remainders, ties by name),
+    each group at least one when ``n`` covers every group, none above its count."""
+    total = sum(counts.values())
+    n = min(n, total)
+    floor = 1 if n >= len(counts) else 0
+    share = {s: n * c / total for s, c in counts.items()}
+    quota = {s: min(c, max(floor, int(share[s]))) for s, c in counts.items()}
+    by_excess = sorted(counts, key=lambda s: (share[s] - quota[s], s))
+    while sum(quota.values()) > n:  # the minimum of one pushed the sum over: take from the largest excess
+        s = next(s for s in by_excess if quota[s] > floor)
+        quota[s] -= 1
+    for s in sorted(counts, key=lambda s: (-(share[s] - quota[s]), s)):
+        if sum(quota.values()) >= n:
+            break
+        if quota[s] < counts[s]:
+            quota[s] += 1
+    while sum(quota.values()) < n:  # every remainder used and still short: fill where room is left
+        s = next(s for s in sorted(counts) if quota[s] < counts[s])
+        quota[s] += 1
+    return quota
+
 
 # --------------------------------------------------------------------------------------------
 # Cache
@@ -331,6 +376,7 @@ def cache_key(
     add_bos: AddBos = "auto",
     held_out: int | float | None = None,
     held_out_recipe: Recipe | None = None,
+    dedup_held_out: bool = True,
 ) -> str:
     """sha256 of everything that changes the cached examples (see the module doc). Not K."""
     blob = {
@@ -343,6 +389,7 @@ def cache_key(
         "add_bos": check_add_bos(add_bos),
         "held_out": held_out,
         "held_out_recipe": held_out_recipe.fingerprint() if held_out_recipe is not None else None,
+        "dedup_held_out": dedup_held_out,
         "code": _code_fingerprint(),
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
@@ -390,6 +437,7 @@ def build_dataset(
     add_bos: AddBos = "auto",
     held_out: int | float | None = None,
     held_out_recipe: str | Path | Mapping[str, Any] | Recipe | None = None,
+    dedup_held_out: bool = True,
     rebuild: bool = False,
 ) -> tuple[EncodedDataset, EncodedDataset, DataReport]:
     """(train, held_out, report) for a recipe, from the cache when possible.
@@ -399,7 +447,8 @@ def build_dataset(
     count of conversations (int), a share (float in [0, 1)) or 0 for none.
     ``held_out_recipe``: held-out conversations from this other recipe instead (all of them, or
     ``held_out`` of them); the training recipe is then used whole, minus any conversation that
-    also appears in the held-out set. ``num_proc``: processes for the conversion and encoding maps
+    also appears in the held-out set. ``dedup_held_out``: drop held-out conversations that share a
+    normalised turn with training (``recipes.drop_near_duplicates``). ``num_proc``: processes for the conversion and encoding maps
     (default: the cores of this machine). ``report.cache_hit`` tells whether encoding was skipped;
     the bad-row limit is checked on a cache hit too. ``rebuild`` ignores an existing cache."""
     recipe = load_recipe(recipe)
@@ -418,6 +467,7 @@ def build_dataset(
         add_bos=add_bos,
         held_out=held_out,
         held_out_recipe=other,
+        dedup_held_out=dedup_held_out,
     )
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
@@ -440,6 +490,7 @@ def build_dataset(
                     recipe,
                     other,
                     held_out,
+                    dedup_held_out,
                     tokenizer,
                     speed_cfg,
                     max_length,
@@ -480,6 +531,7 @@ def _build(
     recipe: Recipe,
     other: Recipe | None,
     held_out: int | float | None,
+    dedup_held_out: bool,
     tokenizer: Any,
     speed_cfg: SpeedConfig,
     max_length: int | None,
@@ -490,7 +542,12 @@ def _build(
     key: str,
 ) -> tuple[EncodedDataset, EncodedDataset, DataReport]:
     train_convs, held_convs, report = load_conversations(
-        recipe, held_out=held_out, held_out_recipe=other, num_proc=num_proc, cache_dir=work / "conversations"
+        recipe,
+        held_out=held_out,
+        held_out_recipe=other,
+        dedup_held_out=dedup_held_out,
+        num_proc=num_proc,
+        cache_dir=work / "conversations",
     )
     out = []
     for split, convs in (("train", train_convs), ("held_out", held_convs)):

@@ -9,6 +9,12 @@ Held-out set (``held_out``): a count of conversations (int, e.g. 1000), a share 
 [0, 1), e.g. 0.05), or 0 for none (train on everything). A run config can override it, or take
 its held-out conversations from another recipe.
 
+Near-duplicates (``dedup_held_out``, on by default): a held-out conversation any of whose user or
+assistant turns, normalised (:func:`normalized_turn`: case, Unicode form, punctuation and spacing
+folded), is also a turn of the same role in training is dropped from the held-out set (counted per
+source as ``held_out_near_duplicates``). Templated data (FastChat's dummy conversations) repeats
+turns across conversations, so a content-hash split alone leaves a held-out set partly memorised.
+
 Determinism: sampling and the held-out split depend only on the seed, the source name and
 the rows themselves. Each conversation gets a number in [0, 1) from a hash of its content; a
 share holds out those below it, a count the ``n`` smallest (with ties, so exact duplicates never
@@ -22,6 +28,8 @@ import difflib
 import hashlib
 import json
 import random
+import re
+import unicodedata
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -294,11 +302,45 @@ def conversation_hash(messages: Conversation, seed: int) -> float:
     return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") / 2.0**64
 
 
+def normalized_turn(text: str) -> str:
+    """A turn's text for near-duplicate matching: NFKC, case-folded, every run of non-word
+    characters (punctuation, underscores, whitespace) one space, trimmed."""
+    return " ".join(_NON_WORD.sub(" ", unicodedata.normalize("NFKC", text).casefold()).split())
+
+
+_NON_WORD = re.compile(r"[\W_]+")
+
+
+def _turn_key(role: str, text: str) -> bytes:
+    return hashlib.blake2b(f"{role}\x00{normalized_turn(text)}".encode(), digest_size=12).digest()
+
+
+def _conversation_turn_keys(messages: Conversation) -> list[bytes]:
+    return [_turn_key(m["role"], m["content"]) for m in messages if m["role"] in ("user", "assistant")]
+
+
+def drop_near_duplicates(train, held):
+    """(held without its near-duplicates of ``train``, {source: number dropped}); see the module
+    doc. Training turns are streamed and kept as 12-byte digests (the Tulu mixture has millions)."""
+    seen: set[bytes] = set()
+    for batch in train.select_columns(["messages"]).iter(batch_size=10_000):
+        for messages in batch["messages"]:
+            seen.update(_conversation_turn_keys(messages))
+    keep, dropped = [], Counter()
+    for i, (messages, source) in enumerate(zip(held["messages"], held["source"])):
+        if any(k in seen for k in _conversation_turn_keys(messages)):
+            dropped[source] += 1
+        else:
+            keep.append(i)
+    return (held.select(keep) if dropped else held), dict(dropped)
+
+
 def load_conversations(
     recipe: str | Path | Mapping[str, Any] | Recipe,
     *,
     held_out: int | float | None = None,
     held_out_recipe: str | Path | Mapping[str, Any] | Recipe | None = None,
+    dedup_held_out: bool = True,
     num_proc: int = 1,
     cache_dir: str | Path | None = None,
 ):
@@ -310,7 +352,8 @@ def load_conversations(
     ``report.check(recipe.max_bad_fraction)`` to enforce a limit (``build_dataset`` does).
     ``held_out`` overrides the recipe's (count, share or 0); ``held_out_recipe`` takes the
     held-out set from another recipe (its conversations that are also in this one are removed
-    from training). Hub sources are checked before any source is read, so a missing Hub fails
+    from training). ``dedup_held_out``: drop held-out conversations that share a normalised turn
+    with training (module doc). Hub sources are checked before any source is read, so a missing Hub fails
     fast with :class:`HubUnavailableError`. ``cache_dir``: where Arrow files go (default: memory
     for local files, the HF cache for Hub datasets)."""
     recipe = load_recipe(recipe)
@@ -333,6 +376,10 @@ def load_conversations(
         held_keys = set(held["key"])
         train = convs.filter(lambda k: k not in held_keys, input_columns="key") if held_keys else convs
         report.sources.update(held_report.sources)
+    if dedup_held_out and len(held) and len(train):
+        held, dropped = drop_near_duplicates(train, held)
+        for name, n in dropped.items():
+            report.sources[name].held_out_near_duplicates = n
     for split, ds in (("train", train), ("held_out", held)):
         for name, n in Counter(ds["source"]).items():
             setattr(report.sources[name], split, n)

@@ -14,8 +14,9 @@ class SourceReport:
     """Load-time counts of one recipe source.
 
     ``rows``: rows read (bad ones included); ``bad``: malformed rows per reason; ``valid``:
-    rows that became conversations; ``selected``: after ``samples``; ``train`` + ``held_out``
-    = ``selected``. ``tokenize_dropped``: conversations of this source dropped while
+    rows that became conversations; ``selected``: after ``samples``; ``train`` + ``held_out`` +
+    ``held_out_near_duplicates`` = ``selected`` (held-out conversations sharing a normalised turn
+    with training are dropped). ``tokenize_dropped``: conversations of this source dropped while
     tokenising, per reason (filled by ``build_dataset``)."""
 
     name: str
@@ -28,6 +29,7 @@ class SourceReport:
     selected: int = 0
     train: int = 0
     held_out: int = 0
+    held_out_near_duplicates: int = 0
     tokenized: int = 0
     tokenize_dropped: dict[str, int] = field(default_factory=dict)
     tokens: int = 0  # of the examples kept (train + held-out)
@@ -116,7 +118,13 @@ class DataReport:
         for s in self.sources.values():
             out.append(
                 f"  {s.name} [{s.format}] {s.files} file(s): {s.rows} rows, {s.valid} valid, {s.selected} "
-                f"selected -> {s.train} train / {s.held_out} held-out, {s.tokens} tokens ({s.supervised_tokens} "
+                f"selected -> {s.train} train / {s.held_out} held-out"
+                + (
+                    f" (-{s.held_out_near_duplicates} near-duplicates of training)"
+                    if s.held_out_near_duplicates
+                    else ""
+                )
+                + f", {s.tokens} tokens ({s.supervised_tokens} "
                 f"supervised); {_describe(s)}"
             )
         for split, st in (("train", self.train), ("held_out", self.held_out)):

@@ -148,7 +148,7 @@ def _examples(tokenizer, n: int, anchor: str):
     from speed_train.speed.config import SpeedConfig
     from speed_train.speed.roles import RoleError
 
-    _, held, _ = load_conversations(load_recipe("packaged_chat"))
+    _, held, _ = load_conversations(load_recipe("packaged_chat"), dedup_held_out=False)  # as documented
     cfg = SpeedConfig(anchor=anchor)
     out = []
     for conv in held:

@@ -57,7 +57,7 @@ def write_tulu_format_data(folder: Path) -> Path:
     """The packaged chat conversations as a Tulu-3-format JSONL file and a recipe for it."""
     from speed_train.data.recipes import load_conversations
 
-    train, held, _ = load_conversations("packaged_chat")
+    train, held, _ = load_conversations("packaged_chat", dedup_held_out=False)  # every conversation
     convs = [row for split in (train, held) for row in split]  # {"messages", "source"}
     rows = [
         {"id": f"packaged_{i}", "messages": c["messages"], "source": c["source"]} for i, c in enumerate(convs)

@@ -20,6 +20,7 @@ on resume, so mid-epoch resume continues on the very next batch.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -175,6 +176,13 @@ class StepPlan:
             norm = sum(self._row_tokens[r] for r in step_rows)
         return step_rows[start : start + self.micro_batch], norm
 
+    def step_examples(self, step: int) -> list[int]:
+        """The example indices of optimizer step ``step`` (counted over epochs), row by row:
+        the same whatever the split into ranks, accumulation and micro-batches."""
+        epoch, s = divmod(step, self.steps_per_epoch)
+        rows = self._perm(epoch)[s * self.global_batch : (s + 1) * self.global_batch]
+        return [e for r in rows for e in self.row_examples(r)]
+
     def _perm(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         return torch.randperm(self.num_rows, generator=g).tolist()
@@ -270,3 +278,27 @@ class ResumableLoader(DataLoader):
             epoch, consumed = epoch + 1, 0
         self._epoch_of_count, self.consumed = epoch, consumed
         self.sampler.epoch, self.sampler.skip = epoch, consumed
+
+
+def data_fingerprint(examples, plan: StepPlan, steps: int, max_examples: int = 20_000) -> str:
+    """sha256 of what a run trains on, in order: every step's example indices, and the token ids
+    of the first ``max_examples`` examples consumed. Roles, labels and SPEED settings are not
+    hashed: arms of a study (Full-IT, SPEED-K, SPEED-K+BoS) with the same seed must agree."""
+    h = hashlib.sha256()
+    n = 0
+    for step in range(steps):
+        h.update(f"step {step}:".encode())
+        for e in plan.step_examples(step):
+            h.update(f"{e},".encode())
+            if n < max_examples:
+                h.update(b"ids:" + ",".join(map(str, examples[e].input_ids)).encode())
+                n += 1
+    return h.hexdigest()
+
+
+def examples_fingerprint(examples) -> str:
+    """sha256 of the token ids of ``examples`` (e.g. a held-out set), in order."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(",".join(map(str, ex.input_ids)).encode() + b";")
+    return h.hexdigest()

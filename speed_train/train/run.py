@@ -10,6 +10,7 @@ import logging
 import shlex
 import sys
 import time
+from collections import Counter
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from omegaconf import DictConfig
 
 from speed_train.atomic import write_json
 from speed_train.speed.adapters import unwrap
+from speed_train.speed.roles import check_add_bos
 from speed_train.train.build import (
     ConfigError,
     check_output_dir,
@@ -34,7 +36,13 @@ from speed_train.train.build import (
 )
 from speed_train.train.checkpointing import checkpoint_step, prune, resolve_resume
 from speed_train.train.export import consolidate, export, is_zero3
-from speed_train.train.loader import ResumableLoader, StepPlan, pack_rows
+from speed_train.train.loader import (
+    ResumableLoader,
+    StepPlan,
+    data_fingerprint,
+    examples_fingerprint,
+    pack_rows,
+)
 from speed_train.train.module import SpeedLM
 from speed_train.train.trainer import (
     build_trainer,
@@ -55,6 +63,13 @@ class RunResult:
     num_layers: int
     anchor: str
     data_report: str
+    seed: int = 0
+    precision: str = ""  # as resolved (trainer.precision=auto becomes bf16-mixed or 32-true)
+    add_bos: str = "auto"  # the BoS rule the data was encoded with
+    # sha256 of the token ids each step trained on (train.loader.data_fingerprint) and of the
+    # held-out set: equal across the arms of a study that share a seed
+    data_fingerprint: str = ""
+    heldout_fingerprint: str = ""
     global_step: int = 0
     rank: int = 0
     world_size: int = 1
@@ -63,6 +78,8 @@ class RunResult:
     # held-out decode-token loss: heldout_full_depth, heldout_speed_zero_shot (before training);
     # heldout_after (as served), heldout_after_full_depth (K < L: the same weights at full depth)
     heldout: dict[str, float] = field(default_factory=dict)
+    heldout_by_source: dict[str, dict[str, float]] = field(default_factory=dict)  # row -> source -> loss
+    heldout_examples: dict[str, int] = field(default_factory=dict)  # source -> held-out conversations
     fit_seconds: float = 0.0
     heldout_seconds: float = 0.0
     steps_per_s: float = 0.0
@@ -179,6 +196,7 @@ def prepare_data(cfg: DictConfig, world: int) -> TrainData:
     """Tokeniser, train/held-out sets (built once, cached; other ranks wait for the build) and the
     step plan. The data report (per source and reason) is printed by rank 0."""
     from speed_train.data.pipeline import build_dataset
+    from speed_train.data.recipes import load_recipe
 
     d = cfg.data
     tokenizer = load_tokenizer(cfg)
@@ -194,13 +212,14 @@ def prepare_data(cfg: DictConfig, world: int) -> TrainData:
         add_bos=d.add_bos,
         held_out=d.held_out,
         held_out_recipe=d.held_out_recipe,
+        dedup_held_out=d.held_out_dedup,
     )
     if rank_zero_only.rank == 0:
         log.info("data:\n%s", report.summary())
     if d.max_train_examples:
         train_ex = train_ex[: d.max_train_examples]
-    if d.max_eval_examples is not None:
-        held_ex = held_ex[: d.max_eval_examples]
+    if d.max_eval_examples is not None:  # the same sample for every arm and seed (the recipe's seed)
+        held_ex = held_ex.stratified_sample(d.max_eval_examples, seed=load_recipe(d.recipe).seed)
     t = cfg.trainer
     counts = [int(x) for x in train_ex.supervised_counts()]
     rows = pack_rows([int(x) for x in train_ex.lengths], d.max_length, t.seed) if d.pack else None
@@ -251,12 +270,19 @@ def _result(
         num_layers=num_layers,
         anchor=str(cfg.speed.anchor),
         data_report=data.report.summary(),
+        seed=int(cfg.trainer.seed),
+        precision=str(trainer.precision),
+        add_bos=str(check_add_bos(cfg.data.add_bos)).lower(),
+        data_fingerprint=data_fingerprint(data.train, data.plan, data.total_steps),
+        heldout_fingerprint=examples_fingerprint(data.held_out),
         global_step=trainer.global_step,
         rank=trainer.global_rank,
         world_size=trainer.world_size,
         step_losses=list(module.step_losses),
         val_losses={str(s): v for s, v in sorted(validation.history.items())} if validation else {},
         heldout=dict(table.results) if table is not None else {},
+        heldout_by_source=dict(table.by_source) if table is not None else {},
+        heldout_examples=dict(Counter(data.held_out.sources())) if len(data.held_out) else {},
         fit_seconds=fit_seconds,
         heldout_seconds=heldout_seconds,
         steps_per_s=(trainer.global_step - step_start) / max(fit_seconds - heldout_seconds, 1e-9),

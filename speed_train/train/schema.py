@@ -95,9 +95,10 @@ class DataConfig:
     num_proc: Optional[int] = None  # preprocessing processes; null: every core of the node
     held_out: Any = None  # count (int) or share (float); null: the recipe's; 0: none
     held_out_recipe: Optional[str] = None  # take the held-out conversations from this recipe
+    held_out_dedup: bool = True  # drop held-out conversations sharing a (normalised) turn with training
     max_bad_fraction: Optional[float] = None  # null: the recipe's
     max_train_examples: Optional[int] = None
-    max_eval_examples: Optional[int] = None
+    max_eval_examples: Optional[int] = None  # a stratified random sample over sources (seeded by the recipe)
     cache_dir: Optional[str] = None
     num_workers: int = 0
 

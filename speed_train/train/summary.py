@@ -26,6 +26,22 @@ def heldout_rows(r: RunResult) -> list[tuple[str, str]]:
     ]
 
 
+def source_table(r: RunResult) -> Table | None:
+    """The held-out loss per source (rows) for each row of the main table (columns)."""
+    rows = [(label, key) for label, key in heldout_rows(r) if key in r.heldout_by_source]
+    if not rows or len(r.heldout_examples) < 2:
+        return None
+    t = Table(title="held-out decode-token loss by source")
+    t.add_column("source")
+    t.add_column("n", justify="right")
+    for label, _ in rows:
+        t.add_column(label.split(" (")[0], justify="right")
+    for source, n in r.heldout_examples.items():
+        cells = [r.heldout_by_source[key].get(source, float("nan")) for _, key in rows]
+        t.add_row(source, str(n), *(f"{v:.4f}" for v in cells))
+    return t
+
+
 def print_summary(result: RunResult, cfg=None, console: Console | None = None) -> None:
     if result.rank != 0:
         return  # one table per run, from rank 0
@@ -45,6 +61,9 @@ def print_summary(result: RunResult, cfg=None, console: Console | None = None) -
             t.add_row(label, f"{v:.4f}", f"{math.exp(v):.2f}" if v == v else "nan")
     if t.row_count:
         console.print(t)
+    by_source = source_table(result)
+    if by_source is not None:
+        console.print(by_source)
     if result.steps_per_s:
         console.print(
             f"training: {result.steps_per_s:.2f} optimizer steps/s ({result.fit_seconds:.0f} s in fit, "

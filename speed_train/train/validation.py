@@ -31,7 +31,7 @@ EVAL_MICRO_BATCH = 8
 
 
 @torch.no_grad()
-def sharded_heldout_loss(
+def sharded_heldout_losses(
     model,
     examples,
     k: int,
@@ -42,37 +42,50 @@ def sharded_heldout_loss(
     reduce=None,
     micro_batch: int = EVAL_MICRO_BATCH,
     lockstep: bool = False,
-) -> float:
-    """Token-weighted mean decode-token cross-entropy over ``examples``, this rank taking
-    ``examples[rank::world]``; ``reduce`` sums a tensor over the ranks (None: one process).
-    ``lockstep``: all ranks run the same number of forwards (ZeRO-3)."""
-    n = len(examples)
-    mine = [examples[i] for i in range(rank, n, world)]
-    batches = math.ceil(len(mine) / micro_batch)
-    if lockstep:
-        batches = math.ceil(math.ceil(n / world) / micro_batch) if n else 0
+) -> dict[str, float]:
+    """Token-weighted mean decode-token cross-entropy over ``examples``, per source (the
+    examples' ``meta["source"]``, in order of first appearance) and over all (key ``"all"``).
+    This rank takes every ``world``-th example of each source, from its ``rank``-th; ``reduce``
+    sums a tensor over the ranks (None: one process). ``lockstep``: all ranks run the same number
+    of forwards (ZeRO-3)."""
+    groups: dict[str, list] = {}
+    for ex in examples:
+        groups.setdefault(str(ex.meta.get("source", "")), []).append(ex)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for i in range(batches):
-        part = mine[i * micro_batch : (i + 1) * micro_batch]
-        out = speed_loss(model, collate(part or [examples[0]], pad_id).to(device), k)
-        if part:  # an empty part only keeps this rank in step with the others
-            total += float(out.loss_sum)
-            count += out.num_tokens
+    stats = torch.zeros(len(groups), 2, dtype=torch.float64, device=device)
+    for g, members in enumerate(groups.values()):
+        n = len(members)
+        mine = members[rank::world]
+        batches = math.ceil(len(mine) / micro_batch)
+        if lockstep:
+            batches = math.ceil(math.ceil(n / world) / micro_batch) if n else 0
+        for i in range(batches):
+            part = mine[i * micro_batch : (i + 1) * micro_batch]
+            out = speed_loss(model, collate(part or [members[0]], pad_id).to(device), k)
+            if part:  # an empty part only keeps this rank in step with the others
+                stats[g, 0] += float(out.loss_sum)
+                stats[g, 1] += out.num_tokens
     model.train(was_training)
-    stats = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
     if reduce is not None:
         stats = reduce(stats)
-    total, count = stats.tolist()
-    return total / count if count else float("nan")
+    sums = stats.tolist()
+    out = {name: (t / c if c else float("nan")) for name, (t, c) in zip(groups, sums)}
+    total, count = sum(t for t, _ in sums), sum(c for _, c in sums)
+    out["all"] = total / count if count else float("nan")
+    return out
 
 
-def _on_all_ranks(trainer, model, examples, k, pad_id, micro_batch, lockstep) -> float:
+def sharded_heldout_loss(model, examples, k: int, pad_id: int, **kw) -> float:
+    """The token-weighted mean over all of ``examples`` (see :func:`sharded_heldout_losses`)."""
+    return sharded_heldout_losses(model, examples, k, pad_id, **kw)["all"]
+
+
+def _on_all_ranks(trainer, model, examples, k, pad_id, micro_batch, lockstep) -> dict[str, float]:
     strategy = trainer.strategy
     reduce = (lambda t: strategy.reduce(t, reduce_op="sum")) if trainer.world_size > 1 else None
-    return sharded_heldout_loss(
+    return sharded_heldout_losses(
         model,
         examples,
         k,
@@ -112,7 +125,7 @@ class Validation(L.Callback):
             return
         loss = _on_all_ranks(
             trainer, pl_module.model, self.examples, pl_module.k, self.pad_id, self.micro_batch, self.lockstep
-        )
+        )["all"]
         self.history[step] = loss
         pl_module.log("val/loss", loss, on_step=True, prog_bar=True, logger=True, rank_zero_only=True)
 
@@ -138,12 +151,15 @@ class HeldoutTable(L.Callback):
     def __init__(self, examples, pad_id: int, micro_batch: int, lockstep: bool) -> None:
         self.examples, self.pad_id, self.micro_batch, self.lockstep = examples, pad_id, micro_batch, lockstep
         self.results: dict[str, float] = {}
+        self.by_source: dict[str, dict[str, float]] = {}  # row -> source -> loss
         self.seconds = 0.0
 
-    def _loss(self, trainer, pl_module, k: int) -> float:
-        return _on_all_ranks(
+    def _measure(self, row: str, trainer, pl_module, k: int) -> None:
+        losses = _on_all_ranks(
             trainer, pl_module.model, self.examples, k, self.pad_id, self.micro_batch, self.lockstep
         )
+        self.results[row] = losses.pop("all")
+        self.by_source[row] = losses
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if trainer.ckpt_path is not None or "heldout_full_depth" in self.results or not len(self.examples):
@@ -152,9 +168,9 @@ class HeldoutTable(L.Callback):
         model = pl_module.model
         base = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
         with base:
-            self.results["heldout_full_depth"] = self._loss(trainer, pl_module, pl_module.shape.layers)
+            self._measure("heldout_full_depth", trainer, pl_module, pl_module.shape.layers)
             if pl_module.k < pl_module.shape.layers:
-                self.results["heldout_speed_zero_shot"] = self._loss(trainer, pl_module, pl_module.k)
+                self._measure("heldout_speed_zero_shot", trainer, pl_module, pl_module.k)
         self.seconds += time.perf_counter() - t0
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -162,15 +178,19 @@ class HeldoutTable(L.Callback):
         if stopped or not len(self.examples):
             return
         t0 = time.perf_counter()
-        self.results["heldout_after"] = self._loss(trainer, pl_module, pl_module.k)
+        self._measure("heldout_after", trainer, pl_module, pl_module.k)
         if pl_module.k < pl_module.shape.layers:
-            self.results["heldout_after_full_depth"] = self._loss(trainer, pl_module, pl_module.shape.layers)
+            self._measure("heldout_after_full_depth", trainer, pl_module, pl_module.shape.layers)
         self.seconds += time.perf_counter() - t0
 
     def state_dict(self) -> dict:
+        before = ("heldout_full_depth", "heldout_speed_zero_shot")
         return {
-            k: v for k, v in self.results.items() if k in ("heldout_full_depth", "heldout_speed_zero_shot")
+            **{k: v for k, v in self.results.items() if k in before},
+            "by_source": {k: v for k, v in self.by_source.items() if k in before},
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.results.update({k: float(v) for k, v in state_dict.items()})
+        state = dict(state_dict)
+        self.by_source.update(state.pop("by_source", {}))
+        self.results.update({k: float(v) for k, v in state.items()})
