@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from speed_train.bench import eval as eval_bench
 from speed_train.bench import inference, step
 from speed_train.speed.flops import ModelShape, flop_ratio, step_flops
 from speed_train.speed.tiny import tiny_config
@@ -134,6 +135,9 @@ def test_gpu_script_arguments_are_valid():
         (inference, ["--lengths", "2"], "every prompt needs at least 4 tokens"),
         (step, ["--layers", "4", "--k", "0"], "--k 0 must be in 1..4 (--layers)"),
         (step, ["--hidden", "100", "--heads", "3"], "--hidden 100 must be a multiple of --heads 3"),
+        (eval_bench, ["--limit", "0"], "--limit 0: must be at least 1"),
+        (eval_bench, ["--variants", "rows,fast"], "--variants fast: choose from rows, tree"),
+        (eval_bench, ["--k", "1.5"], "fractional cutoff k=1.5 is outside (0, 1]"),
     ],
 )
 def test_bad_bench_arguments_fail_before_building_a_model(module, argv, message, capsys, monkeypatch):

@@ -57,10 +57,11 @@ def independent_scores(model, tok, cfg, ctx, cont):
     return float(lp.sum()), len(ex) - n_ctx
 
 
+@pytest.mark.parametrize("layout", ["tree", "rows"])
 @pytest.mark.parametrize("k, anchor", [(1, "bos"), (2, "none"), (3, "bos"), (None, "bos")])
-def test_scores_equal_independent_per_choice_forward(model, tok, k, anchor):
+def test_scores_equal_independent_per_choice_forward(model, tok, k, anchor, layout):
     cfg = SpeedConfig(k=k, anchor=anchor)
-    got = score_requests(model, tok, cfg, REQS, batch_size=2)
+    got = score_requests(model, tok, cfg, REQS, batch_size=2, layout=layout)
     for (ctx, conts), scores in zip(REQS, got):
         for cont, s in zip(conts, scores):
             ref, n = independent_scores(model, tok, cfg, ctx, cont)
@@ -134,6 +135,56 @@ def test_tiny_end_to_end_task_run(model, tok):
     )
     assert res["n"] == 3 and set(res["metrics"]) == {"acc_raw", "acc_per_token", "acc_per_char", "acc_uncond"}
     assert res["primary_metric"] == "acc_uncond" and res["primary"] == res["metrics"]["acc_uncond"]
+
+
+def test_primary_metrics_only_skips_unneeded_unconditional_requests(model, tok, monkeypatch):
+    import speed_train.eval.run as run_mod
+
+    calls = []
+    real = run_mod.score_requests
+    monkeypatch.setattr(run_mod, "score_requests", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    cfg = SpeedConfig(k=2, anchor="bos")
+    task = load_task("arc_easy", limit=3)  # primary acc_per_char; the dump has unconditional requests
+    full = evaluate_task(model, tok, cfg, task, batch_size=2)
+    n_all = len(calls)
+    calls.clear()
+    primary = evaluate_task(model, tok, cfg, task, batch_size=2, metrics="primary")
+    assert "acc_uncond" in full["metrics"] and "acc_uncond" not in primary["metrics"]
+    assert primary["primary"] == full["primary"] and len(calls) == n_all - 1  # no unconditional pass
+    assert all(ctx != task.docs[0].uncond_context for batch in calls for ctx, _ in batch)
+    # where the primary metric is acc_uncond, its requests are scored
+    pmi = evaluate_task(model, tok, cfg, load_task("arc_challenge", limit=3), batch_size=2, metrics="primary")
+    assert pmi["primary_metric"] == "acc_uncond" and "acc_uncond" in pmi["metrics"]
+    with pytest.raises(EvalError, match="metrics='some'"):
+        evaluate_task(model, tok, cfg, task, metrics="some")
+
+
+def test_merged_adapter_scores_equal_the_peft_model(tmp_path, tok):
+    from peft import LoraConfig, get_peft_model
+
+    from speed_train.eval.run import load_eval_model
+
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    tiny_model("llama", layers=4, vocab=len(tok), seed=2).save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    peft = get_peft_model(
+        tiny_model("llama", layers=4, vocab=len(tok), seed=2),
+        LoraConfig(r=4, target_modules=["q_proj", "down_proj"]),
+    )
+    for n, p in peft.named_parameters():
+        if "lora_B" in n:  # a non-trivial adapter (B starts at zero)
+            torch.nn.init.normal_(p, std=0.05)
+    peft.save_pretrained(adapter_dir)
+    cfg = SpeedConfig(k=2, anchor="bos")
+    merged, tok_m, _ = load_eval_model(str(base_dir), str(adapter_dir), "float32", "cpu")
+    layered, _, _ = load_eval_model(str(base_dir), str(adapter_dir), "float32", "cpu", merge_adapter=False)
+    assert not hasattr(merged, "peft_config") and hasattr(layered, "peft_config")
+    a = score_requests(merged, tok_m, cfg, REQS)
+    b = score_requests(layered, tok_m, cfg, REQS, layout="rows")
+    plain = score_requests(tiny_model("llama", layers=4, vocab=len(tok), seed=2), tok, cfg, REQS)
+    for ga, gb, gp in zip(a, b, plain):
+        for x, y, z in zip(ga, gb, gp):
+            assert abs(x.logprob - y.logprob) < 1e-4 and abs(x.logprob - z.logprob) > 1e-3
 
 
 def test_bad_inputs(tmp_path, monkeypatch):

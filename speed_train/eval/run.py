@@ -70,17 +70,28 @@ def speed_presets() -> dict[str, dict]:
     }
 
 
-def load_eval_model(model: str, adapter: str | None = None, dtype: str = "auto", device: str | None = None):
+def load_eval_model(
+    model: str,
+    adapter: str | None = None,
+    dtype: str = "auto",
+    device: str | None = None,
+    merge_adapter: bool = True,
+):
     """(model, tokenizer, saved SPEED settings or {}) from 'smollm2', a local dir or a Hub id,
-    on ``device`` (default: cuda when available)."""
+    on ``device`` (default: cuda when available). A LoRA ``adapter`` is merged into the weights
+    (in fp32, then cast to ``dtype``): the same function, without peft's per-layer detours."""
     from speed_train.loading import ModelNotFoundError, load_model, saved_speed_settings
 
     dev, dt = resolve_device(device, dtype)
+    merge = bool(adapter) and merge_adapter
     try:
-        lm, tok = load_model(model, dtype=dt, device=dev, adapter=adapter)
+        lm, tok = load_model(model, dtype=torch.float32 if merge else dt, device=dev, adapter=adapter)
     except ModelNotFoundError as e:
         raise EvalError(str(e)) from None
-    return lm, tok, saved_speed_settings(lm, model, adapter)
+    saved = saved_speed_settings(lm, model, adapter)
+    if merge:
+        lm = lm.merge_and_unload().to(dt).eval()
+    return lm, tok, saved
 
 
 def _mc_requests(task: Task) -> tuple[list[tuple[str, list[str]]], list[list[tuple[int, int]]]]:
@@ -110,8 +121,16 @@ def evaluate_task(
     max_gen_tokens: int | None = None,
     add_bos="auto",
     progress=None,
+    layout: str = "tree",
+    metrics: str = "all",
 ) -> dict:
-    """Score one task. ``progress(done, total)`` is called after every batch of requests."""
+    """Score one task. ``progress(done, total)`` is called after every batch of requests;
+    ``layout``: how continuations share their context (``scoring.score_requests``);
+    ``metrics``: ``"all"`` OLMES metrics, or ``"primary"`` only (the unconditional requests are
+    then scored only when the primary metric is ``acc_uncond``: half the work on ARC-Easy,
+    HellaSwag, PIQA and Social IQa)."""
+    if metrics not in ("all", "primary"):
+        raise EvalError(f"metrics={metrics!r}: choose 'all' or 'primary'")
     t0 = time.perf_counter()
     samples = None
     if task.generative:
@@ -136,13 +155,17 @@ def evaluate_task(
         ]
     else:
         reqs, where = _mc_requests(task)
-        # score in order of context length (less padding per batch), then restore the order
-        order = sorted(range(len(reqs)), key=lambda i: len(reqs[i][0]))
-        total = len(reqs) + (len(task.docs) if task.has_uncond else 0)
+        with_uncond = task.has_uncond and (metrics == "all" or task.primary_metric == "acc_uncond")
+        # score in order of length (less padding per batch: contexts, and continuations side by
+        # side), then restore the order
+        order = sorted(range(len(reqs)), key=lambda i: (len(reqs[i][0]) + sum(map(len, reqs[i][1])), i))
+        total = len(reqs) + (len(task.docs) if with_uncond else 0)
         sorted_scores = []
         for i in range(0, len(order), batch_size * 4):
             chunk = [reqs[j] for j in order[i : i + batch_size * 4]]
-            sorted_scores += score_requests(model, tok, cfg, chunk, batch_size=batch_size, add_bos=add_bos)
+            sorted_scores += score_requests(
+                model, tok, cfg, chunk, batch_size=batch_size, add_bos=add_bos, layout=layout
+            )
             if progress is not None:
                 progress(len(sorted_scores), total)
         scores = [None] * len(reqs)
@@ -150,7 +173,7 @@ def evaluate_task(
             scores[j] = sorted_scores[pos]
         cond = [[scores[r][p] for r, p in loc] for loc in where]
         uncond = None
-        if task.has_uncond:
+        if with_uncond:
             uncond = score_requests(
                 model,
                 tok,
@@ -158,6 +181,7 @@ def evaluate_task(
                 [(d.uncond_context, d.choices) for d in task.docs],
                 batch_size=batch_size,
                 add_bos=add_bos,
+                layout=layout,
             )
             if progress is not None:
                 progress(total, total)
@@ -247,13 +271,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-gen-tokens", type=int, default=None)
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     ap.add_argument("--device", default=None, help="cuda (default when available), cuda:1, cpu")
+    ap.add_argument(
+        "--metrics",
+        default="all",
+        choices=["all", "primary"],
+        help="all OLMES metrics (default), or only the primary one (skips unneeded unconditional requests)",
+    )
     ap.add_argument("--out", default="eval_results")
     ap.add_argument("--name", default=None, help="column name in the table")
     ap.add_argument(
         "--add-bos",
         default=None,
-        help="the BoS rule for plain prompts: auto (default: as the tokenizer does, as lm-eval's hf "
-        "model scores; plus the BoS the anchor needs below full depth), true or false",
+        help="the BoS rule for plain prompts, the same for every arm: auto (default: the tokenizer's "
+        "BoS when it has one, as in training), true or false (no BoS: lm-eval hf's tokens for a "
+        "tokenizer that adds none by default)",
     )
     args = ap.parse_args(argv)
 
@@ -276,11 +307,7 @@ def main(argv=None) -> dict:
     k = parse_k(args.k) if args.k is not None else (preset["k"] if preset else saved.get("k"))
     cfg = SpeedConfig(k=k, anchor=anchor)
     add_bos = check_add_bos(args.add_bos if args.add_bos is not None else saved.get("add_bos", "auto"))
-    K = cfg.resolve_k(
-        model.config.num_hidden_layers
-        if not hasattr(model, "peft_config")
-        else model.get_base_model().config.num_hidden_layers
-    )
+    K = cfg.resolve_k(model.config.num_hidden_layers)  # a LoRA adapter is merged by now
     name = args.name or (f"SPEED-{K}+{anchor}" if k is not None else "full")
     results = []
     with Progress() as prog:
@@ -296,6 +323,7 @@ def main(argv=None) -> dict:
                     batch_size=args.batch_size,
                     max_gen_tokens=args.max_gen_tokens,
                     add_bos=add_bos,
+                    metrics=args.metrics,
                     progress=lambda done, total, sub=sub: prog.update(sub, completed=done, total=total),
                 )
             )

@@ -40,19 +40,29 @@ def score_requests(
     add_bos: AddBos = "auto",
     headers: tuple[str, ...] = (),
     progress=None,
+    layout: str = "tree",
 ) -> list[list[ContinuationScore]]:
     """Score each (context, [continuation, ...]) group; one prefill per context. ``add_bos``: the
     BoS rule of :mod:`speed_train.speed.roles` (the same tokens for every arm);
-    ``headers``: chat headers ending chat-rendered contexts. ``progress(done)`` after each batch."""
+    ``headers``: chat headers ending chat-rendered contexts. ``progress(done)`` after each batch.
+
+    ``layout``: ``"tree"`` (default) runs a context's continuations side by side in one row on
+    top of its cache, each seeing the context and its own tokens only (``decode_chunk``'s
+    branches): no cache copy and no padding to the longest continuation. ``"rows"`` copies the
+    context's cache once per continuation (the earlier layout; kept as the reference the tests
+    and ``python -m speed_train.bench.eval`` compare against)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}: choose one of {', '.join(LAYOUTS)}")
     parts = enable_speed_attention(model)
     K = cfg.resolve_k(parts.num_layers)
     device = parts.embed.weight.device
+    pad = tokenizer.pad_token_id or 0
+    run = _score_tree if layout == "tree" else _score_rows
     results: list[list[ContinuationScore]] = []
     for i in range(0, len(requests), batch_size):
         group = requests[i : i + batch_size]
         prompts = [
-            encode_plain(ctx, None, tokenizer, cfg, add_bos=add_bos, headers=headers)
-            for ctx, _ in group
+            encode_plain(ctx, None, tokenizer, cfg, add_bos=add_bos, headers=headers) for ctx, _ in group
         ]
         conts = [[tokenize(tokenizer, c) for c in cs] for _, cs in group]
         for g, (ctx, cs) in enumerate(group):
@@ -61,39 +71,99 @@ def score_requests(
                     raise ValueError(
                         f"continuation {c!r} of context ending {ctx[-40:]!r} tokenises to nothing"
                     )
-        n_max = max(len(ids) for cs in conts for ids in cs)
-        batch = collate(prompts, tokenizer.pad_token_id or 0).to(device)
-        parts.check_length(batch.input_ids.shape[1] + n_max)
-        cache, first_logits = prefill(parts, K, batch, n_max)
-        lengths = batch.attention_mask.sum(1)
-        # one row per (context, choice): copy the context's cache, run the continuation
-        owner = torch.tensor([g for g, cs in enumerate(conts) for _ in cs], device=device)
-        flat = [ids for cs in conts for ids in cs]
-        R = len(flat)
-        toks = torch.full((R, n_max), tokenizer.pad_token_id or 0, dtype=torch.long, device=device)
-        seq = torch.full((R, n_max), -1, dtype=torch.long, device=device)
-        for r, ids in enumerate(flat):
-            toks[r, : len(ids)] = torch.tensor(ids, device=device)
-            seq[r, : len(ids)] = 0
-        turn = torch.tensor([p.turns[-1] for p in prompts], device=device)[owner]
-        meta = TokenMeta(torch.full_like(toks, DECODE), turn[:, None].expand(R, n_max).clone(), seq)
-        positions = lengths[owner][:, None] + torch.arange(n_max, device=device)[None, :]
-        chunk_logits = decode_chunk(parts, cache.select_rows(owner), toks, positions, meta)
-        # logits predicting continuation token j: the context's last token (j = 0), else chunk j-1
-        pred = torch.cat([first_logits[owner][:, None], chunk_logits[:, :-1]], 1).float().log_softmax(-1)
-        tok_lp = pred.gather(-1, toks[:, :, None]).squeeze(-1)
-        greedy = pred.argmax(-1) == toks
-        r = 0
-        for cs in conts:
-            out = []
-            for ids in cs:
-                n = len(ids)
-                out.append(ContinuationScore(float(tok_lp[r, :n].sum()), n, bool(greedy[r, :n].all())))
-                r += 1
-            results.append(out)
+        batch = collate(prompts, pad, gather=False).to(device)
+        parts.check_length(batch.input_ids.shape[1] + max(len(ids) for cs in conts for ids in cs))
+        results += run(parts, K, batch, prompts, conts, pad)
         if progress is not None:
             progress(len(results))
     return results
+
+
+LAYOUTS = ("tree", "rows")
+
+
+def _scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) and whether it is the argmax, for predicting logits [N, V] (one row per target
+    token), without a log-softmax over the vocabulary of every row."""
+    logits = logits.float()
+    lp = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+    return lp, logits.argmax(-1) == targets
+
+
+def _collect(
+    conts: list[list[list[int]]], lp: torch.Tensor, greedy: torch.Tensor
+) -> list[list[ContinuationScore]]:
+    """Per-token results in (context, continuation, token) order -> one score per continuation."""
+    out, r = [], 0
+    lp, greedy = lp.tolist(), greedy.tolist()
+    for cs in conts:
+        row = []
+        for ids in cs:
+            n = len(ids)
+            row.append(ContinuationScore(float(sum(lp[r : r + n])), n, all(greedy[r : r + n])))
+            r += n
+        out.append(row)
+    return out
+
+
+def _score_tree(parts, K: int, batch, prompts, conts, pad: int) -> list[list[ContinuationScore]]:
+    """Every continuation of context b in row b, as branches of one decode chunk."""
+    device = batch.input_ids.device
+    B = len(conts)
+    W = max(sum(len(ids) for ids in cs) for cs in conts)
+    cache, first_logits = prefill(parts, K, batch, W)
+    lengths = batch.attention_mask.sum(1).tolist()
+    toks = torch.full((B, W), pad, dtype=torch.long)
+    pos = torch.zeros((B, W), dtype=torch.long)
+    branch = torch.full((B, W), -1, dtype=torch.long)
+    rows, cols, targets = [], [], []  # per continuation token: where its predicting logits are
+    for b, cs in enumerate(conts):
+        o = 0
+        for j, ids in enumerate(cs):
+            n = len(ids)
+            toks[b, o : o + n] = torch.tensor(ids)
+            pos[b, o : o + n] = torch.arange(lengths[b], lengths[b] + n)
+            branch[b, o : o + n] = j
+            # token 0 is predicted by the context's last token (column 0 below), token i by token i-1
+            rows += [b] * n
+            cols += [0] + list(range(o + 1, o + n))
+            targets += ids
+            o += n
+    toks, pos, branch = toks.to(device), pos.to(device), branch.to(device)
+    turn = torch.tensor([p.turns[-1] for p in prompts], device=device)[:, None].expand(B, W).clone()
+    meta = TokenMeta(torch.full_like(toks, DECODE), turn, torch.where(branch >= 0, 0, -1))
+    hidden = decode_chunk(parts, cache, toks, pos, meta, branch, head=False)
+    # the LM head only where a next token is scored (not on each branch's last token or padding)
+    rows_t, cols_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+    inner = cols_t > 0
+    logits = first_logits[rows_t].clone()
+    logits[inner] = parts.lm_head(parts.norm(hidden[rows_t[inner], cols_t[inner] - 1]))
+    return _collect(conts, *_scores(logits, torch.tensor(targets, device=device)))
+
+
+def _score_rows(parts, K: int, batch, prompts, conts, pad: int) -> list[list[ContinuationScore]]:
+    """One row per (context, continuation): the context's cache copied, the continuation on top."""
+    device = batch.input_ids.device
+    n_max = max(len(ids) for cs in conts for ids in cs)
+    cache, first_logits = prefill(parts, K, batch, n_max)
+    lengths = batch.attention_mask.sum(1)
+    owner = torch.tensor([g for g, cs in enumerate(conts) for _ in cs], device=device)
+    flat = [ids for cs in conts for ids in cs]
+    R = len(flat)
+    toks = torch.full((R, n_max), pad, dtype=torch.long, device=device)
+    seq = torch.full((R, n_max), -1, dtype=torch.long, device=device)
+    for r, ids in enumerate(flat):
+        toks[r, : len(ids)] = torch.tensor(ids, device=device)
+        seq[r, : len(ids)] = 0
+    turn = torch.tensor([p.turns[-1] for p in prompts], device=device)[owner]
+    meta = TokenMeta(torch.full_like(toks, DECODE), turn[:, None].expand(R, n_max).clone(), seq)
+    positions = lengths[owner][:, None] + torch.arange(n_max, device=device)[None, :]
+    chunk = decode_chunk(parts, cache.select_rows(owner), toks, positions, meta)
+    logits = torch.cat([first_logits[owner][:, None], chunk], 1)  # column i predicts token i
+    rows = torch.tensor([r for r, ids in enumerate(flat) for _ in ids], device=device)
+    cols = torch.tensor([i for ids in flat for i in range(len(ids))], device=device)
+    targets = torch.tensor([t for ids in flat for t in ids], device=device)
+    return _collect(conts, *_scores(logits[rows, cols], targets))
 
 
 @torch.no_grad()

@@ -209,15 +209,33 @@ def prefill(
 
 
 def decode_chunk(
-    parts: ModelParts, cache: SpeedCache, tokens: torch.Tensor, positions: torch.Tensor, meta: TokenMeta
+    parts: ModelParts,
+    cache: SpeedCache,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    meta: TokenMeta,
+    branches: torch.Tensor | None = None,
+    head: bool = True,
 ) -> torch.Tensor:
     """Run n decode-phase tokens per row ([B, n]) through all layers on top of the cache;
-    returns their logits [B, n, V]. ``meta`` marks padding (seq_ids -1) and the turn."""
+    returns their logits [B, n, V] (``head=False``: the last layer's hidden states, before the
+    final norm, for a caller that needs logits at a few positions only). ``meta`` marks padding
+    (seq_ids -1) and the turn.
+
+    ``branches`` ([B, n] ints): several continuations of the cached prompt side by side in one
+    row (a tree: e.g. the choices of a multiple-choice question). A token sees what
+    :func:`visibility.allowed` lets it see among the cached slots, and, among this chunk's tokens,
+    only those of its own branch: exactly what it would see with its branch alone in a copy of
+    the cache (its positions are given by ``positions``)."""
     h = parts.embed(tokens)
     pe = parts.rope(h, positions)
     for depth in ("lower", "upper"):
         cache.begin(depth, meta)
     masks = {d: cache.step_mask(d) for d in ("lower", "upper")}
+    if branches is not None:
+        same = (branches[:, :, None] == branches[:, None, :])[:, None]  # [B, 1, n, n]
+        for m in masks.values():
+            m[..., m.shape[-1] - tokens.shape[1] :] &= same
     for i, layer in enumerate(parts.layers):
         h = layer(
             h,
@@ -229,7 +247,7 @@ def decode_chunk(
         )
     for depth in ("lower", "upper"):
         cache.advance(depth)
-    return parts.lm_head(parts.norm(h))
+    return parts.lm_head(parts.norm(h)) if head else h
 
 
 @dataclass
