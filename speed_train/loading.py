@@ -59,6 +59,10 @@ def load_tokenizer(name: str, *, chat_template: str | None = None) -> Any:
 
         tok = AutoTokenizer.from_pretrained(llama3_tokenizer_path())
     else:
+        # AutoTokenizer reads the model's config: with the speed_* types registered, an export's
+        # resolves to the package's classes, without transformers' "run the custom code? [y/N]"
+        import speed_train.hf  # noqa: F401
+
         tok = AutoTokenizer.from_pretrained(str(where))
     if chat_template:
         from speed_train.chat_templates import resolve as resolve_template
