@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -29,7 +26,12 @@ from speed_train.speed.chat_roles import encode_generation_prompt  # noqa: E402
 from speed_train.speed.config import SpeedConfig  # noqa: E402
 from speed_train.speed.generate import speed_generate  # noqa: E402
 from speed_train.speed.tiny import tiny_model  # noqa: E402
-from speed_train.tools.serve import TESTED_TRANSFORMERS, ServeError, check_transformers  # noqa: E402
+from speed_train.tools.serve import (  # noqa: E402
+    TESTED_TRANSFORMERS,
+    LocalServer,
+    ServeError,
+    check_transformers,
+)
 
 K, L = 2, 4
 N = 12  # max_tokens: the random tiny model never ends its answer earlier
@@ -41,12 +43,6 @@ MULTI = [
     {"role": "assistant", "content": "Blue."},
     {"role": "user", "content": "And another one, please?"},
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def children(pid: int) -> list[int]:
@@ -64,19 +60,6 @@ def alive(pid: int) -> bool:
     return True
 
 
-def wait_until_healthy(proc, url: str) -> bool:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    for _ in range(START_TIMEOUT_S * 2):  # a poll every 0.5 s at most
-        if proc.poll() is not None or time.monotonic() > deadline:
-            return False
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-                return r.status == 200
-        except OSError:  # not listening yet
-            time.sleep(0.5)
-    return False
-
-
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
     from speed_train.assets import load_smollm2_tokenizer
@@ -91,24 +74,19 @@ def export(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(export, tmp_path_factory):
-    folder = export[0]
-    port = free_port()
     log = tmp_path_factory.mktemp("serve_log") / "server.log"
-    cmd = [sys.executable, "-m", "speed_train.serve", str(folder), "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--device", "cpu", "--dtype", "float32"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    if not wait_until_healthy(proc, url):
-        proc.kill()
-        proc.wait(STOP_TIMEOUT_S)
-        pytest.fail(f"the server did not start:\n{log.read_text()[-3000:]}")
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=REQUEST_TIMEOUT_S)
-    yield {"proc": proc, "url": url, "client": client, "model": str(folder), "log": log}
-    if proc.poll() is None:  # a failed test before the stop test
-        proc.kill()
-        proc.wait(STOP_TIMEOUT_S)
+    local = LocalServer(
+        export[0], log, "--device", "cpu", "--dtype", "float32", start_timeout_s=START_TIMEOUT_S
+    )
+    try:
+        local.start()
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    client = openai.OpenAI(
+        base_url=f"{local.url}/v1", api_key="none", max_retries=0, timeout=REQUEST_TIMEOUT_S
+    )
+    yield {"local": local, "url": local.url, "client": client, "model": str(export[0]), "log": log}
+    local.stop()  # after a failed test before the stop test
 
 
 def generated(model, tok, ids, **kw) -> str:
@@ -241,7 +219,7 @@ def test_bad_requests_get_4xx_with_a_message(server):
 
 def test_server_stops_cleanly(server):
     """Last: Ctrl+C stops the server and the model's process, exiting as a signal stops a process (128 + SIGINT)."""
-    proc = server["proc"]
+    proc = server["local"].proc
     kids = children(proc.pid)
     assert kids, "the model runs in a process of its own"
     proc.send_signal(signal.SIGINT)
@@ -284,3 +262,17 @@ def test_transformers_range_is_pinned():
         check_transformers("5.26.0")
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text(encoding="utf-8")
     assert f'"transformers[serving]{TESTED_TRANSFORMERS}"' in pyproject
+
+
+def test_load_bench_arguments_and_percentiles(capsys):
+    from speed_train.bench import serve as bench
+
+    assert bench.percentile([1.0, 2.0, 3.0, 4.0, 5.0], 50) == 3.0
+    assert bench.percentile([1.0, 2.0, 3.0, 4.0, 5.0], 95) == pytest.approx(4.8)
+    assert bench.percentile([7.0], 95) == 7.0
+    assert bench.message(1, 40) != bench.message(2, 40)  # each request its own prompt
+    assert len(bench.message(1, 40)[0]["content"].split()) == 2 + 40 + 6  # "Report 1." + body + ask
+    for argv, text in ((["--clients", "0"], "--clients must be positive"), (["--threads", "0"], "--threads")):
+        with pytest.raises(SystemExit) as e:
+            bench.parse_args(argv)
+        assert e.value.code == 2 and text in capsys.readouterr().err

@@ -16,8 +16,15 @@ keep every token at every layer, SPEED's upper layers keep the anchor and the de
 from __future__ import annotations
 
 import inspect
+import os
+import signal
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated
 
 # Tested on this range: the hooks use transformers' serving internals (ModelLoader, Serve), which
@@ -149,6 +156,74 @@ def build_app():
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command(help=HELP)(serve)
     return app
+
+
+class LocalServer:
+    """``python -m speed_train.serve MODEL`` in a subprocess on 127.0.0.1 (tests, the load benchmark):
+    ``start()`` waits until /health answers (bounded), ``stop()`` sends Ctrl+C (SIGINT), then kills
+    after ``stop_timeout_s``. Its output goes to ``log``; ``env`` adds to the environment."""
+
+    def __init__(
+        self,
+        model,
+        log,
+        *flags: str,
+        env: dict | None = None,
+        start_timeout_s: float = 240,
+        stop_timeout_s: float = 60,
+    ):
+        self.model, self.log, self.flags, self.env = str(model), Path(log), list(flags), env or {}
+        self.start_timeout_s, self.stop_timeout_s = start_timeout_s, stop_timeout_s
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> LocalServer:
+        with socket.socket() as s:  # a free port (the server binds it a moment later)
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "speed_train.serve", self.model, "--host", "127.0.0.1"]
+        cmd += ["--port", str(self.port), *self.flags]
+        env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), **self.env}
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + self.start_timeout_s
+        for _ in range(int(self.start_timeout_s * 2) + 1):  # a poll every 0.5 s at most
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                break
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:  # not listening yet
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"the server did not start; its log ({self.log}) ends:\n{self.log_tail()}")
+
+    def stop(self) -> int | None:
+        """Ctrl+C, then a kill if it has not exited in time; its exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(self.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(self.stop_timeout_s)
+        return self.proc.returncode
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")[-chars:] if self.log.is_file() else ""
+
+    def __enter__(self) -> LocalServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
