@@ -6,7 +6,7 @@
 The packaged SmolLM2-135M-Instruct is exported HF-natively twice (speed_train.hf.export): at K
 (anchor bos) and at full depth. Both are served by ``python -m speed_train.serve`` (transformers'
 server, one request at a time through generate()) on 127.0.0.1, at the same time; for each number
-of concurrent clients the two servers are loaded in turn. A client sends streaming chat
+of concurrent clients the two servers are loaded in turn (the order alternating). A client sends streaming chat
 completions one after the other (greedy, exactly ``--max-tokens`` tokens each: ``min_new_tokens``
 in the request's ``generation_config``), each a different user message of about
 ``--prompt-words`` words. Per server and client count: requests/s (requests / wall time), and the
@@ -194,8 +194,11 @@ def main(argv=None) -> dict:
                 f"{'TTFT p95':>9} {'prompt tok':>10}"
             )
             offset = 0
-            for c in args.client_counts:
-                for name, s in servers.items():  # in turn, the same prompts
+            for i, c in enumerate(args.client_counts):
+                # in turn, on the same prompts; the order alternates (ABBA) against drift in the
+                # machine's other load
+                for name in list(servers)[:: 1 if i % 2 == 0 else -1]:
+                    s = servers[name]
                     row = {"server": name, **load(clients[name], s.model, c, args, offset)}
                     results["rows"].append(row)
                     print(
