@@ -13,7 +13,7 @@ setup:
 	# Keep a torch the user already has; otherwise take the pinned CPU wheel (never an open range,
 	# which would pull a multi-GB CUDA build here).
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev,eval]"
+	$(PIP) install -q -e ".[dev,eval,serve,test]"
 	$(PIP) install -q --no-deps $(ASSETS)
 
 test:

@@ -50,6 +50,11 @@ def load_tokenizer(name: str, *, chat_template: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
     where = resolve(name, what="tokenizer", packaged=PACKAGED_TOKENIZERS)
+    if where not in PACKAGED_TOKENIZERS:
+        # AutoTokenizer reads the model's config: with the speed_* types registered, an export's
+        # resolves to the package's classes, without transformers' "run the custom code? [y/N]"
+        import speed_train.hf  # noqa: F401
+
     if where == "smollm2":
         from speed_train.assets import load_smollm2_tokenizer
 

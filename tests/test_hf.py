@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from speed_train.speed.chat_roles import encode_conversation, encode_generation_
 from speed_train.speed.config import SpeedConfig
 from speed_train.speed.executors import mask_forward
 from speed_train.speed.generate import speed_generate
+from speed_train.speed.hf_model import CUELESS_WARNING
 from speed_train.speed.roles import DECODE, IGNORE, EncodedExample
 from speed_train.speed.tiny import tiny_model
 from tests.reference import reference_logits
@@ -188,6 +190,23 @@ def test_forward_teacher_forcing_equals_the_package(llama, tok):
     assert abs(loss.item() - ce.item()) < 1e-5
 
 
+def test_teacher_forcing_warns_on_a_sequence_without_header_or_cue(llama, tok):
+    """lm-eval --model hf hands over context + continuation; without a marker the model cannot see
+    where the context ends, and says so."""
+    _, hf, served, _ = llama
+    cueless = served("The cat sat on the mat and then it", return_tensors="pt")["input_ids"]
+    cued = served("Question: Where did the cat sit?\nAnswer: on the mat", return_tensors="pt")["input_ids"]
+    chat = torch.tensor([prompt_of(HISTORY, tok).input_ids])
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        for ids in (cued, chat):
+            hf(ids)
+        assert not [w for w in caught if "no assistant header or answer cue" in str(w.message)]
+        hf(cueless)
+    assert len([w for w in caught if str(w.message) == CUELESS_WARNING]) == 1
+    assert "--model speed, not --model hf" in CUELESS_WARNING
+
+
 def test_full_depth_on_purpose_is_the_plain_model(llama, tok):
     model, _, _, folder = llama
     plain = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, speed_k=None).eval()
@@ -231,19 +250,38 @@ def test_loads_with_transformers_alone_and_refuses_without_remote_code(llama, to
     code = (
         "import sys, json, torch\n"
         "sys.modules['speed_train'] = None  # the package is not there\n"
-        "from transformers import AutoModelForCausalLM\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
         f"m = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True)\n"
+        f"t = AutoTokenizer.from_pretrained({str(folder)!r}, trust_remote_code=True)\n"  # README's lines
         f"ids = torch.tensor([{p.input_ids}])\n"
         f"out = m.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id={tok.pad_token_id})\n"
         "print(json.dumps(out[0, ids.shape[1]:].tolist()))\n"
     )
     env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin"}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    run = dict(capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL)
+    r = subprocess.run([sys.executable, "-c", code], **run)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout.strip().splitlines()[-1]) == want
-    refuse = code.replace(", trust_remote_code=True", "")
-    r = subprocess.run([sys.executable, "-c", refuse], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode != 0 and "trust_remote_code" in r.stderr
+    assert "Do you wish to run the custom code?" not in r.stdout + r.stderr
+    # without it: transformers asks (15 s in a terminal; here stdin is empty: no), then refuses
+    refuse = code.replace(", trust_remote_code=True", "", 1)
+    r = subprocess.run([sys.executable, "-c", refuse], **run)
+    assert r.returncode != 0 and "Do you wish to run the custom code? [y/N]" in r.stdout
+    assert f"ValueError: The repository {folder} contains custom code which must be executed" in r.stderr
+    assert "Please pass the argument `trust_remote_code=True`" in r.stderr
+
+
+def test_the_package_loads_an_exports_tokenizer_without_the_custom_code_prompt(llama):
+    """speed-inspect, speed-chat ... load a tokenizer by folder: the package's own classes resolve
+    the export's config, so transformers never asks to run its code."""
+    folder = llama[3]
+    code = f"from speed_train.loading import load_tokenizer\nprint(len(load_tokenizer({str(folder)!r})))\n"
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == str(len(llama[2]))
+    assert "Do you wish to run the custom code?" not in r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("arch", SUPPORTED_ARCHITECTURES)

@@ -199,6 +199,28 @@ def test_speed_lm_eval_help_documents_the_speed_model(capsys, monkeypatch):
     assert "``speed`` model_args" in out and "add_bos" in out and "pretrained" in out
 
 
+def test_speed_lm_eval_notes_model_hf_on_a_speed_export(tmp_path):
+    from speed_train.eval.lm_eval_adapter import hf_on_speed_export
+
+    configs = {"speed": ("speed_llama", 2), "full": ("speed_llama", None), "plain": ("llama", None)}
+    for name, (model_type, k) in configs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": model_type, "speed_k": k}))
+
+    def note(*args):
+        return hf_on_speed_export(list(args))
+
+    export = f"pretrained={tmp_path / 'speed'},trust_remote_code=True"
+    said = note("--model", "hf", "--model_args", export, "--tasks", "hellaswag")
+    assert (
+        said and "--model hf scores this SPEED export from token ids" in said and "use --model speed" in said
+    )
+    assert note("--model=hf", f"--model_args={export}") == said
+    assert note("--model", "speed", "--model_args", export) is None
+    for other in ("full", "plain", "missing"):
+        assert note("--model", "hf", "--model_args", f"pretrained={tmp_path / other}") is None
+
+
 def test_apply_chat_template_marks_the_header_as_decode(saved_model):
     from lm_eval.api.registry import get_model
 

@@ -4,6 +4,13 @@
     speed-lm-eval --model speed --model_args pretrained=outputs/<run>/export/model --tasks olmes_offline
     speed-lm-eval --model hf --model_args pretrained=outputs/<run>/export/model,trust_remote_code=True ...
 
+``--model hf`` on an export (stock lm-eval, transformers alone) scores it from token ids: it agrees
+with ``--model speed`` on tasks whose context ends with an answer cue or a chat header (ARC, PIQA,
+BoolQ, ...), not on cue-less ones (HellaSwag, WinoGrande): the model cannot see where the context
+ends (on HellaSwag up to 97 nats apart, 19 of 100 answers differ). Use ``--model speed`` there;
+``speed-lm-eval --model hf`` on an export below full depth says so, and the model warns when it
+sees such a sequence.
+
 ``speed`` model_args (comma separated):
 
     pretrained   'smollm2' (packaged), a local folder (an export, an HF checkpoint) or a Hub id
@@ -214,6 +221,35 @@ class SpeedLMEval(LM):
         return outs
 
 
+def hf_on_speed_export(args: list[str]) -> str | None:
+    """The note for ``--model hf`` on a SPEED export below full depth (see the module doc)."""
+    import json
+    from pathlib import Path
+
+    def value(flag: str) -> str | None:
+        for i, a in enumerate(args):
+            if a == flag and i + 1 < len(args):
+                return args[i + 1]
+            if a.startswith(flag + "="):
+                return a.split("=", 1)[1]
+        return None
+
+    if value("--model") != "hf":
+        return None
+    model_args = dict(kv.split("=", 1) for kv in (value("--model_args") or "").split(",") if "=" in kv)
+    config = Path(model_args.get("pretrained", "")) / "config.json"
+    if not model_args.get("pretrained") or not config.is_file():
+        return None
+    saved = json.loads(config.read_text(encoding="utf-8"))
+    if not str(saved.get("model_type", "")).startswith("speed_") or saved.get("speed_k") is None:
+        return None
+    return (
+        "speed-lm-eval: --model hf scores this SPEED export from token ids: tasks whose context ends "
+        "without an answer cue or chat header (HellaSwag, WinoGrande, ...) score otherwise than with "
+        "--model speed, which knows where the context ends; use --model speed for them"
+    )
+
+
 def main() -> None:
     from lm_eval.__main__ import cli_evaluate
 
@@ -224,6 +260,9 @@ def main() -> None:
     if any(a in ("-h", "--help") for a in args):
         print(__doc__.split("lm-eval finds model types")[0])  # the `speed` model and its arguments first
     sys.argv[0] = "lm_eval"
+    note = hf_on_speed_export(args)
+    if note:
+        print(note, file=sys.stderr)
     # the offline tasks (arc_easy_offline, ..., group olmes_offline) without the user typing a path;
     # bare `speed-lm-eval` / `--help` stay lm-eval's top-level help (an extra option would make it `run`)
     if args and args[0] not in ("-h", "--help") and all(a.split("=", 1)[0] != "--include_path" for a in args):

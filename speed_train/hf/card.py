@@ -36,7 +36,7 @@ def _use_hf_native(repo: str | None, L: int) -> list[str]:
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         f"path = {repo or '<this folder>'!r}",
         "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)",
-        "tokenizer = AutoTokenizer.from_pretrained(path)",
+        "tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)",
         'messages = [{"role": "user", "content": "What is the capital of France?"}]',
         "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt', return_dict=True)",
         "out = model.generate(**ids, max_new_tokens=64)",
@@ -44,7 +44,9 @@ def _use_hf_native(repo: str | None, L: int) -> list[str]:
         "",
         "A plain full-depth model on purpose: `from_pretrained(path, trust_remote_code=True, speed_k=None)` "
         f"(the same weights, every layer over every token; not how it was trained when K < {L}). Without "
-        "`trust_remote_code` loading fails (model_type `speed_*`) rather than silently running full depth.",
+        "`trust_remote_code`, transformers asks whether to run this folder's code ([y/N], 15 s in a terminal) "
+        'and without a yes refuses ("contains custom code") rather than silently running full depth.',
+        "Serve it over an OpenAI-compatible API: `python -m speed_train.serve <this folder>`.",
         "Chat in a terminal: `python -m speed_train.chat <this folder>`.",
         "",
     ]

@@ -14,13 +14,18 @@ What a forward does, by what it is given:
   token 0 the BoS anchor. Left padding (HF's convention) is handled per row;
 - a :class:`SpeedCache` (generate's decode steps): the new tokens through all layers;
 - otherwise (teacher forcing, e.g. scoring): the single-pass SPEED mask over the whole sequence,
-  logits at every position, and the HF loss when ``labels`` are given.
+  logits at every position, and the HF loss when ``labels`` are given. A sequence without an
+  assistant header or answer cue does not show where a context ends and a continuation starts:
+  only its last token is decode, so continuations score otherwise than with speed-train's scorer
+  (lm-eval ``--model hf`` on cue-less tasks such as HellaSwag; use ``--model speed``). It warns.
 
 The config carries ``speed_k``, ``speed_anchor``, ``speed_headers``, ``speed_cues``,
 ``speed_end_ids`` and ``speed_add_bos`` (see :func:`speed_config_fields`).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from transformers import (
@@ -42,10 +47,16 @@ from .batch import SpeedBatch, collate
 from .executors import mask_forward
 from .generate import SpeedCache, decode_chunk, prefill
 from .roles import DECODE, IGNORE, EncodedExample
-from .token_roles import TokenRoleRule, prompt_roles, sequence_roles
+from .token_roles import TokenRoleRule, has_decode_marker, prompt_roles, sequence_roles
 from .visibility import TokenMeta
 
 DEFAULT_DECODE_CAPACITY = 256  # generate() without max_new_tokens: the cache grows past it
+CUELESS_WARNING = (
+    "SPEED teacher forcing on a sequence with no assistant header or answer cue: only its last token "
+    "is decode phase, so a continuation scores otherwise than with speed-train, which knows where the "
+    "context ends (lm-eval: use speed-lm-eval --model speed, not --model hf, for cue-less tasks such "
+    "as HellaSwag or WinoGrande)"
+)
 
 
 def speed_config_fields(k: int | None, rule: TokenRoleRule, add_bos) -> dict:
@@ -184,7 +195,10 @@ class SpeedGenerationMixin:
         seq = torch.full((B, T), -1, dtype=torch.long)
         for b, (ids, mask) in enumerate(zip(input_ids.tolist(), attention_mask.tolist())):
             where = [t for t, m in enumerate(mask) if m]
-            r, j = sequence_roles([ids[t] for t in where], rule)
+            kept = [ids[t] for t in where]
+            if not has_decode_marker(kept, rule):
+                warnings.warn(CUELESS_WARNING, UserWarning, stacklevel=2)  # shown once per process
+            r, j = sequence_roles(kept, rule)
             roles[b, where], turns[b, where], seq[b, where] = torch.tensor(r), torch.tensor(j), 0
         seq = seq.to(device)
         positions = ((seq >= 0).long().cumsum(1) - 1).clamp(min=0)

@@ -93,6 +93,13 @@ def sequence_roles(ids: Sequence[int], rule: TokenRoleRule) -> tuple[list[int], 
     return roles, turns
 
 
+def has_decode_marker(ids: Sequence[int], rule: TokenRoleRule) -> bool:
+    """Whether a whole sequence shows where its decode segment starts (an assistant header or an
+    answer cue); without one, :func:`sequence_roles` can only take its last token."""
+    ids = list(ids)
+    return bool(_occurrences(ids, rule.headers) or _occurrences(ids, rule.cues))
+
+
 def _occurrences(ids: list[int], markers: list[list[int]]) -> list[tuple[int, int]]:
     """(start, length) of marker occurrences, left to right, not overlapping (longest first)."""
     found: list[tuple[int, int]] = []
