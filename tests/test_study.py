@@ -64,7 +64,7 @@ def test_uninformative_tasks_are_those_with_one_answer_everywhere():
 
 def test_parse_questions():
     q = S.parse_questions(None, None)
-    assert q["arc_easy"] is None and q["openbookqa"] is None and q["hellaswag"] == 500
+    assert q["arc_easy"] is None and q["openbookqa"] is None and q["hellaswag"] == 400 and q["csqa"] == 500
     assert S.parse_questions("hellaswag=all,piqa=20", None)["hellaswag"] is None
     assert S.parse_questions("piqa=20", 8) == {t: (8 if t != "piqa" else 8) for t in q}
     with pytest.raises(S.StudyError, match="give task=N or task=all"):

@@ -11,7 +11,7 @@ set (``heldout_fingerprint``) under the same BoS rule. Arms differ in visibility
 
 Evaluation: the OLMES-style suite on each run's exported adapter as served (``rc_0shot``, the
 primary metric per task, fp32), ``--questions`` per task (default: every question of ARC-Easy,
-ARC-Challenge and OpenBookQA, 500 of each other task). Each (arm, seed, task) is one unit,
+ARC-Challenge and OpenBookQA; 400 of HellaSwag, PIQA and MMLU, 300 of BoolQ, 500 of the others). Each (arm, seed, task) is one unit,
 written to ``--work`` as it finishes: a killed study continues where it stopped.
 ``--workers`` evaluates runs in that many processes of one thread each.
 
@@ -48,7 +48,10 @@ from speed_train.eval.olmes import MC_TASKS, EvalError, load_task
 
 HELDOUT_ROWS = ("heldout_full_depth", "heldout_speed_zero_shot", "heldout_after", "heldout_after_full_depth")
 ALL_QUESTIONS = ("arc_easy", "arc_challenge", "openbookqa")
-DEFAULT_QUESTIONS = 500
+# the other tasks: a fixed number of questions each (their first ones), fewer where a question costs
+# more (long contexts or choices: HellaSwag, PIQA, MMLU; BoolQ carried no signal before)
+DEFAULT_QUESTIONS = {"hellaswag": 400, "piqa": 400, "mmlu": 400, "boolq": 300}
+DEFAULT_OTHER = 500
 TOST_MARGINS = (1.0, 2.0)
 
 
@@ -218,7 +221,7 @@ def spread(values: list[float]) -> dict:
 
 def parse_questions(text: str | None, limit: int | None) -> dict[str, int | None]:
     """``task=N|all`` per task (None: every question); ``limit`` caps every task (quick runs)."""
-    per = {t: (None if t in ALL_QUESTIONS else DEFAULT_QUESTIONS) for t in MC_TASKS}
+    per = {t: (None if t in ALL_QUESTIONS else DEFAULT_QUESTIONS.get(t, DEFAULT_OTHER)) for t in MC_TASKS}
     for item in (text or "").split(","):
         if not item.strip():
             continue
@@ -408,7 +411,13 @@ def main(argv=None) -> dict:
         "--questions",
         default=None,
         help=f"task=N or task=all, comma separated (default: all of {', '.join(ALL_QUESTIONS)}, "
-        f"{DEFAULT_QUESTIONS} of the others)",
+        f"{DEFAULT_QUESTIONS}, {DEFAULT_OTHER} of the others)",
+    )
+    ap.add_argument(
+        "--evaluate-only",
+        action="store_true",
+        help="evaluate the finished runs' missing units and stop (no design check, no summary): "
+        "start evaluating while other runs still train",
     )
     ap.add_argument(
         "--limit", type=int, default=None, help="at most this many questions per task (quick runs)"
@@ -431,11 +440,14 @@ def _main(args) -> dict:
     if args.workers < 1 or args.batch_size < 1:
         raise StudyError("--workers and --batch-size must be at least 1")
     runs = read_runs(*args.arms)
-    design = check_design(runs)
+    design = None if args.evaluate_only else check_design(runs)
     per_task = parse_questions(args.questions, args.limit)
     tasks = [load_task(t, args.variant, limit=n) for t, n in per_task.items()]  # every file checked first
     work = Path(args.work or Path(args.arms[0]) / "study_eval")
     eval_wall = evaluate_all(runs, tasks, work, args.base, args.batch_size, args.workers)
+    if design is None:
+        print(f"evaluated {len(runs)} finished run(s) in {eval_wall / 60:.1f} min; units in {work}")
+        return {"evaluated": [f"{r['name']} seed {r['seed']}" for r in runs], "work": str(work)}
     units = {}
     for r in runs:
         for t in tasks:
