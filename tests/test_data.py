@@ -386,7 +386,9 @@ def test_held_out_near_duplicates_of_training_are_dropped(tmp_path: Path) -> Non
     assert normalized_turn("Ｈｅｌｌｏ_world?") == "hello world"  # NFKC folds full-width letters
     # 30 distinct conversations + templated ones that repeat turns of others in new pairings
     rows = [{"messages": [msg(U, f"question {i}"), msg(A, f"answer {i}")]} for i in range(30)]
-    rows += [{"messages": [msg(U, f"QUESTION {i}!"), msg(A, f"a reply nobody else gives {i}")]} for i in range(30)]
+    rows += [
+        {"messages": [msg(U, f"QUESTION {i}!"), msg(A, f"a reply nobody else gives {i}")]} for i in range(30)
+    ]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     recipe = recipe_for(path, "messages", held_out=20)
     raw_train, raw_held, _ = load(recipe, dedup_held_out=False)
@@ -416,7 +418,12 @@ def test_stratified_held_out_sample_and_allocation() -> None:
     assert sum(allocate({"a": 7, "b": 13, "c": 1, "d": 2}, 9).values()) == 9
     sources = ["a"] * 60 + ["b"] * 30 + ["c"] * 3
     n = len(sources)
-    cols = {"input_ids": [[i] for i in range(n)], "roles": [[1]] * n, "turns": [[-1]] * n, "labels": [[-100]] * n}
+    cols = {
+        "input_ids": [[i] for i in range(n)],
+        "roles": [[1]] * n,
+        "turns": [[-1]] * n,
+        "labels": [[-100]] * n,
+    }
     data = Dataset.from_dict({**cols, "source": sources, "turn_spans": [[]] * n, "turns_dropped": [0] * n})
     ds = EncodedDataset(data)
     sample = ds.stratified_sample(12, seed=0)

@@ -154,7 +154,9 @@ def test_heldout_losses_per_source_and_sharded_equal_independent_sums(cache):
     assert got.keys() == expected.keys() and all(abs(got[k] - expected[k]) < 1e-5 for k in got)
     # two ranks, each summing its shard; the reduction adds them: the one-process result
     shards = []
-    sharded_heldout_losses(model, examples, 3, pad_id, rank=0, world=2, reduce=lambda t: shards.append(t) or t)
+    sharded_heldout_losses(
+        model, examples, 3, pad_id, rank=0, world=2, reduce=lambda t: shards.append(t) or t
+    )
     total = sharded_heldout_losses(
         model, examples, 3, pad_id, rank=1, world=2, reduce=lambda t: t + shards[0], micro_batch=2
     )
