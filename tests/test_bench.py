@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from speed_train.bench import inference, step
@@ -95,6 +97,7 @@ def test_step_bench_runs_small(tmp_path):
 def _script_invocations(path: str) -> list[tuple[str, list[str]]]:
     """(module, argv) of every ``-m speed_train.bench.<module> ...`` line of a shell script."""
     import shlex
+    import tempfile
     from pathlib import Path
 
     text = Path(path).read_text().replace("\\\n", " ")
@@ -107,7 +110,7 @@ def _script_invocations(path: str) -> list[tuple[str, list[str]]]:
             for w in words[i + 2 :]:
                 if w.startswith(("2>", "|", ">")):
                     break
-                argv.append(w.replace("$OUT", "/tmp/out"))
+                argv.append(w.replace("$OUT", tempfile.gettempdir()))  # the script creates $OUT first
             calls.append((words[i + 1].rsplit(".", 1)[1], argv))
     return calls
 
@@ -134,6 +137,14 @@ def test_gpu_script_arguments_are_valid():
         (inference, ["--lengths", "2"], "every prompt needs at least 4 tokens"),
         (step, ["--layers", "4", "--k", "0"], "--k 0 must be in 1..4 (--layers)"),
         (step, ["--hidden", "100", "--heads", "3"], "--hidden 100 must be a multiple of --heads 3"),
+        (step, ["--runs", "0"], "--runs 0 must be >= 1"),  # was a StatisticsError traceback
+        (step, ["--prompt-share", "1.5"], "--prompt-share 1.5 must be in (0, 1) and leave room"),
+        # was: the folder created at the filesystem root
+        (
+            step,
+            ["--json", "/no/such/dir/x.json"],
+            "argument --json: /no/such/dir/x.json: the folder /no/such/dir does not exist",
+        ),
     ],
 )
 def test_bad_bench_arguments_fail_before_building_a_model(module, argv, message, capsys, monkeypatch):
@@ -146,7 +157,9 @@ def test_bad_bench_arguments_fail_before_building_a_model(module, argv, message,
     monkeypatch.setattr(module, "tiny_model", no_model, raising=False)
     with pytest.raises(SystemExit) as e:
         module.main(argv)
-    assert e.value.code == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not Path("/no").exists()
 
 
 def test_gpu_script_fits_its_time_box():

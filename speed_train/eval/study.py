@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from speed_train.atomic import save_figure, write_json, write_text
+from speed_train.cli import ArgumentParser
 from speed_train.eval.olmes import MC_TASKS, load_task
 
 HELDOUT_ROWS = ("heldout_full_depth", "heldout_speed_zero_shot", "heldout_after", "heldout_after_full_depth")
@@ -135,7 +136,7 @@ def evaluate_arm(r: dict, tasks, base: str, batch_size: int) -> tuple[list[dict]
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="python -m speed_train.eval.study",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
