@@ -72,9 +72,11 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         d.max_bad_fraction,
         "must be in [0, 1] (null: the recipe's)",
     )
-    for key in ("max_train_examples", "max_eval_examples"):
-        v = d[key]
-        _check(v is None or v >= 0, f"data.{key}", v, "must be >= 0 (null: all)")
+    # 0 training examples is no run (and must not mean "all"); 0 held-out ones: no evaluation
+    v = d.max_train_examples
+    _check(v is None or v >= 1, "data.max_train_examples", v, "must be >= 1 (null: all)")
+    v = d.max_eval_examples
+    _check(v is None or v >= 0, "data.max_eval_examples", v, "must be >= 0 (null: all)")
     try:
         check_add_bos(d.add_bos)
     except RoleError as e:
@@ -170,8 +172,9 @@ def check_window(config, max_length: int, name: str) -> None:
         )
 
 
-def check_output_dir(path: str | os.PathLike) -> Path:
-    """Create the run folder and prove it is writable, or say why not (before any work)."""
+def check_output_dir(path: str | os.PathLike, key: str = "output_dir") -> Path:
+    """Create the run folder and prove it is writable, or say why not (before any work); ``key``:
+    the setting that names it."""
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -179,7 +182,7 @@ def check_output_dir(path: str | os.PathLike) -> Path:
             pass
     except OSError as e:
         raise ConfigError(
-            f"output folder {out} is not writable ({e.strerror or e}): choose another output_dir"
+            f"output folder {out} is not writable ({e.strerror or e}): choose another {key}"
         ) from None
     return out
 
