@@ -119,7 +119,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         raise ConfigError(f"strategy.zero_stage={cfg.strategy.zero_stage}: 1, 2 or 3 with deepspeed")
     if cfg.export.enabled and cfg.export.push_to_hub:
         check_hub_upload(cfg.export.push_to_hub)
-    config = _model_config_or_none(cfg)
+    config = model_config_or_none(cfg)
     layers = config.num_hidden_layers if config is not None else m.num_layers
     if layers is not None:
         if m.num_layers is not None and m.num_layers != layers:
@@ -134,7 +134,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         check_window(config, d.max_length, m.name)
 
 
-def _model_config_or_none(cfg: DictConfig):
+def model_config_or_none(cfg: DictConfig):
     """The model's config when it can be read without weights or network (else None: the
     checks then run on the loaded model, still before training)."""
     try:

@@ -3,12 +3,13 @@ continues from it.
 
 The fingerprint (:func:`run_fingerprint`) is a flat mapping, ``"<config key>": value``: the model,
 the SPEED settings, the data recipe and what selects its examples, the LoRA settings, the
-optimiser and schedule, the objective, the step plan's global batch and seed, plus two values known
-once the data is built: ``data.content`` (a hash of every training example's length and supervised
-token count, independent of paths and file dates) and ``tokenizer`` (a hash of the tokenizer's
-vocabulary size, chat template and special tokens). Left out on purpose: ``trainer.max_steps`` and
-``trainer.epochs`` (a run may be extended), and what does not change the trained weights (devices,
-precision, executors, logging, checkpointing, evaluation).
+optimiser and schedule, the objective, the step plan's global batch and seed, plus three values
+known once the data is built: ``data.content`` (a hash of every training example's length and
+supervised token count, independent of paths and file dates), ``tokenizer`` (a hash of the
+tokenizer's vocabulary size, chat template and special tokens) and ``model.architecture`` (the
+base model's type and shape from its config, whatever name or path it has). Left out on purpose:
+``trainer.max_steps`` and ``trainer.epochs`` (a run may be extended), and what does not change the
+trained weights (devices, precision, executors, logging, checkpointing, evaluation).
 
 It travels in the checkpoint (``speed_run``, checked when Lightning loads it) and in its
 completion record (``<name>.complete`` / ``COMPLETE``, read as JSON before any data or weight is
@@ -27,7 +28,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from speed_train.train.build import ConfigError
+from speed_train.train.build import ConfigError, model_config_or_none
 from speed_train.train.checkpointing import ResumeError, checkpoint_step, saved_run, verify
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,16 @@ RUN_KEYS = {
     "objective": ("kind", "reduce", "temperature", "ce_weight"),
     "trainer": ("global_batch_size", "seed"),
 }
+# What identifies a base model's architecture in its HF config.
+ARCHITECTURE = (
+    "model_type",
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
 # Differences in these leave the checkpoint's weights unusable for this run's model.
 SHAPE_KEYS = ("model.", "lora.", "tokenizer")
 
@@ -84,15 +95,19 @@ def _plain(value: Any) -> Any:
 
 def run_fingerprint(cfg: DictConfig, data=None) -> dict[str, Any]:
     """What defines the run (see the module doc); ``data``: the run's ``TrainData``, for the
-    ``data.content`` and ``tokenizer`` entries (left out before the data is built)."""
+    entries known once the data is built (left out before)."""
     fp = {f"{section}.{key}": _plain(cfg[section][key]) for section, keys in RUN_KEYS.items() for key in keys}
     if data is not None:
         fp["data.content"] = _digest([data.train.lengths.tolist(), data.train.supervised_counts().tolist()])
         from speed_train.data.pipeline import tokenizer_fingerprint
 
         tok = tokenizer_fingerprint(data.tokenizer)
-        tok.pop("name_or_path")  # where it was read from is not what it is
+        for where in ("name_or_path", "class"):  # where it was read from, and how: not what it is
+            tok.pop(where)
         fp["tokenizer"] = _digest(tok)
+        config = model_config_or_none(cfg)
+        if config is not None:  # the base model's shape, behind whatever name or path
+            fp["model.architecture"] = _plain({k: getattr(config, k, None) for k in ARCHITECTURE})
     return fp
 
 
