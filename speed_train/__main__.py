@@ -2,9 +2,9 @@
 
 Errors the framework raises for a user to fix (config, data, recipe, SPEED settings, missing
 assets, a full disk or a read-only folder) print one line, ``error: ...``, and exit with status 1;
-``HYDRA_FULL_ERROR=1`` shows the traceback. A run stopped by SIGTERM/SIGUSR1 saves a checkpoint,
-prints the command that resumes it and exits with 128 + the signal number, so wrappers know the
-run is unfinished.
+``HYDRA_FULL_ERROR=1`` shows the traceback. A run stopped by SIGTERM/SIGUSR1 or Ctrl-C saves a
+checkpoint, prints the command that resumes it and exits with 128 + the signal number, so wrappers
+know the run is unfinished.
 """
 
 from __future__ import annotations
@@ -25,7 +25,16 @@ from speed_train.train.schema import register_schema
 register_schema()
 
 # OS errors a user fixes (space, permissions, paths), as opposed to bugs
-USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT}
+USER_OS_ERRORS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOENT,
+    errno.ENOTDIR,
+    errno.EISDIR,
+}
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -36,9 +45,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from speed_train.speed.config import SpeedConfigError
     from speed_train.speed.roles import RoleError
     from speed_train.train.build import ConfigError
+    from speed_train.train.module import DivergenceError
 
     return (
         ConfigError,
+        DivergenceError,
         DataError,
         SpeedConfigError,
         RoleError,
@@ -81,7 +92,7 @@ def quiet_console() -> None:
 # version_base=None: Hydra 1.3 defaults; configs are the package `speed_train.conf` (mapped from
 # the top-level conf/ by setuptools), so source, editable and wheel installs all find them.
 @hydra.main(version_base=None, config_path="pkg://speed_train.conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     from speed_train.train.run import train
     from speed_train.train.summary import print_summary
 
@@ -100,6 +111,28 @@ def main(cfg: DictConfig) -> None:
         sys.exit(128 + int(result.preempted_by_signal))
 
 
+# Overrides whose values are checkpoint paths, and checkpoint names hold '=' (step=2.ckpt).
+PATH_KEYS = ("resume", "init_from")
+
+
+def quote_paths(argv: list[str]) -> list[str]:
+    """``resume=runs/a/checkpoints/step=2.ckpt`` as Hydra's override grammar needs it: a value with
+    '=' in it quoted (``resume='runs/a/checkpoints/step=2.ckpt'``); quoted values are kept."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") in PATH_KEYS and "=" in value and value[:1] not in ("'", '"'):
+            arg = f"{key}='" + value.replace("'", "\\'") + "'"
+        out.append(arg)
+    return out
+
+
+def main() -> None:
+    """``python -m speed_train [overrides]`` and the ``speed-train`` command."""
+    sys.argv[1:] = quote_paths(sys.argv[1:])
+    hydra_main()
+
+
 def _in_multirun() -> bool:
     from speed_train.train.trainer import hydra_job
 
@@ -107,6 +140,11 @@ def _in_multirun() -> bool:
 
 
 def _record_failure(cfg: DictConfig, e: BaseException) -> None:
+    from speed_train.train.resume import ResumeError
+    from speed_train.train.runlock import RunFolderBusy
+
+    if isinstance(e, (ResumeError, RunFolderBusy)):
+        return  # nothing was run: the folder holds another run's state, which stays as it was
     try:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ never half of one. A failed write removes its temporary and leaves the old versi
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -42,9 +43,20 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def write_json(path: str | os.PathLike, obj: Any, **dumps_kw: Any) -> Path:
-    """JSON with indent 2 and a trailing newline; serialised before the file is touched."""
-    text = json.dumps(obj, indent=2, **dumps_kw) + "\n"
+    """JSON with indent 2 and a trailing newline; serialised before the file is touched. NaN and
+    infinities are written as null: json.dumps would write bare ``NaN``, which is not JSON."""
+    text = json.dumps(_finite(obj), indent=2, allow_nan=False, **dumps_kw) + "\n"
     return write_text(path, text)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
@@ -90,7 +102,8 @@ def _share_like_umask(folder: Path) -> None:
 
 def remove_orphans(folder: str | os.PathLike, name: str) -> None:
     """Remove temporaries of ``name`` left in ``folder`` by a killed writer (call under a lock)."""
-    for orphan in Path(folder).glob(f".{name}.tmp-*"):
+    folder = Path(folder)
+    for orphan in [*folder.glob(f".{name}.tmp-*"), *folder.glob(f".{name}.old-*")]:
         if orphan.is_dir():
             shutil.rmtree(orphan, ignore_errors=True)
         else:

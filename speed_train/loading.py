@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 PACKAGED_MODELS = ("smollm2",)
+# A tokenizer folder holds one of these (fast, sentencepiece, BPE or WordPiece vocabulary).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 PACKAGED_TOKENIZERS = ("smollm2", "llama3")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -64,6 +66,11 @@ def load_tokenizer(name: str, *, chat_template: str | None = None) -> Any:
 
         tok = AutoTokenizer.from_pretrained(llama3_tokenizer_path())
     else:
+        if isinstance(where, Path) and not any((where / f).is_file() for f in TOKENIZER_FILES):
+            raise ModelNotFoundError(
+                f"tokenizer folder {where} has no tokenizer.json (nor {', '.join(TOKENIZER_FILES[1:])}): "
+                "copy the tokenizer files into it, or name another tokenizer (model.tokenizer / --model)"
+            )
         tok = AutoTokenizer.from_pretrained(str(where))
     if chat_template:
         from speed_train.chat_templates import resolve as resolve_template

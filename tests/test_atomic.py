@@ -52,3 +52,14 @@ def test_failed_rename_removes_temp(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk gone"):
         atomic.write_text(p, "x")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_write_json_writes_non_finite_numbers_as_null(tmp_path):
+    # json.dumps writes bare NaN / Infinity, which strict JSON readers (jq, JavaScript) refuse
+    p = atomic.write_json(
+        tmp_path / "r.json", {"loss": float("nan"), "steps": [1.0, float("inf"), -float("inf")], "t": (2.5,)}
+    )
+    text = p.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    strict = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert strict == {"loss": None, "steps": [1.0, None, None], "t": [2.5]}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from speed_train.bench import eval as eval_bench
@@ -96,6 +98,7 @@ def test_step_bench_runs_small(tmp_path):
 def _script_invocations(path: str) -> list[tuple[str, list[str]]]:
     """(module, argv) of every ``-m speed_train.bench.<module> ...`` line of a shell script."""
     import shlex
+    import tempfile
     from pathlib import Path
 
     text = Path(path).read_text().replace("\\\n", " ")
@@ -108,7 +111,7 @@ def _script_invocations(path: str) -> list[tuple[str, list[str]]]:
             for w in words[i + 2 :]:
                 if w.startswith(("2>", "|", ">")):
                     break
-                argv.append(w.replace("$OUT", "/tmp/out"))
+                argv.append(w.replace("$OUT", tempfile.gettempdir()))  # the script creates $OUT first
             calls.append((words[i + 1].rsplit(".", 1)[1], argv))
     return calls
 
@@ -138,6 +141,14 @@ def test_gpu_script_arguments_are_valid():
         (eval_bench, ["--limit", "0"], "--limit 0: must be at least 1"),
         (eval_bench, ["--variants", "rows,fast"], "--variants fast: choose from rows, tree"),
         (eval_bench, ["--k", "1.5"], "fractional cutoff k=1.5 is outside (0, 1]"),
+        (step, ["--runs", "0"], "--runs 0 must be >= 1"),  # was a StatisticsError traceback
+        (step, ["--prompt-share", "1.5"], "--prompt-share 1.5 must be in (0, 1) and leave room"),
+        # was: the folder created at the filesystem root
+        (
+            step,
+            ["--json", "/no/such/dir/x.json"],
+            "argument --json: /no/such/dir/x.json: the folder /no/such/dir does not exist",
+        ),
     ],
 )
 def test_bad_bench_arguments_fail_before_building_a_model(module, argv, message, capsys, monkeypatch):
@@ -150,7 +161,9 @@ def test_bad_bench_arguments_fail_before_building_a_model(module, argv, message,
     monkeypatch.setattr(module, "tiny_model", no_model, raising=False)
     with pytest.raises(SystemExit) as e:
         module.main(argv)
-    assert e.value.code == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not Path("/no").exists()
 
 
 def test_gpu_script_fits_its_time_box():

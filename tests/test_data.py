@@ -724,3 +724,103 @@ def test_inspect_cli(
     )
     err = capsys.readouterr().err
     assert rc == 1 and "allowed 5.0%" in err and "max_bad_fraction" in err
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs that used to cost a traceback, a whole file or gigabytes
+
+
+@pytest.mark.parametrize("case", ["all_bad", "sampled_away"])
+def test_a_recipe_with_no_usable_conversation_gets_the_bad_rows_message(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from speed_train.tools import inspect_data
+
+    if case == "all_bad":  # the only source: nothing but malformed rows
+        path = write_jsonl(tmp_path / "d.jsonl", ["{not json", {"messages": [msg(U, "no answer")]}])
+        recipe = recipe_for(path, "messages")
+        counts = "2 rows, 0 valid, 0 selected; malformed: no_assistant_turn 1, unparsable 1"
+    else:  # valid rows, but samples: 0.001 of 3 rounds to none
+        path = write_jsonl(
+            tmp_path / "d.jsonl", [{"messages": [msg(U, f"q{i}"), msg(A, "a")]} for i in range(3)]
+        )
+        recipe = recipe_for(path, "messages", source={"samples": 0.001})
+        counts = "3 rows, 3 valid, 0 selected; malformed: none"
+    with pytest.raises(DataError) as err:  # was: ValueError: Column 'key' doesn't exist.
+        load_conversations(recipe)
+    assert str(err.value).splitlines() == [
+        "no usable conversation in recipe 't' (fix the data, or raise a source's samples):",
+        f"  src: {counts}",
+    ]
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    rc = inspect_data.main(["--recipe", str(tmp_path / "r.yaml"), "--cache-dir", str(tmp_path / "c")])
+    assert rc == 2 and capsys.readouterr().err.startswith("error: no usable conversation in recipe 't'")
+
+
+def test_a_line_that_is_not_utf8_is_one_bad_row(tmp_path: Path) -> None:
+    rows = [{"messages": [msg(U, f"q{i}"), msg(A, f"a{i}")]} for i in range(3)]
+    lines = [json.dumps(r).encode() for r in rows]
+    lines.insert(1, b'{"messages": [{"role": "user", "content": "caf\xe9"}]}')  # latin-1, not UTF-8
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_bytes(b"\n".join(lines) + b"\n")
+    train, _, report = load(recipe_for(jsonl, "messages"))
+    assert train == [r["messages"] for r in rows]  # was: the whole file refused, at a byte offset
+    assert report.sources["src"].bad == {"not_utf8": 1} and report.sources["src"].rows == 4
+    # a JSON document is read whole: the error names the line
+    doc = tmp_path / "d.json"
+    doc.write_bytes(b"[\n" + b",\n".join(lines) + b"\n]\n")
+    with pytest.raises(
+        DataError, match=r"d\.json: line 3 is not UTF-8 text \(byte 0xe9\); save the file as UTF-8"
+    ):
+        load_conversations(recipe_for(doc, "messages"))
+
+
+def test_max_token_chars_bounds_every_token(tokenizer: Any) -> None:
+    # the early too_long rule is exact only if no token decodes to more characters than this
+    from speed_train.assets import llama3_tokenizer_path
+    from speed_train.loading import load_tokenizer
+    from speed_train.speed.chat_roles import _max_token_chars
+
+    for tok in (tokenizer, load_tokenizer(str(llama3_tokenizer_path()))):
+        bound = _max_token_chars(tok)
+        longest = max(len(tok.decode([i])) for i in range(len(tok)))
+        assert 1 < longest <= bound, (tok.name_or_path, longest, bound)
+
+
+def test_a_huge_message_is_refused_before_it_is_tokenised(
+    tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from speed_train.speed import chat_roles
+    from speed_train.speed.roles import RoleError
+
+    seen: list[int] = []
+    encode = chat_roles._ChatEncoder.encode
+
+    def spy(self, msgs, **kw):
+        seen.append(sum(len(m["content"]) for m in msgs))
+        return encode(self, msgs, **kw)
+
+    monkeypatch.setattr(chat_roles._ChatEncoder, "encode", spy)
+    cfg = SpeedConfig(k=0.75, anchor="bos")
+    huge = "word " * 2_000_000  # 10 MB: the renders and tokenisations of it took gigabytes
+    with pytest.raises(RoleError) as err:
+        chat_roles.encode_conversation(
+            [msg(U, huge), msg(A, "ok")], tokenizer, cfg, max_length=256, truncate="drop_turns"
+        )
+    assert err.value.reason == "too_long" and "the first assistant turn holds more than" in str(err.value)
+    assert seen == []  # refused on its characters alone
+    # a huge later turn: the earlier turns are kept, as tokenising everything would keep them
+    conv = [msg(U, "hi"), msg(A, "hello"), msg(U, huge), msg(A, "ok"), msg(U, "more"), msg(A, "fine")]
+    ex = chat_roles.encode_conversation(conv, tokenizer, cfg, max_length=256, truncate="drop_turns")
+    assert max(seen) < 100 and ex.meta["dropped_turns"] == 2
+    want = chat_roles.encode_conversation(conv[:2], tokenizer, cfg, max_length=256)
+    assert (ex.input_ids, ex.roles, ex.labels) == (want.input_ids, want.roles, want.labels)
+    # exact: with the character rule off, tokenising everything keeps the same (on a smaller case)
+    mid = [msg(U, "hi"), msg(A, "hello"), msg(U, "word " * 3000), msg(A, "ok")]
+    cut = chat_roles.encode_conversation(mid, tokenizer, cfg, max_length=64, truncate="drop_turns")
+    monkeypatch.setattr(chat_roles, "_max_token_chars", lambda tok: 1 << 40)
+    full = chat_roles.encode_conversation(mid, tokenizer, cfg, max_length=64, truncate="drop_turns")
+    assert (cut.input_ids, cut.meta["dropped_turns"]) == (
+        full.input_ids,
+        full.meta["dropped_turns"],
+    ) and full.meta["dropped_turns"] == 1

@@ -293,3 +293,19 @@ def test_cache_holds_only_anchor_and_decode_in_upper_layers():
     active = out.cache.active_bytes_per_layer()
     assert active[:2] == [(n + written) * per_token] * 2
     assert active[2:] == [(n_anchor + 2 + written) * per_token] * 2
+
+
+def test_a_sequence_past_the_models_positions_is_warned_about():
+    from speed_train.assets import load_smollm2_tokenizer
+    from speed_train.speed.chat_roles import encode_generation_prompt
+
+    tok = load_smollm2_tokenizer()
+    model = tiny_model("llama", layers=4, vocab=len(tok))
+    model.config.max_position_embeddings = 64  # as a 4,096-position model sees a 6,000-token prompt
+    prompt = encode_generation_prompt([{"role": "user", "content": "word " * 80}], tok, SpeedConfig(k=2))
+    assert len(prompt) > 64
+    with pytest.warns(
+        UserWarning,
+        match=rf"a sequence of {len(prompt) + 2} tokens \(prompt plus new tokens\) runs past the model's 64 positions",
+    ):
+        speed_generate(model, [prompt], 2, max_new_tokens=2)

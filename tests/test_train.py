@@ -22,7 +22,7 @@ import lightning as L
 import pytest
 import torch
 
-from speed_train.train.checkpointing import COMPLETE, newest_checkpoint, resolve_resume
+from speed_train.train.checkpointing import COMPLETE, ResumeError, newest_checkpoint, resolve_resume
 from speed_train.train.loader import ResumableLoader, StepPlan
 from speed_train.train.run import train
 from tests.train_helpers import (
@@ -520,7 +520,7 @@ def test_newest_complete_checkpoint_is_picked(tmp_path):
     torch.save({"step": 8}, d / "preempt-step=8.ckpt")
     assert resolve_resume("auto", d) == str(d / "preempt-step=8.ckpt")
     assert resolve_resume("never", d) is None
-    with pytest.raises(FileNotFoundError, match="resume='/nope': no such checkpoint"):
+    with pytest.raises(ResumeError, match="resume='/nope': no such checkpoint"):
         resolve_resume("/nope", d)
 
 
@@ -708,3 +708,116 @@ def test_reduce_sum_gradients_are_split_invariant(cache, tmp_path):
     name = next(iter(mean))
     ratio = (ga1[name].norm() / mean[name].norm()).item()
     assert ratio > 2 and all(torch.allclose(ga1[n] / ratio, mean[n], atol=1e-6, rtol=1e-3) for n in mean)
+
+
+# -- 9. issue 18: guards on resume, divergence, the run's end ------------------------------------
+SHORT = ["trainer.global_batch_size=2", "trainer.micro_batch_size=2", "data.max_train_examples=8"]
+
+
+def local_recipe(tmp_path, answers: list[str]) -> str:
+    rows = [
+        {"messages": [{"role": "user", "content": f"question {i}?"}, {"role": "assistant", "content": a}]}
+        for i, a in enumerate(answers)
+    ]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"name: mine\nheld_out: 0\nsources:\n  - {{name: a, path: {data}, format: messages}}\n")
+    return str(recipe)
+
+
+def test_resume_refuses_changed_data_behind_the_same_recipe_and_a_checkpoint_without_record(cache, tmp_path):
+    from speed_train.train.resume import ResumeError
+
+    recipe = local_recipe(tmp_path, [f"answer {i}" for i in range(8)])
+    out = tmp_path / "run"
+    args = [*SHORT, f"data.recipe={recipe}", "trainer.max_steps=2"]
+    run(cache, out, *args)
+    # the same recipe file and the same number of rows, other content
+    local_recipe(tmp_path, [f"a much longer answer, number {i}" for i in range(8)])
+    ckpt = out / "checkpoints" / "step=2.ckpt"
+    with pytest.raises(
+        ResumeError, match=rf"resume: {ckpt} was saved by a run with other settings \(data\.content "
+    ):
+        run(cache, out, *args[:-1], "trainer.max_steps=4")
+    # without its completion record (a copied file) the checkpoint's own record refuses it, at load
+    local_recipe(tmp_path, [f"answer {i}" for i in range(8)])
+    (out / "checkpoints" / "step=2.ckpt.complete").unlink()
+    with pytest.raises(ResumeError, match=r"\(optim\.lr 0\.001 -> 0\.5\)"):
+        run(cache, out, *args[:-1], "trainer.max_steps=4", "optim.lr=0.5")
+    assert run(cache, out, *args[:-1], "trainer.max_steps=3")["resumed_from"] == str(ckpt)
+
+
+def test_init_from_starts_a_new_run_from_a_checkpoints_weights(cache, tmp_path):
+    from speed_train.train.build import ConfigError
+
+    run(cache, tmp_path / "a", *SHORT, "trainer.max_steps=2", "optim.lr=1e-2")
+    ckpt = tmp_path / "a" / "checkpoints" / "step=2.ckpt"
+    # a new run with another schedule from those weights: lr ~0 keeps them, so its step-1 weights
+    # are the checkpoint's
+    b = run(cache, tmp_path / "b", *SHORT, "trainer.max_steps=1", "optim.lr=1e-20", f"init_from='{ckpt}'")
+    assert b["resumed_from"] is None and b["global_step"] == 1
+    trained = torch.load(ckpt, weights_only=True)["state_dict"]
+    after = torch.load(tmp_path / "b" / "checkpoints" / "step=1.ckpt", weights_only=True)["state_dict"]
+    assert trained.keys() == after.keys() and any("lora_B" in n for n in trained)
+    assert max((trained[n] - after[n]).abs().max().item() for n in trained) < 1e-12
+    assert any(trained[n].abs().max() > 0 for n in trained if "lora_B" in n)  # not the fresh init (B = 0)
+    with pytest.raises(
+        ConfigError, match=r"init_from=.*step=2\.ckpt: its weights are for another model \(lora\.r 16 -> 4\)"
+    ):
+        run(cache, tmp_path / "c", *SHORT, "trainer.max_steps=1", "lora.r=4", f"init_from='{ckpt}'")
+
+
+class BreakWeights(L.Callback):
+    """Makes a trained weight infinite after optimizer step 1, with the step's loss finite."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == 1:
+            next(p for p in pl_module.parameters() if p.requires_grad).data[0, 0] = float("inf")
+
+
+def test_a_checkpoint_of_non_finite_weights_is_refused(cache, tmp_path):
+    from speed_train.train.module import DivergenceError
+
+    with pytest.raises(
+        DivergenceError, match=r"diverged by optimizer step 1: 1 weight tensors hold NaN or infinite"
+    ):
+        run(
+            cache,
+            tmp_path,
+            *SHORT,
+            "trainer.max_steps=2",
+            "trainer.checkpoint_every_n_steps=1",
+            callbacks=[BreakWeights()],
+        )
+    assert list(tmp_path.glob("checkpoints/*")) == []  # nothing saved
+
+
+def test_export_refuses_non_finite_weights(tmp_path):
+    from speed_train.speed.tiny import tiny_model
+    from speed_train.train.build import load_tokenizer
+    from speed_train.train.export import export
+    from speed_train.train.module import DivergenceError
+
+    cfg = compose_cfg([*BASE, f"output_dir={tmp_path}", "lora.enabled=false"])
+    tok = load_tokenizer(cfg)
+    model = tiny_model("llama", layers=4, vocab=len(tok))
+    model.model.norm.weight.data[0] = float("nan")
+    with pytest.raises(
+        DivergenceError, match=r"refusing to export: 1 weight tensors hold NaN .*model\.norm\.weight"
+    ):
+        export(model, tok, cfg, 3, tmp_path / "export")
+    assert not (tmp_path / "export" / "model").exists()
+
+
+def test_zero_train_examples_is_refused_and_an_empty_held_out_set_is_reported(cache, tmp_path, caplog):
+    from speed_train.train.build import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"data\.max_train_examples=0: must be >= 1 \(null: all\)"):
+        validate(compose_cfg(overrides(cache, tmp_path, "data.max_train_examples=0")))  # was: all of them
+    with caplog.at_level("WARNING", logger="speed_train"):
+        r = run(
+            cache, tmp_path, *SHORT, "trainer.max_steps=1", "eval_report=true", "data.max_eval_examples=0"
+        )
+    assert r["global_step"] == 1 and "heldout_full_depth" not in r
+    assert "eval_report=true: the held-out set is empty" in caplog.text

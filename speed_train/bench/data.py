@@ -26,6 +26,8 @@ import statistics
 import tempfile
 import time
 
+from speed_train.cli import ArgumentParser, output_file
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -71,7 +73,7 @@ def _time(fn) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="python -m speed_train.bench.data",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -85,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--n", type=int, default=1000, help="conversations")
     ap.add_argument("--runs", type=int, default=3, help="interleaved runs (median reported)")
     ap.add_argument("--num-proc", default="1,2", help="comma list of process counts for the pipeline")
-    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--json", default=None, type=output_file, help="also write the results here")
     return ap
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from speed_train.atomic import write_json
+from speed_train.cli import ArgumentParser, output_file
 from speed_train.eval.olmes import MC_TASKS, EvalError, Task, load_task
 from speed_train.eval.run import evaluate_task, load_eval_model
 from speed_train.speed.config import SpeedConfig, SpeedConfigError, parse_k
@@ -57,7 +58,7 @@ VARIANTS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="python -m speed_train.bench.eval",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="torch threads of the one-process variants (default: torch's, every core)",
     )
-    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--json", default=None, type=output_file, help="also write the results here")
     return ap
 
 

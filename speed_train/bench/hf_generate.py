@@ -22,9 +22,11 @@ from pathlib import Path
 
 import torch
 
+from speed_train.cli import ArgumentParser, output_file
+
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="python -m speed_train.bench.hf_generate",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -33,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lengths", default="512,1024,2048")
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=None, type=output_file)
     return ap
 
 

@@ -21,6 +21,7 @@ import time
 import torch
 
 from speed_train.atomic import save_figure, write_json
+from speed_train.cli import ArgumentParser, output_file
 from speed_train.speed.adapters import enable_speed_attention
 from speed_train.speed.batch import collate
 from speed_train.speed.flops import ModelShape
@@ -107,7 +108,7 @@ def run_one(model, prompts: list[EncodedExample], k: int, decode_steps: int, dev
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="python -m speed_train.bench.inference",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -121,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--bandwidth-gbs", type=float, default=None, help="memory bandwidth for the roofline")
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--plot", default=None, help="PNG: TTFT/TPOT/KV ratios vs length")
+    ap.add_argument("--json", default=None, type=output_file)
+    ap.add_argument("--plot", default=None, type=output_file, help="PNG: TTFT/TPOT/KV ratios vs length")
     return ap
 
 

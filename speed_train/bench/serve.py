@@ -26,6 +26,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from speed_train.cli import ArgumentParser, output_file
+
 TEXT = (
     "The committee reviewed the quarterly report on the river restoration project, noting that the "
     "new wetlands along the northern bank now hold water through the dry months, that two species of "
@@ -35,7 +37,7 @@ TEXT = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="python -m speed_train.bench.serve",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch threads per server (OMP_NUM_THREADS); 1: steady on a shared CPU",
     )
     ap.add_argument("--request-timeout", type=float, default=600, help="seconds, per request")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=None, type=output_file)
     return ap
 
 

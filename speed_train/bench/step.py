@@ -17,6 +17,7 @@ import time
 import torch
 
 from speed_train.atomic import write_json
+from speed_train.cli import ArgumentParser, output_file
 from speed_train.speed.batch import collate
 from speed_train.speed.executors import speed_loss
 from speed_train.speed.flops import ModelShape, step_flops
@@ -40,7 +41,7 @@ def synthetic_batch(batch: int, seq: int, prompt_share: float, vocab: int, seed:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="python -m speed_train.bench.step",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--json", default=None, type=output_file, help="also write the results here")
     return ap
 
 
@@ -64,8 +65,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Arguments, checked before any model is built."""
     ap = build_parser()
     args = ap.parse_args(argv)
+    for name in ("layers", "hidden", "heads", "vocab", "seq", "batch", "runs"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} {getattr(args, name)} must be >= 1")
     if not 1 <= args.k <= args.layers:
         ap.error(f"--k {args.k} must be in 1..{args.layers} (--layers)")
+    prompt = round(args.seq * args.prompt_share) - 1  # as synthetic_batch lays out a row
+    if not 0 < args.prompt_share < 1 or prompt < 0 or args.seq - prompt - 3 < 1:
+        ap.error(
+            f"--prompt-share {args.prompt_share} must be in (0, 1) and leave room in --seq {args.seq} "
+            "tokens for the anchor, a 2-token header and a response"
+        )
     if args.hidden % args.heads:
         ap.error(f"--hidden {args.hidden} must be a multiple of --heads {args.heads}")
     return args

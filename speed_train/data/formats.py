@@ -16,6 +16,7 @@ Conversation = list[Message]
 
 # Reason codes, in the order they are reported.
 UNPARSABLE = "unparsable"  # a JSONL line that is not JSON
+NOT_UTF8 = "not_utf8"  # a JSONL line that is not UTF-8 text
 WRONG_TYPE = "wrong_type"  # row / field / message / content of the wrong type
 MISSING_FIELD = "missing_field"  # a required column is absent
 UNKNOWN_ROLE = "unknown_role"
@@ -24,6 +25,7 @@ NO_ASSISTANT = "no_assistant_turn"
 BAD_ORDER = "bad_order"  # system message not first, or an assistant message first
 BAD_ROW_REASONS = (
     UNPARSABLE,
+    NOT_UTF8,
     WRONG_TYPE,
     MISSING_FIELD,
     UNKNOWN_ROLE,

@@ -415,6 +415,7 @@ def _selected(
             part = rows.select(keep).remove_columns("reason")
         part = part.add_column("source", [spec.name] * len(part))
         parts.append(part)
+    report.check_selected()  # else the empty mixture below has no columns to split on
     rows = sum(len(p) for p in parts)
     with src.progress_for(rows):
         convs = concatenate_datasets(parts) if len(parts) > 1 else parts[0]

@@ -112,6 +112,18 @@ class DataReport:
             lines.append(f"  {s.name}: {s.bad_fraction():.1%} of {s.rows} rows unusable; {_describe(s)}")
         raise DataError("\n".join(lines))
 
+    def check_selected(self) -> None:
+        """Raise :class:`DataError` when no source has a conversation left to use (every row
+        malformed, or ``samples`` rounds to none), with each source's counts."""
+        if any(s.selected for s in self.sources.values()):
+            return
+        lines = [
+            f"no usable conversation in recipe {self.recipe!r} (fix the data, or raise a source's samples):"
+        ]
+        for s in self.sources.values():
+            lines.append(f"  {s.name}: {s.rows} rows, {s.valid} valid, {s.selected} selected; {_describe(s)}")
+        raise DataError("\n".join(lines))
+
     def summary(self) -> str:
         """Human-readable multi-line summary."""
         out = [f"recipe {self.recipe}" + (f" (cached: {self.cache_path})" if self.cache_hit else "")]

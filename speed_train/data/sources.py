@@ -17,6 +17,7 @@ Path forms (``SourceSpec.path``):
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import importlib.metadata
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from .errors import DataError, HubUnavailableError
-from .formats import UNPARSABLE, BadRow
+from .formats import NOT_UTF8, UNPARSABLE, BadRow
 
 if TYPE_CHECKING:
     from .recipes import SourceSpec
@@ -287,8 +288,18 @@ def _iter_file(path: Path, fmt: str) -> Iterator[Any]:
 
 
 def _iter_jsonl(path: Path) -> Iterator[Any]:
-    with path.open(encoding="utf-8-sig") as fh:  # -sig: a UTF-8 byte-order mark is not data
-        for lineno, line in enumerate(fh, 1):
+    # bytes, decoded line by line: a line that is not UTF-8 is one bad row, not a bad file
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):  # a byte-order mark is not data
+                raw = raw[len(codecs.BOM_UTF8) :]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield BadRow(
+                    NOT_UTF8, f"{path.name}:{lineno}: byte {exc.object[exc.start]:#04x} is not UTF-8"
+                )
+                continue
             if not line.strip():
                 continue
             try:
@@ -298,7 +309,14 @@ def _iter_jsonl(path: Path) -> Iterator[Any]:
 
 
 def _document_rows(path: Path, fmt: str) -> list[Any]:
-    text = path.read_text(encoding="utf-8-sig")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:  # one document: the file cannot be read; say where
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}: line {line} is not UTF-8 text (byte {data[exc.start]:#04x}); save the file as UTF-8"
+        ) from None
     doc = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     if fmt == "chatterbot":
         # chatterbot-corpus files: {categories: [...], conversations: [[q, a, ...], ...]}

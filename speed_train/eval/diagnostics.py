@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from speed_train.atomic import save_figure, write_json
+from speed_train.cli import ArgumentParser
 from speed_train.speed.adapters import model_parts, unwrap
 from speed_train.speed.batch import collate
 from speed_train.speed.roles import ANCHOR, DECODE
@@ -162,7 +163,7 @@ def _examples(tokenizer, n: int, anchor: str):
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="python -m speed_train.eval.diagnostics",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

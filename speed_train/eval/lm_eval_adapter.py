@@ -59,7 +59,8 @@ except ImportError as e:  # an optional extra
 
 from speed_train.eval.run import load_eval_model
 from speed_train.eval.scoring import chat_headers, generate_text, score_requests
-from speed_train.speed.config import SpeedConfig, parse_k
+from speed_train.speed.adapters import unwrap
+from speed_train.speed.config import SpeedConfig, SpeedConfigError, parse_k
 from speed_train.speed.roles import check_add_bos
 
 MODEL_ARGS = (
@@ -101,6 +102,7 @@ class SpeedLMEval(LM):
         # however lm-eval hands the value over (string or parsed None)
         k = saved.get("k") if k == "saved" else parse_k(k)
         self.cfg = SpeedConfig(k=k, anchor=anchor or saved.get("anchor", "bos"))
+        self.cfg.resolve_k(unwrap(self.model).config.num_hidden_layers)  # a K the model has, now
         self.add_bos = check_add_bos(add_bos)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_gen_toks = int(max_gen_toks)
@@ -270,7 +272,12 @@ def main() -> None:
             sys.argv += ["--include_path", str(write_offline_tasks(cache_root() / "lm_eval_tasks"))]
         except OfflineTasksError as e:  # stock and --include_path tasks still work
             print(f"speed-lm-eval: no offline tasks ({e})", file=sys.stderr)
-    cli_evaluate()
+    from speed_train.eval.olmes import EvalError
+
+    try:
+        cli_evaluate()
+    except (EvalError, SpeedConfigError) as e:  # model_args a user fixes (a K the model lacks, ...)
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

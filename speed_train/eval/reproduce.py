@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from speed_train.atomic import write_json, write_text
+from speed_train.cli import ArgumentParser
 from speed_train.eval.olmes import MC_TASKS, EvalError, load_task, task_primary_metric
 from speed_train.eval.run import evaluate_task, load_eval_model, markdown_table
 from speed_train.speed.config import SpeedConfig, parse_k
@@ -27,7 +28,7 @@ from speed_train.speed.roles import check_add_bos
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="python -m speed_train.eval.reproduce",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -22,6 +22,7 @@ import torch
 from rich.progress import Progress
 
 from speed_train.atomic import write_json, write_text
+from speed_train.cli import ArgumentParser
 from speed_train.eval.olmes import (
     ALIASES,
     ALL_TASKS,
@@ -239,7 +240,7 @@ def markdown_table(runs: dict[str, list[dict]]) -> str:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="python -m speed_train.eval",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -288,7 +289,9 @@ def main(argv=None) -> dict:
     )
     args = ap.parse_args(argv)
 
-    tasks = TASK_SETS.get(args.tasks, tuple(t for t in args.tasks.split(",") if t))
+    tasks = TASK_SETS.get(args.tasks, tuple(t.strip() for t in args.tasks.split(",") if t.strip()))
+    if not tasks:
+        raise EvalError(f"--tasks {args.tasks!r} names no task: give a comma list, olmes10 or all")
     if args.batch_size < 1:
         raise EvalError(f"--batch-size {args.batch_size}: must be >= 1")
     loaded = [  # fail fast: every task file is read and checked before the model loads
@@ -357,9 +360,11 @@ def main(argv=None) -> dict:
 
 
 def cli() -> None:
+    from speed_train.speed.config import SpeedConfigError
+
     try:
         main()
-    except EvalError as e:
+    except (EvalError, SpeedConfigError) as e:  # SpeedConfigError: a K the model does not have
         raise SystemExit(f"error: {e}") from None
 
 

@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from speed_train.atomic import save_figure, write_json, write_text
+from speed_train.cli import ArgumentParser
 from speed_train.eval.olmes import MC_TASKS, EvalError, load_task
 
 HELDOUT_ROWS = ("heldout_full_depth", "heldout_speed_zero_shot", "heldout_after", "heldout_after_full_depth")
@@ -398,7 +399,7 @@ def summarise(runs: list[dict], design: dict, units: dict, pilot: list[dict] | N
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="python -m speed_train.eval.study",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

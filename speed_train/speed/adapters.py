@@ -8,6 +8,7 @@ stay inside the HF layer that we call unchanged.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +95,13 @@ class ModelParts:
                 f"sequence of {length} tokens exceeds the model's sliding window ({window}); SPEED "
                 "masks implement full causal attention only. Use shorter sequences or a config "
                 "with sliding_window=None."
+            )
+        positions = getattr(self.config, "max_position_embeddings", None)
+        if positions is not None and length > positions:
+            warnings.warn(
+                f"a sequence of {length} tokens (prompt plus new tokens) runs past the model's "
+                f"{positions} positions: the model was not trained there and usually degrades",
+                stacklevel=3,
             )
 
 

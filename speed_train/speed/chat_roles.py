@@ -28,6 +28,7 @@ from __future__ import annotations
 import bisect
 import functools
 import re
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -103,10 +104,15 @@ def encode_conversation(
     last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
     dropped_trailing = len(msgs) - last - 1
     msgs = msgs[: last + 1]
+    cut = 0
+    if max_length is not None:
+        msgs, cut = _cut_by_characters(msgs, tokenizer, max_length, truncate)
     encoder = _ChatEncoder(tokenizer, config, _end_ids(tokenizer, end_token_ids), empty_header, add_bos)
 
     example = encoder.encode(msgs, generation=False)
     example.meta["dropped_trailing_messages"] = dropped_trailing
+    if cut:
+        example.meta["dropped_turns"] = cut
     if max_length is None or len(example) <= max_length:
         return example
     if truncate == "error":
@@ -124,7 +130,7 @@ def encode_conversation(
             kept = encoder.encode(msgs[: assistant_idx[j] + 1], generation=False)
             if len(kept) > max_length:  # cannot happen after the prefix checks; never truncate silently
                 raise RoleError(f"internal error: cut after turn {j} has {len(kept)} > {max_length} tokens")
-            kept.meta["dropped_turns"] = len(turn_ends) - (j + 1)
+            kept.meta["dropped_turns"] = len(turn_ends) - (j + 1) + cut
             kept.meta["dropped_trailing_messages"] = dropped_trailing
             return kept
     raise RoleError(
@@ -132,6 +138,54 @@ def encode_conversation(
         "raise max_length or drop this conversation (truncation never cuts inside a turn)",
         TOO_LONG,
     )
+
+
+def _cut_by_characters(
+    msgs: list[dict[str, Any]], tokenizer: Any, max_length: int, truncate: str
+) -> tuple[list[dict[str, Any]], int]:
+    """The conversation without the trailing assistant turns that cannot fit by their characters
+    alone, and how many turns went: a token decodes to at most ``_max_token_chars`` characters, so
+    a prefix whose message contents hold more than ``max_length`` times that many can never fit.
+    A 50 MB message is then refused before it is rendered and tokenised (gigabytes, minutes);
+    what is kept is exactly what tokenising everything would keep."""
+    limit = max_length * _max_token_chars(tokenizer)
+    chars, fits = 0, None  # fits: the last assistant message whose prefix may fit
+    for i, m in enumerate(msgs):
+        chars += len(m["content"].strip())
+        if chars > limit:
+            break
+        if m["role"] == "assistant":
+            fits = i
+    if fits == len(msgs) - 1:
+        return msgs, 0
+    if fits is None or truncate == "error":
+        first = "the first assistant turn" if fits is None else "the conversation"
+        raise RoleError(
+            f"{first} holds more than {limit} characters, more than max_length={max_length} tokens can "
+            "hold: raise max_length or drop this conversation",
+            TOO_LONG,
+        )
+    return msgs[: fits + 1], sum(m["role"] == "assistant" for m in msgs[fits + 1 :])
+
+
+_MAX_TOKEN_CHARS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _max_token_chars(tokenizer: Any) -> int:
+    """At most how many characters one token decodes to: the longest vocabulary entry (a
+    byte-level or sentencepiece symbol stands for at least one byte, hence at least one
+    character); computed once per tokenizer."""
+    try:
+        return _MAX_TOKEN_CHARS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else None
+    n = max((len(t) for t in vocab), default=1) if vocab else 1 << 40  # unknown: no bound
+    try:
+        _MAX_TOKEN_CHARS[tokenizer] = n
+    except TypeError:  # not weakly referenceable: computed each time
+        pass
+    return n
 
 
 def encode_generation_prompt(

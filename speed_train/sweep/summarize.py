@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from speed_train.atomic import save_figure, write_text
+from speed_train.cli import ArgumentParser
 
 METRICS = ("heldout_after", "heldout_after_full_depth", "heldout_speed_zero_shot", "heldout_full_depth")
 
@@ -118,7 +119,7 @@ def _plot(rows, metric: str, path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="python -m speed_train.sweep.summarize",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -16,9 +16,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from speed_train.cli import ArgumentParser, positive_int
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m speed_train.chat",
         description=__doc__.splitlines()[0],
         epilog=__doc__,
@@ -28,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", default=None, help="cutoff (layers or fraction; 'full'); default: the saved one")
     p.add_argument("--anchor", choices=("none", "bos", "system"), default=None)
     p.add_argument("--system", default=None, help="a system message to start every conversation with")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=positive_int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -52,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         saved = saved_speed_settings(model, args.model)
         k = parse_k(args.k) if args.k is not None else saved.get("k")
         cfg = SpeedConfig(k=k, anchor=args.anchor or saved.get("anchor", "bos"))
+        L = model.config.num_hidden_layers
+        K = cfg.resolve_k(L)  # once, now that the model is known
     except (ModelNotFoundError, SpeedConfigError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -61,8 +65,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_bos = saved.get("add_bos", "auto")
     end_ids = default_end_token_ids(tok)
     interactive = sys.stdin.isatty()
-    L = model.config.num_hidden_layers
-    K = cfg.resolve_k(L)  # once, now that the model is known
     print(f"# {args.model}: K={K} of {L} layers, anchor {cfg.anchor}. /reset, /quit", flush=True)
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     start = list(history)

@@ -15,12 +15,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from speed_train.cli import ArgumentParser
 from speed_train.speed.config import ANCHOR_POLICIES, LOSS_SCOPES, SpeedConfig, SpeedConfigError
 from speed_train.speed.roles import RoleError, check_add_bos
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="speed-inspect-data",
         description="Show a recipe's examples with their SPEED roles, and its data report.",
         epilog=__doc__,

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from speed_train.cli import ArgumentParser
 from speed_train.speed.chat_roles import TRUNCATE, encode_conversation
 from speed_train.speed.config import ANCHOR_POLICIES, LOSS_SCOPES, SpeedConfig, SpeedConfigError, parse_k
 from speed_train.speed.plain_roles import encode_plain
@@ -83,7 +84,7 @@ def use_color(no_color: bool) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="speed-inspect",
         description="Print the SPEED token roles of a conversation or prompt.",
         epilog=__doc__,

@@ -32,11 +32,13 @@ import sys
 import time
 from pathlib import Path
 
+from speed_train.cli import ArgumentParser
+
 EXPERIMENT = "speed24_bos"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m speed_train.tools.rehearsal",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -72,9 +72,11 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         d.max_bad_fraction,
         "must be in [0, 1] (null: the recipe's)",
     )
-    for key in ("max_train_examples", "max_eval_examples"):
-        v = d[key]
-        _check(v is None or v >= 0, f"data.{key}", v, "must be >= 0 (null: all)")
+    # 0 training examples is no run (and must not mean "all"); 0 held-out ones: no evaluation
+    v = d.max_train_examples
+    _check(v is None or v >= 1, "data.max_train_examples", v, "must be >= 1 (null: all)")
+    v = d.max_eval_examples
+    _check(v is None or v >= 0, "data.max_eval_examples", v, "must be >= 0 (null: all)")
     try:
         check_add_bos(d.add_bos)
     except RoleError as e:
@@ -117,7 +119,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         raise ConfigError(f"strategy.zero_stage={cfg.strategy.zero_stage}: 1, 2 or 3 with deepspeed")
     if cfg.export.enabled and cfg.export.push_to_hub:
         check_hub_upload(cfg.export.push_to_hub)
-    config = _model_config_or_none(cfg)
+    config = model_config_or_none(cfg)
     layers = config.num_hidden_layers if config is not None else m.num_layers
     if layers is not None:
         if m.num_layers is not None and m.num_layers != layers:
@@ -132,7 +134,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         check_window(config, d.max_length, m.name)
 
 
-def _model_config_or_none(cfg: DictConfig):
+def model_config_or_none(cfg: DictConfig):
     """The model's config when it can be read without weights or network (else None: the
     checks then run on the loaded model, still before training)."""
     try:
@@ -170,8 +172,9 @@ def check_window(config, max_length: int, name: str) -> None:
         )
 
 
-def check_output_dir(path: str | os.PathLike) -> Path:
-    """Create the run folder and prove it is writable, or say why not (before any work)."""
+def check_output_dir(path: str | os.PathLike, key: str = "output_dir") -> Path:
+    """Create the run folder and prove it is writable, or say why not (before any work); ``key``:
+    the setting that names it."""
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -179,7 +182,7 @@ def check_output_dir(path: str | os.PathLike) -> Path:
             pass
     except OSError as e:
         raise ConfigError(
-            f"output folder {out} is not writable ({e.strerror or e}): choose another output_dir"
+            f"output folder {out} is not writable ({e.strerror or e}): choose another {key}"
         ) from None
     return out
 

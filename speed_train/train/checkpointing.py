@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import zipfile
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from speed_train.atomic import atomic_write
+from speed_train.train.build import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +38,15 @@ _STEP = re.compile(r"step=(\d+)")
 _SUFFIXES = (".tmp", ".complete", ".corrupt", ".lock")
 
 
+class ResumeError(ConfigError):
+    """The checkpoint to resume from cannot be used by this run (missing, damaged, another run's)."""
+
+
 class CheckpointError(OSError):
     """A checkpoint could not be written (disk full, read-only folder, ...)."""
+
+    def __str__(self) -> str:  # the message, without OSError's "[Errno N]" prefix
+        return str(self.strerror)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -50,7 +59,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         try:
             atomic_write(path, lambda fh: torch.save(checkpoint, fh), binary=True)
-            _write_record(path.with_name(path.name + ".complete"), {"bytes": path.stat().st_size})
+            record = {"bytes": path.stat().st_size, "run": checkpoint.get("speed_run")}
+            _write_record(path.with_name(path.name + ".complete"), record)
         except OSError as e:
             raise CheckpointError(
                 e.errno,
@@ -63,8 +73,9 @@ def _write_record(path: Path, record: dict) -> None:
     atomic_write(path, lambda fh: fh.write(json.dumps(record)))
 
 
-def mark_complete(path: str | os.PathLike) -> None:
-    """Record a saved DeepSpeed directory as complete, with every file's size."""
+def mark_complete(path: str | os.PathLike, run: dict | None = None) -> None:
+    """Record a saved DeepSpeed directory as complete, with every file's size and ``run`` (the
+    fingerprint of the run that saved it, speed_train.train.resume)."""
     p = Path(path)
     if p.is_dir():
         files = {
@@ -72,7 +83,23 @@ def mark_complete(path: str | os.PathLike) -> None:
             for f in sorted(p.rglob("*"))
             if f.is_file() and f.name != COMPLETE
         }
-        _write_record(p / COMPLETE, {"files": files})
+        _write_record(p / COMPLETE, {"files": files, "run": run})
+
+
+def saved_run(path: str | os.PathLike) -> dict | None:
+    """The run fingerprint in a checkpoint's completion record (JSON; the checkpoint itself is not
+    read), None when there is none."""
+    p = Path(path)
+    record = p / COMPLETE if p.is_dir() else p.with_name(p.name + ".complete")
+    try:
+        run = json.loads(record.read_text()).get("run")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return run if isinstance(run, dict) else None
+
+
+def _run_of(trainer) -> dict | None:
+    return getattr(trainer.lightning_module, "run_fingerprint", None)
 
 
 def verify(path: Path) -> str | None:
@@ -150,10 +177,10 @@ def resolve_resume(resume: str, ckpt_dir: str | os.PathLike, *, quarantine: bool
         return newest_checkpoint(ckpt_dir, quarantine=quarantine)
     path = Path(resume)
     if not path.exists():
-        raise FileNotFoundError(f"resume={resume!r}: no such checkpoint; use resume=auto, never or a path")
+        raise ResumeError(f"resume={resume!r}: no such checkpoint; use resume=auto, never or a path")
     why = verify(path)
     if why is not None:
-        raise FileNotFoundError(f"resume={resume!r}: the checkpoint is damaged ({why}); use resume=auto")
+        raise ResumeError(f"resume={resume!r}: the checkpoint is damaged ({why}); use resume=auto")
     return resume
 
 
@@ -212,32 +239,57 @@ class CompleteCheckpoint(ModelCheckpoint):
             ) from None
         trainer.strategy.barrier()
         if trainer.is_global_zero:
-            mark_complete(filepath)
+            mark_complete(filepath, _run_of(trainer))
             prune(self.dirpath, self.keep)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        """The end of training is always saved (the last step is rarely a multiple of
+        ``every_n_train_steps``), so the export has a checkpoint behind it; a pre-emption stop has
+        saved its own."""
+        preempted = any(isinstance(cb, PreemptionCheckpoint) and cb.saved for cb in trainer.callbacks)
+        if not preempted and not self._should_skip_saving_checkpoint(trainer):
+            self._save_checkpoint(trainer, self.format_checkpoint_name(self._monitor_candidates(trainer)))
+        super().on_train_end(trainer, pl_module)
 
 
 class PreemptionCheckpoint(L.Callback):
-    """SIGTERM / SIGUSR1 (SLURM pre-emption): finish the current optimizer step, save a
-    checkpoint, stop. With ``requeue`` (SLURM), the job is requeued and resumes with resume=auto.
+    """SIGTERM / SIGUSR1 (SLURM pre-emption) / SIGINT (Ctrl-C): finish the current optimizer step,
+    save a checkpoint, stop. With ``requeue`` (SLURM), the job is requeued and resumes with
+    resume=auto. A second Ctrl-C stops at once, without a checkpoint.
 
     The handler only records the signal. At each optimizer-step boundary the ranks agree
     (one tiny all-reduce) on whether any of them got one, so all of them save the same step
     and stop together, even when the signal reached only some ranks or at different times.
-    Installed at train start, it replaces Lightning's own SIGTERM handler for the fit (which
-    would stop without a checkpoint) and restores it at train end."""
+    Installed at train start, it replaces Lightning's own SIGTERM handler (and its Ctrl-C
+    handling) for the fit, which would stop without a checkpoint, and restores them at train end."""
 
     def __init__(
-        self, ckpt_dir: str | os.PathLike, signals=(signal.SIGTERM, signal.SIGUSR1), requeue: bool = False
+        self,
+        ckpt_dir: str | os.PathLike,
+        signals=(signal.SIGTERM, signal.SIGUSR1, signal.SIGINT),
+        requeue: bool = False,
     ):
         self.ckpt_dir, self.signals, self.requeue = Path(ckpt_dir), signals, requeue
         self.received: int | None = None
         self.saved: str | None = None
         self._previous: dict = {}
+        self._speak = True
 
     def _handler(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.received == signal.SIGINT:  # pressed again: the user does not want to wait
+                signal.default_int_handler(signum, frame)
+            if self._speak:
+                print(
+                    "\nCtrl-C: stopping after this optimizer step, with a checkpoint (Ctrl-C again: "
+                    "stop now, without one)",
+                    file=sys.stderr,
+                    flush=True,
+                )
         self.received = signum
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self._speak = trainer.is_global_zero
         for s in self.signals:
             self._previous[s] = signal.signal(s, self._handler)
 
@@ -264,7 +316,7 @@ class PreemptionCheckpoint(L.Callback):
         trainer.save_checkpoint(path)
         trainer.strategy.barrier()
         if trainer.is_global_zero:
-            mark_complete(path)
+            mark_complete(path, _run_of(trainer))
         self.saved = str(path)
         trainer.should_stop = True
         if self.requeue and trainer.is_global_zero and os.environ.get("SLURM_JOB_ID"):

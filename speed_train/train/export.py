@@ -11,15 +11,18 @@ ranks before, see validation.HeldoutTable).
 from __future__ import annotations
 
 import logging
+import os
+import re
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
-from speed_train.atomic import atomic_dir, write_json, write_text
+from speed_train.atomic import atomic_dir, remove_orphans, write_json, write_text
 from speed_train.speed.adapters import unwrap
 from speed_train.speed.roles import check_add_bos
 from speed_train.train.build import load_model, speed_config
+from speed_train.train.module import DivergenceError, non_finite
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +84,34 @@ def check_not_empty(model: torch.nn.Module, what: str) -> None:
         )
 
 
+def os_error_of(e: BaseException) -> OSError | None:
+    """The OS failure behind ``e``: an OSError itself, or safetensors' own error type, whose message
+    carries the OS error number (``... No space left on device (os error 28)``)."""
+    if isinstance(e, OSError):
+        return e
+    m = (
+        re.search(r"\(os error (\d+)\)|code: (\d+)", str(e))
+        if type(e).__name__ == "SafetensorError"
+        else None
+    )
+    if m is None:
+        return None
+    number = int(m.group(1) or m.group(2))
+    return OSError(number, os.strerror(number))
+
+
 def export(model, tokenizer, cfg: DictConfig, k: int, out: Path, result=None) -> dict[str, str]:
+    """``_export``; a failure to write (a full disk, a read-only folder) is raised as an OSError."""
+    try:
+        return _export(model, tokenizer, cfg, k, out, result)
+    except Exception as e:
+        err = os_error_of(e)
+        if err is None or err is e:
+            raise
+        raise err from e
+
+
+def _export(model, tokenizer, cfg: DictConfig, k: int, out: Path, result=None) -> dict[str, str]:
     """The trained model, written atomically under ``out``:
 
     - ``model/``: an HF-native SPEED model (``speed_train.hf.export``: loads with transformers alone,
@@ -95,6 +125,12 @@ def export(model, tokenizer, cfg: DictConfig, k: int, out: Path, result=None) ->
     from speed_train.hf.export import make_hf_native
 
     check_not_empty(model, "the model")
+    bad = non_finite(model.state_dict().items())
+    if bad:
+        raise DivergenceError(
+            f"refusing to export: {len(bad)} weight tensors hold NaN or infinite values (e.g. {bad[0]}); "
+            "the run diverged"
+        )
     config = unwrap(model).config
     num_layers = config.num_hidden_layers
     speed = {
@@ -104,6 +140,8 @@ def export(model, tokenizer, cfg: DictConfig, k: int, out: Path, result=None) ->
         "add_bos": check_add_bos(cfg.data.add_bos),
     }
     paths: dict[str, str] = {}
+    for name in ("adapter", "model"):  # left by an export that was killed (the run folder is locked)
+        remove_orphans(out, name)
 
     def write_speed(d: Path) -> None:
         write_json(d / "speed_config.json", speed)

@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from speed_train.speed.batch import collate
+from speed_train.train.checkpointing import ResumeError
 
 
 def pack_rows(lengths: Sequence[int], capacity: int, seed: int) -> list[list[int]]:
@@ -269,7 +270,7 @@ class ResumableLoader(DataLoader):
         saved, mine = state.get("plan"), self.dataset.plan.shape()
         if saved is not None and {k: saved.get(k, mine[k]) for k in mine} != mine:
             diff = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in mine.items() if saved.get(k, v) != v)
-            raise ValueError(
+            raise ResumeError(
                 f"cannot resume: the checkpoint's data plan differs from this run's ({diff}). Resume with "
                 "the same data, seed, global/micro batch size and number of ranks, or start afresh (resume=never)"
             )

@@ -12,6 +12,7 @@ whatever the split.
 
 from __future__ import annotations
 
+import math
 import time
 
 import lightning as L
@@ -31,6 +32,21 @@ SCHEDULERS = {
     "cosine_with_min_lr": "cosine_with_min_lr",
     "warmup_stable_decay": "warmup_stable_decay",
 }
+
+
+class DivergenceError(RuntimeError):
+    """The loss or the gradient norm of an optimizer step is not finite: the run stops before
+    anything of that step is saved."""
+
+
+def non_finite(named_tensors) -> list[str]:
+    """Names of the floating-point tensors in ``named_tensors`` ((name, tensor) pairs) that hold a
+    NaN or an infinity."""
+    return [
+        n
+        for n, t in named_tensors
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
 
 
 def build_scheduler(optimizer, optim: OptimConfig, total_steps: int):
@@ -90,6 +106,8 @@ class SpeedLM(L.LightningModule):
         self.step_ended = False  # did the latest micro-batch finish an optimizer step?
         self.step_losses: list[float] = []  # per optimizer step (restored from the checkpoint on resume)
         self.last_metrics: dict[str, float] = {}  # of the newest step, for the progress bar
+        self._grad_norm: float | None = None  # of the step being finished (on_before_optimizer_step)
+        self.run_fingerprint: dict | None = None  # what defines the run (train.resume), in checkpoints
 
     # -- loss ------------------------------------------------------------------------------
     def _objective_sum(self, batch) -> tuple[torch.Tensor, int]:
@@ -184,16 +202,34 @@ class SpeedLM(L.LightningModule):
         }
         if self.peak_flops:
             metrics["train/mfu"] = flops / max(dt, 1e-9) / (self.peak_flops * self.trainer.world_size)
+        norm = self._grad_norm
         if self._is_deepspeed():
             norm = self.trainer.model.get_global_grad_norm()  # ZeRO: no full .grad on the params
-            if norm is not None:
-                metrics["train/grad_norm"] = float(norm)
+        if norm is not None:
+            metrics["train/grad_norm"] = float(norm)
+        self._grad_norm = None
+        self._check_finite(metrics)
         self.log_dict(metrics, on_step=True, prog_bar=False, logger=True, rank_zero_only=True)
         self.step_losses.append(metrics["train/loss"])
         self.last_metrics = metrics
         for k in self._acc:
             self._acc[k] = 0.0 if k in ("loss", "flops") else 0
         self._t0 = time.perf_counter()
+
+    def _check_finite(self, metrics: dict[str, float]) -> None:
+        """Stop on a non-finite loss or gradient norm, here: before the checkpoint callbacks of this
+        step run (so no diverged checkpoint replaces a finite one) and on every rank alike (the
+        loss is reduced over the ranks, the gradient norm is global). Under fp16 loss scaling an
+        infinite gradient is how the scaler finds its scale (it skips that step): only the loss
+        counts there."""
+        loss, norm = metrics["train/loss"], metrics.get("train/grad_norm")
+        scaled = str(self.trainer.precision).startswith("16")
+        if math.isfinite(loss) and (norm is None or scaled or math.isfinite(norm)):
+            return
+        raise DivergenceError(
+            f"training diverged at optimizer step {self.trainer.global_step}: loss {loss:.4g}, gradient "
+            f"norm {norm if norm is None else f'{norm:.4g}'}"
+        )
 
     def on_fit_start(self) -> None:
         # HF from_pretrained / the tiny builder return models in eval mode, and Lightning keeps
@@ -214,9 +250,9 @@ class SpeedLM(L.LightningModule):
             return
         from lightning.pytorch.utilities import grad_norm
 
-        norms = grad_norm(self.model, norm_type=2)
+        norms = grad_norm(self.model, norm_type=2)  # before clipping; logged with the step's metrics
         if norms:
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"], on_step=True, rank_zero_only=True)
+            self._grad_norm = float(norms["grad_2.0_norm_total"])
 
     # -- optimiser ---------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -240,6 +276,7 @@ class SpeedLM(L.LightningModule):
 
     # -- exact resume: RNG state travels with the checkpoint ---------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["speed_run"] = self.run_fingerprint
         checkpoint["speed_rng"] = {"torch": torch.get_rng_state(), "last_step": self._last_step}
         checkpoint["speed_step_losses"] = list(self.step_losses)
         # Frozen weights (the base model under LoRA) are rebuilt from their source on resume:
@@ -249,8 +286,18 @@ class SpeedLM(L.LightningModule):
         if frozen and state is not None:
             checkpoint["state_dict"] = {k: v for k, v in state.items() if k not in frozen}
             checkpoint["speed_frozen_excluded"] = len(frozen)
+        bad = non_finite(checkpoint.get("state_dict", {}).items())
+        if bad:  # weights can overflow while the step's loss and gradient norm were still finite
+            raise DivergenceError(
+                f"training diverged by optimizer step {self.trainer.global_step}: {len(bad)} weight "
+                f"tensors hold NaN or infinite values (e.g. {bad[0]}); not saving them"
+            )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.run_fingerprint is not None:  # before any state is loaded into this run
+            from speed_train.train.resume import check_loaded
+
+            check_loaded(checkpoint, self.run_fingerprint, self.trainer.ckpt_path)
         # the frozen weights left out at save come from the model as built (the same source);
         # the load stays strict, so any other missing or unexpected key is still an error
         state = checkpoint.get("state_dict")

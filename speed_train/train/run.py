@@ -7,6 +7,7 @@ is a function of its own below :func:`train`.
 from __future__ import annotations
 
 import logging
+import pickle  # for its exception type only: checkpoints load through Lightning with weights_only
 import shlex
 import sys
 import time
@@ -34,7 +35,7 @@ from speed_train.train.build import (
     validate,
     zero3_construction,
 )
-from speed_train.train.checkpointing import checkpoint_step, prune, resolve_resume
+from speed_train.train.checkpointing import checkpoint_step, newest_checkpoint, prune, resolve_resume
 from speed_train.train.export import consolidate, export, is_zero3
 from speed_train.train.loader import (
     ResumableLoader,
@@ -43,7 +44,16 @@ from speed_train.train.loader import (
     examples_fingerprint,
     pack_rows,
 )
-from speed_train.train.module import SpeedLM
+from speed_train.train.module import DivergenceError, SpeedLM
+from speed_train.train.resume import (
+    ResumeError,
+    check_init_from,
+    check_resume,
+    check_steps,
+    load_initial_weights,
+    run_fingerprint,
+)
+from speed_train.train.runlock import run_folder_lock
 from speed_train.train.trainer import (
     build_trainer,
     peak_flops,
@@ -53,6 +63,13 @@ from speed_train.train.trainer import (
 )
 
 log = logging.getLogger("speed_train")
+
+
+class ExportError(OSError):
+    """The trained model could not be exported (its checkpoint is kept)."""
+
+    def __str__(self) -> str:  # the message, without OSError's "[Errno N]" prefix
+        return str(self.strerror)
 
 
 @dataclass
@@ -129,16 +146,29 @@ def _train(cfg: DictConfig, callbacks) -> RunResult:
     # 1. validate everything that can be checked before data or weights are read
     world = world_size_of(cfg)
     validate(cfg, world)
+    check_init_from(cfg.init_from, run_fingerprint(cfg))
     auto = str(cfg.trainer.precision) == "auto"
     precision = resolve_precision(cfg)
     if auto and rank_zero_only.rank == 0:
         log.info("precision: %s (trainer.precision=auto)", precision)
     out = check_output_dir(cfg.output_dir)
+    with run_folder_lock(out):  # one live run per folder
+        return _run(cfg, callbacks, world, out)
+
+
+def _run(cfg: DictConfig, callbacks, world: int, out: Path) -> RunResult:
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-    # 2. data: tokenise (cached), plan the optimizer steps
-    data = prepare_data(cfg, world)
-    # 3. trainer: strategy, loggers, callbacks, checkpoint to resume from
+    # 2. the checkpoint to resume from must be this run's: its record is checked before any data
     ckpt = resolve_resume(cfg.resume, out / "checkpoints", quarantine=rank_zero_only.rank == 0)
+    check_resume(ckpt, run_fingerprint(cfg))
+    # 3. data: tokenise (cached), plan the optimizer steps
+    data = prepare_data(cfg, world)
+    fingerprint = run_fingerprint(cfg, data)
+    check_resume(ckpt, fingerprint)
+    check_steps(ckpt, data.total_steps)
+    if rank_zero_only.rank == 0:
+        warn_without_held_out(cfg, data.held_out)
+    # 4. trainer: strategy, loggers, callbacks
     cbs = run_callbacks(
         cfg, out, data.held_out, data.pad_id, data.total_steps, lockstep=is_zero3(cfg), extra=callbacks
     )
@@ -148,7 +178,7 @@ def _train(cfg: DictConfig, callbacks) -> RunResult:
     if trainer.is_global_zero and ckpt is not None:
         prune(out / "checkpoints", cfg.trainer.keep_checkpoints, protect=ckpt)
     with ExitStack() as scope:
-        # 4. model, built ZeRO-3-partitioned when the ranks exist already
+        # 5. model, built ZeRO-3-partitioned when the ranks exist already
         partitioned = _enter_zero3_construction(cfg, trainer, scope)
         model = load_model(cfg, data.tokenizer)
         config = unwrap(model).config
@@ -166,7 +196,10 @@ def _train(cfg: DictConfig, callbacks) -> RunResult:
             accumulation=data.plan.accumulation,
             peak_flops=peak_flops(cfg.trainer.accelerator),
         )
-        # 5. fit (the held-out table is computed on the devices at fit start and train end)
+        module.run_fingerprint = fingerprint
+        if ckpt is None and cfg.init_from:  # a new run from another run's weights
+            load_initial_weights(module, cfg.init_from, fingerprint)
+        # 6. fit (the held-out table is computed on the devices at fit start and train end)
         loader = ResumableLoader(
             data.train,
             data.plan,
@@ -176,20 +209,68 @@ def _train(cfg: DictConfig, callbacks) -> RunResult:
             num_workers=cfg.data.num_workers,
         )
         fit_start, step_start = time.perf_counter(), trainer.global_step
-        trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt)
+        _fit(trainer, module, loader, ckpt, out, cfg)
         fit_seconds = time.perf_counter() - fit_start
     # (transformers' ZeRO-3 config is released here: the consolidated rank-0 model is a full one)
     result = _result(
         cfg, trainer, module, cbs, data, k, num_layers, partitioned, ckpt, fit_seconds, step_start
     )
-    # 6. export: ZeRO-3 shards are gathered into one model on rank 0 (all ranks take part)
+    # 7. export: ZeRO-3 shards are gathered into one model on rank 0 (all ranks take part)
     if cfg.export.enabled and result.preempted_by_signal is None:
         final = consolidate(model, cfg, data.tokenizer, trainer.is_global_zero)
         if trainer.is_global_zero:
-            result.export = export(final, data.tokenizer, cfg, k, out / "export", result=result)
+            result.export = _export(final, data.tokenizer, cfg, k, out, result)
     if trainer.is_global_zero:
         write_json(out / "results.json", result.to_dict(), default=str)
+        (out / "failed.json").unlink(missing_ok=True)  # of an earlier attempt (a failed export, say)
     return result
+
+
+def _fit(trainer: L.Trainer, module: SpeedLM, loader, ckpt: str | None, out: Path, cfg: DictConfig) -> None:
+    """``trainer.fit``; what stops it that a user must act on becomes a one-line error."""
+    try:
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt, weights_only=True)
+    except DivergenceError as e:
+        newest = newest_checkpoint(out / "checkpoints")
+        raise DivergenceError(
+            f"{e}; stopped before saving it (newest checkpoint: {newest or 'none'}). Lower optim.lr "
+            f"(now {cfg.optim.lr:g}) or check the data, then start a new run (another hydra.run.dir)"
+        ) from None
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) refused what the file holds
+        raise ResumeError(
+            f"resume: {ckpt} holds objects other than tensors and plain data, which loading with "
+            "weights_only refuses (it was not written by speed-train, or was altered): resume from "
+            "another checkpoint, or start afresh with resume=never"
+        ) from None
+
+
+def _export(model, tokenizer, cfg: DictConfig, k: int, out: Path, result: RunResult) -> dict[str, str]:
+    """The export; one that cannot be written (a full disk, a read-only folder) leaves the final
+    checkpoint and says how to export again from it."""
+    try:
+        return export(model, tokenizer, cfg, k, out / "export", result=result)
+    except OSError as e:
+        raise ExportError(
+            e.errno,
+            f"cannot write the export into {out / 'export'} ({e.strerror or e}); the trained model is "
+            f"saved in {newest_checkpoint(out / 'checkpoints')}: free space or make the folder "
+            f"writable, then export from it with: {resume_command(str(out))}",
+        ) from None
+
+
+def warn_without_held_out(cfg: DictConfig, held_out) -> None:
+    """Held-out evaluation that was asked for but has nothing to run on says so."""
+    asked = []
+    if cfg.eval_report:
+        asked.append("eval_report=true")
+    if cfg.trainer.eval_every_n_steps is not None:
+        asked.append(f"trainer.eval_every_n_steps={cfg.trainer.eval_every_n_steps}")
+    if asked and not len(held_out):
+        log.warning(
+            "%s: the held-out set is empty (data.held_out, data.max_eval_examples or the recipe's "
+            "held_out): no held-out loss will be reported",
+            " and ".join(asked),
+        )
 
 
 def prepare_data(cfg: DictConfig, world: int) -> TrainData:
@@ -296,16 +377,13 @@ def _result(
 
 def resume_command(output_dir: str) -> str:
     """The command that continues this run: the same command line, pinned to its run folder."""
-    args = [a for a in sys.argv[1:] if not a.startswith(("hydra.run.dir=", "output_dir="))]
+    own = ("hydra.run.dir=", "output_dir=", "resume=")  # replaced below
+    args = [a for a in sys.argv[1:] if not a.startswith(own)]
     try:
         from hydra.core.hydra_config import HydraConfig
 
         if HydraConfig.initialized():
-            args = [
-                a
-                for a in HydraConfig.get().overrides.task
-                if not a.startswith(("hydra.run.dir=", "output_dir="))
-            ]
+            args = [a for a in HydraConfig.get().overrides.task if not a.startswith(own)]
     except (ImportError, ValueError):
         pass
     return shlex.join(

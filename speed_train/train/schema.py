@@ -193,6 +193,7 @@ class TrainConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     output_dir: str = "${hydra:runtime.output_dir}"
     resume: str = "auto"  # auto (newest complete checkpoint in output_dir) | never | <path>
+    init_from: Optional[str] = None  # a checkpoint file: a new run starts from its trained weights
     eval_report: bool = True  # held-out decode-loss table before and after training
 
 
