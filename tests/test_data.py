@@ -81,7 +81,10 @@ def test_packaged_chat_loads_real_rows() -> None:
     assert (fast.rows, fast.valid, fast.bad) == (500, 500, {})
     # trivia.yml entry 13 is a bare string (a YAML indentation slip in the corpus): counted, not parsed.
     assert (bot.rows, bot.valid, bot.bad) == (2026, 2025, {"wrong_type": 1})
-    assert len(train) + len(held_out) == 2525 == fast.selected + bot.selected
+    # FastChat's dummy conversations are templated: every held-out one repeats turns of training
+    assert (fast.held_out, fast.held_out_near_duplicates, bot.held_out_near_duplicates) == (0, 31, 10)
+    dropped = fast.held_out_near_duplicates + bot.held_out_near_duplicates
+    assert len(train) + len(held_out) + dropped == 2525 == fast.selected + bot.selected
     assert len(train) == fast.train + bot.train and len(held_out) == fast.held_out + bot.held_out
     assert 0 < len(held_out) < 0.1 * 2525
     # FastChat row "identity_0", exactly as adapted from ShareGPT.
@@ -95,7 +98,10 @@ def test_packaged_chat_loads_real_rows() -> None:
         msg(A, "You too!"),
     ]
     assert train[0] == identity_0  # source order is kept and identity_0 hashes to train for seed 0
-    assert [msg(U, "Hello"), msg(A, "Hi")] in train + held_out  # greetings.yml, first entry
+    greeting = [msg(U, "Hello"), msg(A, "Hi")]  # greetings.yml, first entry
+    raw_train, raw_held, _ = load(recipe, dedup_held_out=False)
+    assert greeting in raw_held and greeting not in held_out  # held out, and a near-duplicate of training
+    assert raw_train == train and len(raw_held) == len(held_out) + dropped
     # Deterministic: same split on every load.
     again = load(recipe)
     assert (again[0], again[1]) == (train, held_out)
@@ -566,8 +572,15 @@ def test_hub_source_from_local_snapshot(monkeypatch: pytest.MonkeyPatch, tmp_pat
 @pytest.fixture
 def small_recipe(tmp_path: Path) -> dict[str, Any]:
     rows = [
-        {"messages": [msg(U, f"question {i}"), msg(A, f"answer {i}"), msg(U, "more?"), msg(A, "no")]}
-        for i in range(20)
+        {
+            "messages": [
+                msg(U, f"question {i}"),
+                msg(A, f"answer {i}"),
+                msg(U, f"more on {i}?"),
+                msg(A, f"no {i}"),
+            ]
+        }
+        for i in range(20)  # no turn repeats across conversations: nothing held out is a near-duplicate
     ]
     return recipe_for(write_jsonl(tmp_path / "d.jsonl", rows), "messages", held_out=0.2)
 
