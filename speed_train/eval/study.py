@@ -243,8 +243,7 @@ def unit_path(work: Path, run: dict, task: str) -> Path:
 
 
 def evaluate_run(job: tuple) -> list[str]:
-    """Evaluate one run on every task still missing in ``work`` (a worker's unit of work: the
-    model loads once). Returns the unit files it wrote."""
+    """Evaluate one run on the tasks still missing in ``work``; returns the unit files it wrote."""
     run, tasks, work, base, batch_size, threads = job
     import torch
 
@@ -262,7 +261,12 @@ def evaluate_run(job: tuple) -> list[str]:
             f"{run['dir']}: no exported LoRA adapter (the study trains LoRA arms with export.enabled)"
         )
     t0 = time.perf_counter()
-    model, tok, _ = load_eval_model(base, adapter, "float32", "cpu")
+    key = (base, adapter)
+    if _LOADED.get("key") != key:  # a worker keeps the last model: consecutive jobs often share it
+        _LOADED.clear()
+        _LOADED["model"], _LOADED["tok"], _ = load_eval_model(base, adapter, "float32", "cpu")
+        _LOADED["key"] = key
+    model, tok = _LOADED["model"], _LOADED["tok"]
     load_seconds = time.perf_counter() - t0
     cfg = SpeedConfig(k=None if run["k"] >= run["num_layers"] else run["k"], anchor=run["anchor"])
     written = []
@@ -301,10 +305,20 @@ def evaluate_run(job: tuple) -> list[str]:
     return written
 
 
+_LOADED: dict = {}
+
+
 def evaluate_all(runs, tasks, work: Path, base: str, batch_size: int, workers: int) -> float:
-    """Every missing unit, runs spread over ``workers`` one-thread processes; wall seconds."""
+    """Every missing unit over ``workers`` one-thread processes, task by task (every run on a task
+    before the next task: a study stopped early has whole tasks); wall seconds."""
     t0 = time.perf_counter()
-    jobs = [(r, tasks, work, base, batch_size, 1 if workers > 1 else None) for r in runs]
+    threads = 1 if workers > 1 else None
+    jobs = [
+        (r, [t], work, base, batch_size, threads)
+        for t in tasks
+        for r in runs
+        if not unit_path(work, r, t.name).is_file()
+    ]
     if workers > 1:
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             for _ in pool.imap_unordered(evaluate_run, jobs):
