@@ -6,6 +6,7 @@ import pytest
 
 from speed_train.bench import eval as eval_bench
 from speed_train.bench import inference, step
+from speed_train.bench.measure import SavedForBackward
 from speed_train.speed.flops import ModelShape, flop_ratio, step_flops
 from speed_train.speed.tiny import tiny_config
 
@@ -91,6 +92,35 @@ def test_step_bench_runs_small(tmp_path):
     names = [r["variant"] for r in out["rows"]]
     assert names == ["vanilla", "full_K=L", "mask", "gather"]
     assert out["rows"][0]["ratio"] == 1.0 and out["rows"][0]["flop_ratio"] == 1.0
+
+
+@pytest.mark.parametrize("executor", ["mask", "gather"])
+def test_one_mask_per_depth_is_kept_for_backward_whatever_the_layer_count(executor):
+    """A dense mask serves all the layers of its depth: autograd keeps that one tensor, never a
+    copy per layer (O(layers x T^2)). Packed rows make the lower layers' mask dense too."""
+    from speed_train.speed.batch import collate, pack_first_fit
+    from speed_train.speed.executors import speed_loss
+    from speed_train.speed.roles import EncodedExample
+    from speed_train.speed.tiny import tiny_model
+
+    T, layers, k = 40, 5, 2  # T differs from the head dim (8), so RoPE tables are not counted
+    model = tiny_model("llama", layers=layers, hidden=32, heads=4, kv_heads=2, vocab=64).train()
+    rows = [step.synthetic_batch(1, n, 0.5, 64, seed=n) for n in (16, 24)]
+    exs = [
+        EncodedExample(
+            r.input_ids[0].tolist(), r.roles[0].tolist(), r.turns[0].tolist(), r.labels[0].tolist()
+        )
+        for r in rows
+    ]
+    packed = collate(pack_first_fit(exs, T), pad_id=0, pack_to=T)
+    assert packed.input_ids.shape == (1, T) and int(packed.seq_ids.max()) == 1
+    with SavedForBackward(T) as probe:
+        speed_loss(model, packed, k, executor=executor).mean.backward()
+    if executor == "mask":  # lower and upper masks, each kept once, saved by every layer
+        assert (probe.mask_storages, probe.mask_saves) == (2, layers)
+        assert probe.mask_bytes == 2 * T * T * 4
+    else:  # the lower layers' block-diagonal mask; the gather rows are plain causal
+        assert (probe.mask_storages, probe.mask_saves) == (1, k)
 
 
 def _script_invocations(path: str) -> list[tuple[str, list[str]]]:
