@@ -92,6 +92,27 @@ def test_step_bench_runs_small(tmp_path):
     names = [r["variant"] for r in out["rows"]]
     assert names == ["vanilla", "full_K=L", "mask", "gather"]
     assert out["rows"][0]["ratio"] == 1.0 and out["rows"][0]["flop_ratio"] == 1.0
+    for r in out["rows"]:  # memory beside time: the step's peak RSS and what autograd keeps
+        assert r["saved_bytes"] > 0 and "peak_rss_delta_bytes" in r
+    # T = 32 is one conversation per row: the lower layers run the causal kernel (no mask) and
+    # the mask path's upper layer keeps the one [B, 1, T, T] mask
+    assert [r["mask_storages"] for r in out["rows"]] == [0, 0, 1, 0]
+
+
+def test_step_bench_smollm2_preset_and_variants():
+    args = step.parse_args(["--preset", "smollm2", "--variants", "gather,vanilla,mask", "--threads", "1"])
+    shape = (args.layers, args.hidden, args.heads, args.kv_heads, args.intermediate, args.vocab, args.k)
+    assert shape == (30, 576, 9, 3, 1536, 49152, 22)
+    assert args.variants == ["vanilla", "mask", "gather"]  # always in the table's order
+    small = step.parse_args(["--hidden", "96", "--heads", "3"])  # the issue-2 defaults as before
+    got = (small.layers, small.kv_heads, small.intermediate, small.k, small.warmup_seq)
+    assert got == (8, 3, 256, 6, 1024)
+    out = step.main(
+        ["--layers", "2", "--hidden", "32", "--heads", "4", "--kv-heads", "2", "--intermediate", "48"]
+        + ["--vocab", "64", "--seq", "24", "--batch", "1", "--k", "1", "--runs", "1"]
+        + ["--variants", "vanilla,gather", "--warmup-seq", "0", "--grad-checkpointing"]
+    )
+    assert [r["variant"] for r in out["rows"]] == ["vanilla", "gather"]
 
 
 @pytest.mark.parametrize("executor", ["mask", "gather"])
@@ -165,6 +186,12 @@ def test_gpu_script_arguments_are_valid():
         (inference, ["--lengths", "2"], "every prompt needs at least 4 tokens"),
         (step, ["--layers", "4", "--k", "0"], "--k 0 must be in 1..4 (--layers)"),
         (step, ["--hidden", "100", "--heads", "3"], "--hidden 100 must be a multiple of --heads 3"),
+        (step, ["--preset", "smollm2", "--k", "31"], "--k 31 must be in 1..30 (--layers)"),
+        (step, ["--kv-heads", "3"], "--kv-heads 3 must divide --heads 4"),
+        (step, ["--variants", "mask,gather"], "that includes vanilla (the baseline)"),
+        (step, ["--variants", "vanilla,fast"], "--variants vanilla,fast: a comma list"),
+        (step, ["--threads", "0"], "--threads 0 must be >= 1"),
+        (step, ["--warmup-seq", "4"], "--warmup-seq must be 0 (no warm-up) or >= 8"),
         (eval_bench, ["--limit", "0"], "--limit 0: must be at least 1"),
         (eval_bench, ["--variants", "rows,fast"], "--variants fast: choose from rows, tree"),
         (eval_bench, ["--k", "1.5"], "fractional cutoff k=1.5 is outside (0, 1]"),
