@@ -133,6 +133,8 @@ def timed_call(fn, n: int) -> dict:
     return {
         "ttft_s": timer.ttft,
         "tpot_s": timer.tpot,
+        "ttft_cpu_s": timer.ttft_cpu,
+        "tpot_cpu_s": timer.tpot_cpu,
         "tpot_median_gap_s": statistics.median(timer.gaps),
         "peak_rss_delta_bytes": mem.delta,
         "kv_held_bytes": held,
@@ -250,7 +252,8 @@ def main(argv=None) -> dict:
                     m = runs[v][-1]
                     print(
                         f"  {n} tokens, round {r + 1}: {v:14} TTFT {m['ttft_s']:7.3f} s  "
-                        f"TPOT {1e3 * m['tpot_s']:7.1f} ms  peak +{_mib(m['peak_rss_delta_bytes'])} MiB",
+                        f"TPOT {1e3 * m['tpot_s']:7.1f} ms  (CPU {m['ttft_cpu_s']:6.2f} s, "
+                        f"{1e3 * m['tpot_cpu_s']:6.1f} ms)  peak +{_mib(m['peak_rss_delta_bytes'])} MiB",
                         flush=True,
                     )
             depth = {"hf": L, "hf_native": K, "speed_generate": K}
@@ -276,6 +279,8 @@ def main(argv=None) -> dict:
                     "ttft_runs_s": [m["ttft_s"] for m in ms],
                     "tpot_runs_s": [m["tpot_s"] for m in ms],
                     "tpot_median_gap_runs_s": [m["tpot_median_gap_s"] for m in ms],
+                    "ttft_cpu_runs_s": [m["ttft_cpu_s"] for m in ms],
+                    "tpot_cpu_runs_s": [m["tpot_cpu_s"] for m in ms],
                     "peak_rss_delta_bytes": statistics.median(peaks) if peaks else None,
                     "peak_rss_delta_runs_bytes": [m["peak_rss_delta_bytes"] for m in ms],
                     "kv_held_bytes": held[0],
@@ -297,6 +302,8 @@ def main(argv=None) -> dict:
                     per_round = [a / b for a, b in zip(rv[f"{key}_runs_s"], hf[f"{key}_runs_s"])]
                     rv[f"{key}_vs_hf"] = rv[f"{key}_s"] / hf[f"{key}_s"]
                     rv[f"{key}_vs_hf_round_range"] = [min(per_round), max(per_round)]
+                    cpu, cpu_hf = rv[f"{key}_cpu_runs_s"], hf[f"{key}_cpu_runs_s"]
+                    rv[f"{key}_cpu_vs_hf"] = statistics.median(cpu) / statistics.median(cpu_hf)
                 rv["ttft_roofline_vs_hf"] = rv["prefill_flops"] / hf["prefill_flops"]
                 rv["ttft_vs_roofline"] = rv["ttft_vs_hf"] / rv["ttft_roofline_vs_hf"]
                 rv["tpot_roofline_vs_hf"] = rv["decode_step_bytes"] / hf["decode_step_bytes"]
@@ -337,6 +344,16 @@ def _print_row(row: dict) -> None:
             f"{r['kv_held_bytes'] / 2**20:12.2f} {r['kv_active_bytes'] / 2**20:8.2f} "
             f"{'yes' if r['kv_equals_formula'] else 'NO':>8} {_mib(r['peak_rss_delta_bytes']):>9}"
         )
+    for v, r in row["variants"].items():
+        if v != "hf":
+            lo, hi = r["ttft_vs_hf_round_range"]
+            tlo, thi = r["tpot_vs_hf_round_range"]
+            print(
+                f"{'':>6} {LABELS[v]:27} per-round TTFT/HF {lo:.3f}-{hi:.3f}, TPOT/HF {tlo:.3f}-{thi:.3f}; "
+                f"CPU-time TTFT/HF {r['ttft_cpu_vs_hf']:.3f}, TPOT/HF {r['tpot_cpu_vs_hf']:.3f}; "
+                f"TTFT/roofline {r['ttft_vs_roofline']:.3f}; TPOT roofline with DynamicCache's copies "
+                f"{r['tpot_roofline_vs_hf_as_implemented']:.3f}"
+            )
     h = row["hf_native_vs_speed_generate"]
     print(f"{'':>6} HF-native / speed_generate: TTFT {h['ttft']:.3f}, TPOT {h['tpot']:.3f}", flush=True)
 

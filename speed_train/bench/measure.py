@@ -5,6 +5,8 @@ process's peak resident memory, the KV bytes a cache holds, and what autograd ke
   generation hands it over. ``generate()`` and ``speed_generate`` put the prompt first, then each
   new token right after it is chosen (before the next forward), so TTFT and TPOT come from one
   call: TTFT = first token - call start, TPOT = (last token - first token) / (new tokens - 1).
+  The process's CPU time is recorded alongside (on a shared machine, CPU time / wall time shows
+  how much of the call the process actually ran).
 - :class:`PeakRSS`: peak resident memory during a block above the resident memory at its start.
   Linux's high-water mark (``VmHWM`` of /proc/self/status) is reset by writing 5 to
   /proc/self/clear_refs; memory freed earlier is first handed back to the system
@@ -40,17 +42,20 @@ class TokenTimes:
         self.start()
 
     def start(self) -> None:
-        self.t0 = time.perf_counter()
         self.prompt_seen = False
         self.times: list[float] = []
+        self.cpu_times: list[float] = []
         self.ended: float | None = None
+        self.cpu_t0 = time.process_time()
+        self.t0 = time.perf_counter()
 
     def put(self, value) -> None:
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         if not self.prompt_seen:
             self.prompt_seen = True
             return
         self.times.append(now)
+        self.cpu_times.append(cpu)
 
     def end(self) -> None:
         self.ended = time.perf_counter()
@@ -58,6 +63,16 @@ class TokenTimes:
     @property
     def ttft(self) -> float:
         return self.times[0] - self.t0
+
+    @property
+    def ttft_cpu(self) -> float:
+        return self.cpu_times[0] - self.cpu_t0
+
+    @property
+    def tpot_cpu(self) -> float | None:
+        if len(self.cpu_times) < 2:
+            return None
+        return (self.cpu_times[-1] - self.cpu_times[0]) / (len(self.cpu_times) - 1)
 
     @property
     def tpot(self) -> float | None:
