@@ -153,7 +153,9 @@ class SavedForBackward:
     [B, 1, seq, seq] tensors among them (a dense attention mask over the whole sequence, shared by
     the heads; choose ``seq`` unlike the head dimension, or RoPE's [B, 1, T, head_dim] tables
     count too); ``mask_saves``: how many times one was saved (one per layer that keeps one).
-    Storages are kept referenced inside the block so that none is counted twice."""
+    Storages are told apart by address without being referenced (so the block's memory is the
+    step's own): a tensor saved for backward lives until the backward, so no address is reused
+    while the forward saves."""
 
     def __init__(self, seq: int) -> None:
         self.seq = seq
@@ -163,16 +165,13 @@ class SavedForBackward:
 
     def __enter__(self) -> SavedForBackward:
         self._seen: dict[int, tuple[int, bool]] = {}
-        self._keep: list = []
         self.mask_saves = 0
 
         def pack(t: torch.Tensor):
             s = t.untyped_storage()
             mask = self.is_mask(t)
             self.mask_saves += mask
-            if s.data_ptr() not in self._seen:
-                self._seen[s.data_ptr()] = (s.nbytes(), mask)
-                self._keep.append(s)
+            self._seen.setdefault(s.data_ptr(), (s.nbytes(), mask))
             return t
 
         self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
@@ -181,7 +180,6 @@ class SavedForBackward:
 
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
-        self._keep.clear()
         self.bytes = sum(n for n, _ in self._seen.values())
         self.mask_storages = sum(m for _, m in self._seen.values())
         self.mask_bytes = sum(n for n, m in self._seen.values() if m)
