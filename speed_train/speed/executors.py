@@ -73,15 +73,26 @@ def _prepare(model, batch: SpeedBatch, k) -> tuple[ModelParts, int]:
     return parts, check_k(parts, k)
 
 
+def attention_dtype(parts: ModelParts) -> torch.dtype:
+    """The dtype the attention computes in: autocast's where autocast is on, else the weights'.
+    Dense masks are built in it once per forward (``build_mask(dtype=...)``), so that no layer
+    converts (and, under autograd, keeps) a copy of its own."""
+    device = parts.embed.weight.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return parts.embed.weight.dtype
+
+
 def mask_forward(
     model, batch: SpeedBatch, k: int, *, positions: str = "decode", backend: str = "sdpa"
 ) -> SpeedOutput:
     """Execution 1: a single forward with layer-dependent masks through the HF model."""
     parts, K = _prepare(model, batch, k)
     meta = batch.meta
-    masks = LayerMasks(
-        lower=build_mask(meta, upper=False, backend=backend),
-        upper=build_mask(meta, upper=True, backend=backend) if K < parts.num_layers else None,
+    dtype = attention_dtype(parts)
+    masks = LayerMasks(  # one mask per depth, shared by its layers (never one per layer)
+        lower=build_mask(meta, upper=False, backend=backend, dtype=dtype),
+        upper=build_mask(meta, upper=True, backend=backend, dtype=dtype) if K < parts.num_layers else None,
         k=K,
     )
     hidden = parts.decoder(
@@ -117,7 +128,8 @@ def gather_forward(
     meta = batch.meta
     wanted = _wanted(batch, positions)
     hidden = parts.embed(batch.input_ids)
-    lower = build_mask(meta, upper=False, backend=backend)
+    dtype = attention_dtype(parts)
+    lower = build_mask(meta, upper=False, backend=backend, dtype=dtype)
     hidden = run_layers(parts, parts.layers[:K], hidden, batch.position_ids, lower)
     if K == parts.num_layers:
         b, t = wanted.nonzero(as_tuple=True)
@@ -126,7 +138,7 @@ def gather_forward(
     rows = batch.target_rows() if positions == "targets" else gather_rows(meta, need=wanted)
     rb, rt, valid = rows.b, rows.t, rows.valid
     row_meta = rows.meta(meta)
-    upper = build_mask(row_meta, upper=True, backend=backend)
+    upper = build_mask(row_meta, upper=True, backend=backend, dtype=dtype)
     row_hidden = run_layers(parts, parts.layers[K:], hidden[rb, rt], batch.position_ids[rb, rt], upper)
     # an anchor appears in several rows; keep only the wanted (decode) cells
     sel = valid & wanted[rb, rt]
