@@ -338,7 +338,9 @@ def plan_units(arms: list[Arm], args) -> list[tuple]:
                 for depth in args.depths:
                     for i in range(args.samples):
                         units.append((arm, task, length, depth, i))
-    return units
+    # shortest first, every arm of a prompt together: a run stopped early has whole paired cells
+    order = {arm: i for i, arm in enumerate(arms)}
+    return sorted(units, key=lambda u: (u[2], u[1], u[3], u[4], order[u[0]]))
 
 
 # -- results --------------------------------------------------------------------------------------
