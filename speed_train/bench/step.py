@@ -2,10 +2,16 @@
 
     python -m speed_train.bench.step            # issue defaults: 8 layers, hidden 256, T=1024, B=4
     python -m speed_train.bench.step --runs 7 --seq 512 --json out.json
+    python -m speed_train.bench.step --preset gemma3_270m --batch 1 --seq 1024   # a real model's shape
 
 Runs are interleaved (one step of each variant per round, after one warm-up round) and the
 median per variant is reported as a ratio to vanilla, beside the FLOP-predicted ratio
 (speed_train.speed.flops). Wall-clock ratios are measured here, side by side; no timed tests.
+``vanilla`` is HF's forward with ``labels`` (the LM head at every token); ``full_K=L`` is the same
+model through the SPEED path at full depth (the head at supervised positions only), so their
+ratio is what computing the head at targets alone saves. ``--preset`` takes a real model's shape
+(random weights: timing needs none): Gemma-3-270M (sliding windows, 262k vocabulary) or
+SmolLM2-135M.
 """
 
 from __future__ import annotations
@@ -23,6 +29,38 @@ from speed_train.speed.executors import speed_loss
 from speed_train.speed.flops import ModelShape, step_flops
 from speed_train.speed.roles import ANCHOR, DECODE, IGNORE, PROMPT, EncodedExample
 from speed_train.speed.tiny import tiny_model
+
+# real models' shapes (tiny_model arguments) and the K the presets default to (0.75 x layers)
+PRESETS = {
+    "gemma3_270m": dict(
+        arch="gemma3",
+        layers=18,
+        hidden=640,
+        heads=4,
+        kv_heads=1,
+        intermediate=2048,
+        vocab=262144,
+        k=14,
+        overrides=dict(
+            head_dim=256,
+            query_pre_attn_scalar=256,
+            sliding_window=512,
+            sliding_window_pattern=6,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "smollm2_135m": dict(
+        arch="llama",
+        layers=30,
+        hidden=576,
+        heads=9,
+        kv_heads=3,
+        intermediate=1536,
+        vocab=49152,
+        k=22,
+        overrides=dict(tie_word_embeddings=True),
+    ),
+}
 
 
 def synthetic_batch(batch: int, seq: int, prompt_share: float, vocab: int, seed: int = 0):
@@ -46,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    ap.add_argument(
+        "--preset",
+        default=None,
+        choices=list(PRESETS),
+        help="a real model's shape (overrides the shape flags)",
+    )
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
@@ -53,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--prompt-share", type=float, default=0.75)
-    ap.add_argument("--k", type=int, default=6)
+    ap.add_argument("--k", type=int, default=None, help="cutoff (default: 6, or the preset's)")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -65,6 +109,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Arguments, checked before any model is built."""
     ap = build_parser()
     args = ap.parse_args(argv)
+    args.arch, args.kv_heads, args.intermediate, args.overrides = "llama", args.heads, None, {}
+    if args.preset:
+        p = PRESETS[args.preset]
+        for key in ("arch", "layers", "hidden", "heads", "kv_heads", "intermediate", "vocab", "overrides"):
+            setattr(args, key, p[key])
+        args.k = p["k"] if args.k is None else args.k
+    args.k = 6 if args.k is None else args.k
+    args.intermediate = args.intermediate or int(args.hidden * 8 / 3)
     for name in ("layers", "hidden", "heads", "vocab", "seq", "batch", "runs"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} {getattr(args, name)} must be >= 1")
@@ -86,14 +138,15 @@ def main(argv=None) -> dict:
 
     dtype = getattr(torch, args.dtype)
     model = tiny_model(
-        "llama",
+        args.arch,
         layers=args.layers,
         hidden=args.hidden,
         heads=args.heads,
-        kv_heads=args.heads,
-        intermediate=int(args.hidden * 8 / 3),
+        kv_heads=args.kv_heads,
+        intermediate=args.intermediate,
         vocab=args.vocab,
         dtype=dtype,
+        **args.overrides,
     )
     model.to(args.device).train()
     batch = synthetic_batch(args.batch, args.seq, args.prompt_share, args.vocab).to(args.device)
@@ -145,9 +198,9 @@ def main(argv=None) -> dict:
             }
         )
     print(
-        f"step benchmark: llama {args.layers}L h{args.hidden} vocab {args.vocab}, B={args.batch} T={args.seq}, "
-        f"prompt share {args.prompt_share}, K={args.k}, {args.device} {args.dtype}, "
-        f"median of {args.runs} interleaved runs"
+        f"step benchmark: {args.preset or args.arch} {args.layers}L h{args.hidden} vocab {args.vocab}, "
+        f"B={args.batch} T={args.seq}, prompt share {args.prompt_share}, K={args.k}, {args.device} "
+        f"{args.dtype}, {torch.get_num_threads()} thread(s), median of {args.runs} interleaved runs"
     )
     print(f"{'variant':9} {'median s':>9} {'ratio':>7} {'FLOP ratio':>11} {'ratio/pred':>11}")
     for r in rows:
@@ -155,7 +208,7 @@ def main(argv=None) -> dict:
             f"{r['variant']:9} {r['median_s']:9.3f} {r['ratio']:7.3f} {r['flop_ratio']:11.3f} "
             f"{r['ratio_over_pred']:11.3f}"
         )
-    result = {"args": vars(args), "rows": rows, "times": times}
+    result = {"args": vars(args), "threads": torch.get_num_threads(), "rows": rows, "times": times}
     if args.json:
         write_json(args.json, result)
     return result
