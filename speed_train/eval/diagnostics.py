@@ -154,7 +154,9 @@ def _examples(tokenizer, n: int, anchor: str):
     out = []
     for conv in held:
         try:
-            out.append(encode_conversation(conv, tokenizer, cfg, max_length=512, truncate="drop_turns"))
+            out.append(
+                encode_conversation(conv["messages"], tokenizer, cfg, max_length=512, truncate="drop_turns")
+            )
         except RoleError:
             continue
         if len(out) == n:
