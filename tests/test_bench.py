@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from speed_train.bench import eval as eval_bench
-from speed_train.bench import inference, step
+from speed_train.bench import hf_generate, inference, step
+from speed_train.bench.measure import SavedForBackward, TokenTimes, kv_tensor_bytes
 from speed_train.speed.flops import ModelShape, flop_ratio, step_flops
 from speed_train.speed.tiny import tiny_config
 
@@ -131,6 +133,145 @@ def test_step_bench_runs_small(tmp_path):
     names = [r["variant"] for r in out["rows"]]
     assert names == ["vanilla", "full_K=L", "mask", "gather"]
     assert out["rows"][0]["ratio"] == 1.0 and out["rows"][0]["flop_ratio"] == 1.0
+    for r in out["rows"]:  # memory beside time: the step's peak RSS and what autograd keeps
+        assert r["saved_bytes"] > 0 and "peak_rss_delta_bytes" in r
+    # T = 32 is one conversation per row: the lower layers run the causal kernel (no mask) and
+    # the mask path's upper layer keeps the one [B, 1, T, T] mask
+    assert [r["mask_storages"] for r in out["rows"]] == [0, 0, 1, 0]
+
+
+def test_step_bench_smollm2_preset_and_variants():
+    args = step.parse_args(["--preset", "smollm2", "--variants", "gather,vanilla,mask", "--threads", "1"])
+    shape = (args.layers, args.hidden, args.heads, args.kv_heads, args.intermediate, args.vocab, args.k)
+    assert shape == (30, 576, 9, 3, 1536, 49152, 22)
+    assert args.variants == ["vanilla", "mask", "gather"]  # always in the table's order
+    small = step.parse_args(["--hidden", "96", "--heads", "3"])  # the issue-2 defaults as before
+    got = (small.layers, small.kv_heads, small.intermediate, small.k, small.warmup_seq)
+    assert got == (8, 3, 256, 6, 1024)
+    out = step.main(
+        ["--layers", "2", "--hidden", "32", "--heads", "4", "--kv-heads", "2", "--intermediate", "48"]
+        + ["--vocab", "64", "--seq", "24", "--batch", "1", "--k", "1", "--runs", "1"]
+        + ["--variants", "vanilla,gather", "--warmup-seq", "0", "--grad-checkpointing"]
+    )
+    assert [r["variant"] for r in out["rows"]] == ["vanilla", "gather"]
+
+
+@pytest.mark.parametrize("executor", ["mask", "gather"])
+def test_one_mask_per_depth_is_kept_for_backward_whatever_the_layer_count(executor):
+    """A dense mask serves all the layers of its depth: autograd keeps that one tensor, never a
+    copy per layer (O(layers x T^2)). Packed rows make the lower layers' mask dense too."""
+    from speed_train.speed.batch import collate, pack_first_fit
+    from speed_train.speed.executors import speed_loss
+    from speed_train.speed.roles import EncodedExample
+    from speed_train.speed.tiny import tiny_model
+
+    T, layers, k = 40, 5, 2  # T differs from the head dim (8), so RoPE tables are not counted
+    model = tiny_model("llama", layers=layers, hidden=32, heads=4, kv_heads=2, vocab=64).train()
+    rows = [step.synthetic_batch(1, n, 0.5, 64, seed=n) for n in (16, 24)]
+    exs = [
+        EncodedExample(
+            r.input_ids[0].tolist(), r.roles[0].tolist(), r.turns[0].tolist(), r.labels[0].tolist()
+        )
+        for r in rows
+    ]
+    packed = collate(pack_first_fit(exs, T), pad_id=0, pack_to=T)
+    assert packed.input_ids.shape == (1, T) and int(packed.seq_ids.max()) == 1
+    with SavedForBackward(T) as probe:
+        speed_loss(model, packed, k, executor=executor).mean.backward()
+    if executor == "mask":  # lower and upper masks, each kept once, saved by every layer
+        assert (probe.mask_storages, probe.mask_saves) == (2, layers)
+        assert probe.mask_bytes == 2 * T * T * 4
+    else:  # the lower layers' block-diagonal mask; the gather rows are plain causal
+        assert (probe.mask_storages, probe.mask_saves) == (1, k)
+
+
+@pytest.fixture(scope="module")
+def tiny_paths(tmp_path_factory):
+    """A tiny Llama, its HF-native export at K = 2 of 4, and a chat prompt for it."""
+    from transformers import AutoModelForCausalLM
+
+    from speed_train.assets import load_smollm2_tokenizer
+    from speed_train.hf.export import make_hf_native
+    from speed_train.speed.tiny import tiny_model
+
+    tok = load_smollm2_tokenizer()
+    model = tiny_model("llama", layers=4, vocab=len(tok), max_position_embeddings=512)
+    folder = tmp_path_factory.mktemp("bench") / "export"
+    model.save_pretrained(folder)
+    make_hf_native(folder, tok, k=2, num_layers=4, anchor="bos", add_bos="auto")
+    native = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    return model, native, hf_generate.chat_prompt(tok, 60), tok.pad_token_id
+
+
+def _paths(tiny_paths):
+    from speed_train.speed.generate import speed_generate
+
+    model, native, prompt, pad = tiny_paths
+    ids = torch.tensor([prompt.input_ids])
+
+    def hf(m):
+        def run(n, streamer):
+            return m.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                pad_token_id=pad, streamer=streamer, return_dict_in_generate=True,
+            ).cache  # fmt: skip
+
+        return run
+
+    def ours(n, streamer):
+        return speed_generate(
+            native, [prompt], 2, max_new_tokens=n, pad_token_id=pad, streamer=streamer
+        ).cache
+
+    return {"hf": hf(model), "hf_native": hf(native), "speed_generate": ours}
+
+
+@pytest.mark.parametrize("path", ["hf", "hf_native", "speed_generate"])
+def test_token_times_one_timestamp_per_new_token(tiny_paths, path):
+    timer = TokenTimes()
+    with torch.no_grad():
+        _paths(tiny_paths)[path](5, timer)
+    assert len(timer.times) == 5 and timer.prompt_seen and timer.ended is not None
+    assert timer.times == sorted(timer.times) and timer.times[0] > timer.t0
+    assert timer.tpot == pytest.approx((timer.times[-1] - timer.times[0]) / 4) and len(timer.gaps) == 4
+
+
+@pytest.mark.parametrize("path", ["hf", "hf_native", "speed_generate"])
+def test_kv_bytes_from_cache_tensors_equal_formula(tiny_paths, path):
+    from speed_train.speed.roles import PROMPT
+
+    model, _, prompt, _ = tiny_paths
+    shape = ModelShape.from_config(model.config)
+    n, kept, new = len(prompt), sum(r != PROMPT for r in prompt.roles), 6
+    with torch.no_grad():
+        m = hf_generate.timed_call(_paths(tiny_paths)[path], new)
+    assert kept == 5  # SmolLM2's chat template: the BoS anchor <|im_start|> + <|im_start|> ass istant \n
+    per_token_layer = 2 * 2 * 8 * 4  # K and V x 2 K/V heads x head dim 8 x fp32
+    if path == "hf":  # DynamicCache: prompt + new - 1 tokens (the last is never fed back) at every layer
+        assert m["kv_held_bytes"] == m["kv_active_bytes"] == 4 * (n + new - 1) * per_token_layer
+        assert m["kv_held_bytes"] == inference.kv_bytes_formula(shape, 4, n + new - 1, kept + new - 1, 1, 4)
+    else:  # SpeedCache: allocated for prompt + new; the slots written hold prompt + new - 1
+        assert m["kv_active_bytes"] == inference.kv_bytes_formula(shape, 2, n + new - 1, kept + new - 1, 1, 4)
+        assert m["kv_active_bytes"] == (2 * (n + new - 1) + 2 * (kept + new - 1)) * per_token_layer
+        assert m["kv_held_bytes"] == inference.kv_bytes_formula(shape, 2, n + new, kept + new, 1, 4)
+    assert m["ttft_s"] > 0 and m["tpot_s"] > 0
+
+
+def test_kv_tensor_bytes_reads_hf_and_speed_caches():
+    from transformers import DynamicCache
+
+    from speed_train.speed.adapters import model_parts
+    from speed_train.speed.generate import SpeedCache
+    from speed_train.speed.tiny import tiny_model
+
+    model = tiny_model("llama", layers=3)
+    cache = DynamicCache(config=model.config)
+    for i in range(3):
+        cache.update(torch.zeros(1, 2, 7, 8), torch.zeros(1, 2, 7, 8), i)
+    assert kv_tensor_bytes(cache) == 3 * 2 * (2 * 7 * 8 * 4)
+    speed = SpeedCache(model_parts(model), 2, 1, 10, 3, torch.float32, "cpu")
+    assert kv_tensor_bytes(speed) == (2 * 10 + 1 * 3) * 2 * (2 * 8 * 4)
+    assert kv_tensor_bytes(speed) == sum(speed.allocated_bytes_per_layer())
 
 
 def _script_invocations(path: str) -> list[tuple[str, list[str]]]:
@@ -176,6 +317,21 @@ def test_gpu_script_arguments_are_valid():
         (inference, ["--lengths", "2"], "every prompt needs at least 4 tokens"),
         (step, ["--layers", "4", "--k", "0"], "--k 0 must be in 1..4 (--layers)"),
         (step, ["--hidden", "100", "--heads", "3"], "--hidden 100 must be a multiple of --heads 3"),
+        (step, ["--preset", "smollm2", "--k", "31"], "--k 31 must be in 1..30 (--layers)"),
+        (step, ["--kv-heads", "3"], "--kv-heads 3 must divide --heads 4"),
+        (step, ["--variants", "mask,gather"], "that includes vanilla (the baseline)"),
+        (step, ["--variants", "vanilla,fast"], "--variants vanilla,fast: a comma list"),
+        (step, ["--threads", "0"], "--threads 0 must be >= 1"),
+        (step, ["--warmup-seq", "4"], "--warmup-seq must be 0 (no warm-up) or >= 8"),
+        (hf_generate, ["--k", "31"], "--k 31 must be in 1..30 (SmolLM2-135M has 30 layers)"),
+        (
+            hf_generate,
+            ["--lengths", "8192"],
+            "8192 + --decode-steps 16 = 8208 tokens exceeds the model's 8192",
+        ),
+        (hf_generate, ["--decode-steps", "1"], "--decode-steps 1: at least 2"),
+        (hf_generate, ["--lengths", "4k"], "--lengths '4k': a comma list of token counts"),
+        (hf_generate, ["--threads", "0"], "--threads 0 must be >= 1"),
         (eval_bench, ["--limit", "0"], "--limit 0: must be at least 1"),
         (eval_bench, ["--variants", "rows,fast"], "--variants fast: choose from rows, tree"),
         (eval_bench, ["--k", "1.5"], "fractional cutoff k=1.5 is outside (0, 1]"),
@@ -195,8 +351,11 @@ def test_bad_bench_arguments_fail_before_building_a_model(module, argv, message,
     def no_model(*a, **kw):
         raise AssertionError("a model was built before the arguments were checked")
 
+    import speed_train.assets as assets
+
     monkeypatch.setattr(tiny, "tiny_model", no_model)
     monkeypatch.setattr(module, "tiny_model", no_model, raising=False)
+    monkeypatch.setattr(assets, "load_smollm2", no_model)
     with pytest.raises(SystemExit) as e:
         module.main(argv)
     err = capsys.readouterr().err

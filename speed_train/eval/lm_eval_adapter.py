@@ -223,22 +223,56 @@ class SpeedLMEval(LM):
         return outs
 
 
+def _flag(args: list[str], flag: str) -> tuple[int, str | None]:
+    """(index, value) of ``flag VALUE`` or ``flag=VALUE`` on a command line; (-1, None) when absent."""
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            return i, args[i + 1]
+        if a.startswith(flag + "="):
+            return i, a.split("=", 1)[1]
+    return -1, None
+
+
+def _model_args(args: list[str]) -> dict[str, str]:
+    return dict(kv.split("=", 1) for kv in (_flag(args, "--model_args")[1] or "").split(",") if "=" in kv)
+
+
+def ruler_tokenizer(args: list[str]) -> list[str]:
+    """The command line with ``--metadata``'s ``tokenizer`` naming the converted packaged model's
+    folder when ``pretrained`` is a packaged name (``smollm2``): lm-eval's RULER tasks size their
+    prompts with ``AutoTokenizer.from_pretrained`` of the ``tokenizer`` (else ``pretrained``) they
+    are given, and a package alias is no folder. A ``tokenizer`` given anywhere is kept."""
+    import json
+
+    from speed_train.loading import PACKAGED_MODELS
+
+    model_args = _model_args(args)
+    if model_args.get("pretrained") not in PACKAGED_MODELS or "tokenizer" in model_args:
+        return args
+    i, text = _flag(args, "--metadata")
+    try:
+        metadata = json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        return args  # lm-eval reports its own error for it
+    if not isinstance(metadata, dict) or "tokenizer" in metadata:
+        return args
+    from speed_train.assets import smollm2_path
+
+    metadata["tokenizer"] = str(smollm2_path())
+    if i >= 0:  # the user's --metadata, replaced by the completed one
+        drop = {i, i + 1} if args[i] == "--metadata" else {i}
+        args = [a for j, a in enumerate(args) if j not in drop]
+    return [*args, "--metadata", json.dumps(metadata)]
+
+
 def hf_on_speed_export(args: list[str]) -> str | None:
     """The note for ``--model hf`` on a SPEED export below full depth (see the module doc)."""
     import json
     from pathlib import Path
 
-    def value(flag: str) -> str | None:
-        for i, a in enumerate(args):
-            if a == flag and i + 1 < len(args):
-                return args[i + 1]
-            if a.startswith(flag + "="):
-                return a.split("=", 1)[1]
+    if _flag(args, "--model")[1] != "hf":
         return None
-
-    if value("--model") != "hf":
-        return None
-    model_args = dict(kv.split("=", 1) for kv in (value("--model_args") or "").split(",") if "=" in kv)
+    model_args = _model_args(args)
     config = Path(model_args.get("pretrained", "")) / "config.json"
     if not model_args.get("pretrained") or not config.is_file():
         return None
@@ -261,6 +295,8 @@ def main() -> None:
     args = sys.argv[1:]
     if any(a in ("-h", "--help") for a in args):
         print(__doc__.split("lm-eval finds model types")[0])  # the `speed` model and its arguments first
+    args = ruler_tokenizer(args)
+    sys.argv[1:] = args
     sys.argv[0] = "lm_eval"
     note = hf_on_speed_export(args)
     if note:

