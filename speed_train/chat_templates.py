@@ -5,6 +5,11 @@
   paper's controlled study.
 - ``llama3``: Meta-Llama-3-8B-Instruct's template (BoS, header tokens, trimmed content, <|eot_id|>).
 - ``chatml``: ChatML without a default system prompt (<|im_start|>role\\n ... <|im_end|>\\n).
+- ``gemma``: Gemma's own turn format (``<bos><start_of_turn>user\\n ... <end_of_turn>\\n``,
+  ``<start_of_turn>model\\n ... <end_of_turn>\\n``), for instruction tuning the Gemma-3 base model:
+  the BoS starts every sequence, content is trimmed and a system message opens the first user turn,
+  as in Gemma-3-IT's template (same text). Unlike it, a system message rendered alone gives the
+  prefix of that turn, so the ``system`` anchor finds its tokens; there is no alternation check.
 """
 
 from __future__ import annotations
@@ -46,7 +51,22 @@ CHATML = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-TEMPLATES = {"tulu": TULU, "llama3": LLAMA3, "chatml": CHATML}
+GEMMA = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{{ '<start_of_turn>user\n' + message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'user' %}"
+    "{% if not (loop.index0 == 1 and messages[0]['role'] == 'system') %}{{ '<start_of_turn>user\n' }}{% endif %}"
+    "{{ message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% else %}"
+    "{{ '<start_of_turn>model\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+TEMPLATES = {"tulu": TULU, "llama3": LLAMA3, "chatml": CHATML, "gemma": GEMMA}
 
 
 def resolve(template: str) -> str:

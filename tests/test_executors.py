@@ -148,10 +148,11 @@ def test_mask_and_gather_gradients_agree(model, anchor, K):
     assert abs(ce.item() - lm.loss_sum.item()) <= 1e-4
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @pytest.mark.parametrize("executor", ["mask", "gather"])
 @pytest.mark.parametrize("K", [1, 2, 4])
-def test_packed_row_equals_unpacked(executor, K):
-    model = tiny_model("llama", layers=L)
+def test_packed_row_equals_unpacked(arch, executor, K):
+    model = tiny_model(arch, layers=L)
     exs = [make_example("bos", 2, seed=3), make_example("bos", 1, seed=4), make_example("system", 3, seed=5)]
     unpacked, packed = collate(exs, pad_id=0), collate(pack_first_fit(exs, 128), pad_id=0, pack_to=128)
     assert packed.input_ids.shape[0] == 1 and int(packed.seq_ids.max()) == 2
@@ -309,3 +310,123 @@ def test_a_sequence_past_the_models_positions_is_warned_about():
         match=rf"a sequence of {len(prompt) + 2} tokens \(prompt plus new tokens\) runs past the model's 64 positions",
     ):
         speed_generate(model, [prompt], 2, max_new_tokens=2)
+
+
+# -- Gemma-3: sliding-window layers (tiny configs: window 8, full attention every third layer) --
+
+
+def _gen_prompt(ex: EncodedExample) -> EncodedExample:
+    """Everything up to and including the last turn's 2-token header."""
+    last = max(ex.turns)
+    n = next(i for i, (r, t) in enumerate(zip(ex.roles, ex.turns)) if r == DECODE and t == last) + 2
+    return EncodedExample(ex.input_ids[:n], ex.roles[:n], ex.turns[:n], [IGNORE] * n)
+
+
+def test_sliding_window_rule_exact_values():
+    """One row: BoS anchor at position 0, prompt 1..10, decode 11..13; a window of 8 hides every key
+    8 or more positions back, at both depths and for every role: the anchor included."""
+    from speed_train.speed.visibility import TokenMeta, dense_mask, is_plain_causal
+
+    roles = torch.tensor([[ANCHOR] + [PROMPT] * 10 + [DECODE] * 3])
+    turns = torch.tensor([[-1] * 11 + [0] * 3])
+    meta = TokenMeta(roles, turns, torch.zeros_like(roles), torch.arange(14)[None])
+
+    def seen(upper, window, q=13):
+        return dense_mask(meta, upper, window)[0, 0, q].nonzero().flatten().tolist()
+
+    assert seen(False, None) == list(range(14))
+    assert seen(False, 8) == list(range(6, 14))
+    assert seen(True, None) == [0, 11, 12, 13]  # an upper full-attention layer: the anchor + the turn
+    assert seen(True, 8) == [11, 12, 13]  # an upper sliding layer: position 0 is out of the window
+    assert seen(True, 8, q=7) == [7]  # a prompt token sees itself
+    # a 10-token row, decode at 7..9: the anchor is within the window of position 7 only
+    short = TokenMeta(
+        torch.tensor([[ANCHOR] + [PROMPT] * 6 + [DECODE] * 3]),
+        torch.tensor([[-1] * 7 + [0] * 3]),
+        torch.zeros(1, 10, dtype=torch.long),
+        torch.arange(10)[None],
+    )
+    rows = dense_mask(short, True, 8)[0, 0, 7:]
+    assert [r.nonzero().flatten().tolist() for r in rows] == [[0, 7], [7, 8], [7, 8, 9]]
+    # a gather row (anchor + decode at their original positions) gets the full row's mask
+    keep = [0, 11, 12, 13]
+    row = TokenMeta(roles[:, keep], turns[:, keep], torch.zeros(1, 4, dtype=torch.long), torch.tensor([keep]))
+    assert not is_plain_causal(row, True, 8) and is_plain_causal(row, True, None)
+    assert torch.equal(dense_mask(row, True, 8)[0, 0], dense_mask(meta, True, 8)[0, 0][keep][:, keep])
+    with pytest.raises(ValueError, match="needs the tokens' positions"):
+        dense_mask(TokenMeta(roles, turns, torch.zeros_like(roles)), True, 8)
+
+
+def test_sliding_window_is_exercised_and_applied():
+    """The test prompts are longer than the window, so dropping the window changes the decode
+    logits; the executions follow the windowed reference, not the unwindowed one."""
+    model = tiny_model("gemma3", layers=L)
+    wide = tiny_model("gemma3", layers=L, sliding_window=4096)  # the same weights, no effective window
+    batch = padded_batch("bos")
+    sel = (batch.roles == DECODE) & (batch.seq_ids >= 0)
+    with torch.no_grad():
+        for K in (2, L):
+            ref, ref_wide = reference_logits(model, batch, K), reference_logits(wide, batch, K)
+            assert float((ref[sel] - ref_wide[sel]).abs().max()) > 1e-2
+            for run in (mask_forward, gather_forward):
+                assert _decode_err(run(model, batch, K), ref, batch) <= ATOL
+
+
+@pytest.mark.parametrize("anchor", ["none", "bos"])
+@pytest.mark.parametrize("K", [2, 3, 5])
+def test_gemma3_global_layers_above_and_below_k_long_prompts(anchor, K):
+    """Six layers, full attention at 2 and 5 (K=3: one below, one above); prompts three windows
+    long and a generation longer than the window (decode tokens leave each other's window)."""
+    model = tiny_model("gemma3", layers=6)
+    assert [i for i, t in enumerate(model.config.layer_types) if t == "full_attention"] == [2, 5]
+    convs = [make_example(anchor, 1, seed=11, prompt_len=24), make_example(anchor, 2, seed=12, prompt_len=9)]
+    batch = collate(convs, pad_id=0)
+    with torch.no_grad():
+        ref = reference_logits(model, batch, K)
+        assert _decode_err(mask_forward(model, batch, K), ref, batch) <= ATOL
+        assert _decode_err(gather_forward(model, batch, K), ref, batch) <= ATOL
+    prompts = [_gen_prompt(ex) for ex in convs]
+    gen = speed_generate(model, prompts, K, max_new_tokens=12, keep_logits=True)
+    fulls = [
+        EncodedExample(
+            p.input_ids + seq,
+            p.roles + [DECODE] * len(seq),
+            p.turns + [p.turns[-1]] * len(seq),
+            [IGNORE] * (len(p) + len(seq)),
+        )
+        for p, seq in zip(prompts, gen.sequences)
+    ]
+    assert all(len(seq) == 12 for seq in gen.sequences)
+    with torch.no_grad():
+        ref = reference_logits(model, collate(fulls, pad_id=0), K)
+    for b, (p, seq) in enumerate(zip(prompts, gen.sequences)):
+        for s_ in range(len(seq)):
+            err = (gen.step_logits[s_][b] - ref[b, len(p) - 1 + s_]).abs().max()
+            assert err <= ATOL, (b, s_, float(err))
+
+
+def test_gemma3_full_depth_generation_equals_hf_beyond_the_window():
+    """K = L: 20 greedy tokens after a 30-token prompt, token for token HF's own generate()
+    (its sliding-window cache)."""
+    model = tiny_model("gemma3", layers=6)
+    prompt = _gen_prompt(make_example("bos", 1, seed=13, prompt_len=24))
+    assert len(prompt) > 3 * model.config.sliding_window
+    hf_out = model.generate(
+        torch.tensor([prompt.input_ids]),
+        max_new_tokens=20,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+    ours = speed_generate(model, [prompt], 6, max_new_tokens=20)
+    assert ours.sequences[0] == hf_out[0, len(prompt) :].tolist()
+
+
+def test_gemma3_final_logit_softcapping_is_applied():
+    model = tiny_model("gemma3", layers=L, final_logit_softcapping=0.5)
+    batch = padded_batch("bos")
+    with torch.no_grad():
+        out = mask_forward(model, batch, 2)
+        ref = reference_logits(model, batch, 2)
+    assert float(out.logits.abs().max()) <= 0.5
+    assert _decode_err(out, ref, batch) <= ATOL

@@ -340,3 +340,48 @@ def test_token_rule_finds_the_decode_segment_encode_plain_marks_on_real_prompts(
     for ctx in contexts:
         ex = encode_plain(ctx, None, tok, SpeedConfig(k=K, anchor="bos"), add_bos=True)
         assert prompt_roles(ex.input_ids, rule)[0] == ex.roles, ctx
+
+
+def test_gemma3_export_left_padding_long_generation_and_full_depth(tmp_path, tok):
+    """speed_gemma3 (tiny, window 8): a left-padded batch of prompts longer than the window and a
+    generation longer than it equal speed_generate and the independent reference; teacher forcing
+    equals the mask execution; at K = L the export is the stock Gemma-3 model."""
+    model, folder = export(tmp_path, tok, arch="gemma3", seed=2)
+    hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(hf).__name__ == "SpeedGemma3ForCausalLM"
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "speed_gemma3"
+    prompts = [prompt_of(HISTORY, tok), prompt_of(MULTI, tok)]
+    assert min(len(p) for p in prompts) > 2 * model.config.sliding_window
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    out = hf.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=12,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_logits=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=None,
+    )
+    ref = speed_generate(model, prompts, K, max_new_tokens=12, keep_logits=True)
+    assert [out.sequences[b, ids.shape[1] :].tolist() for b in range(2)] == ref.sequences
+    assert max((a - b).abs().max().item() for a, b in zip(out.logits, ref.step_logits)) < 1e-5
+    for b, p in enumerate(prompts):
+        _, independent = teacher_forced(model, p, ref.sequences[b])
+        assert (torch.stack([x[b] for x in out.logits]) - independent).abs().max() < 1e-4
+    conv = [*MULTI, {"role": "assistant", "content": "Green, or red."}]
+    ex = encode_conversation(conv, tok, SpeedConfig(k=K, anchor="bos"))
+    with torch.no_grad():
+        logits = hf(torch.tensor([ex.input_ids])).logits[0]
+        want = mask_forward(model, collate([ex], 0), K).dense((1, len(ex)))[0]
+    decode = torch.tensor([r == DECODE for r in ex.roles])
+    assert (logits[decode] - want[decode]).abs().max() < 1e-5
+    _, full = export(tmp_path / "full", tok, arch="gemma3", k=L, seed=2)
+    plain = AutoModelForCausalLM.from_pretrained(full, trust_remote_code=True).eval()
+    with torch.no_grad():
+        assert torch.equal(plain(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
+    assert (
+        plain.generate(ids, attention_mask=mask, **kw).tolist()
+        == model.generate(ids, attention_mask=mask, **kw).tolist()
+    )

@@ -814,3 +814,48 @@ def test_arms_encode_identical_token_ids(request, family, add_bos):
     bos = tokenizer.bos_token_id
     starts = {seq[0] == bos for seq in encoded["Full-IT"]}
     assert starts == ({True} if add_bos in ("auto", True) else starts)  # the BoS on every sequence
+
+
+# --------------------------------------------------------------------------------------------
+# Gemma's turn format on the real Gemma-3 tokenizer (opt-in asset: make setup-gemma)
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    from speed_train.assets import GEMMA3_PACKAGE
+
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        pytest.skip("Gemma-3-270M asset not installed (make setup-gemma)")
+    from speed_train.loading import load_tokenizer
+
+    return load_tokenizer("gemma3")
+
+
+def test_gemma_turn_format_roles(gemma):
+    """<bos> once (the template's), the header <start_of_turn>model\\n decode without loss, the
+    trimmed content through <end_of_turn> supervised, the newline after it prompt; a system message
+    opens the first user turn, and the system anchor is its tokens."""
+    msgs = conv(" What is the capital of France? ", "Paris.", "And of Italy?", " Rome. ", system="Be brief.")
+    ex = encode_conversation(msgs, gemma, SpeedConfig(anchor="bos"))
+    check_invariants(ex)
+    assert gemma.decode(ex.input_ids) == (
+        "<bos><start_of_turn>user\nBe brief.\n\nWhat is the capital of France?<end_of_turn>\n"
+        "<start_of_turn>model\nParis.<end_of_turn>\n<start_of_turn>user\nAnd of Italy?<end_of_turn>\n"
+        "<start_of_turn>model\nRome.<end_of_turn>\n"
+    )
+    assert ex.input_ids[0] == 2 and ex.input_ids.count(2) == 1 and ex.roles[0] == A
+    assert segments(ex, gemma, D, supervised=False) == ["<start_of_turn>model\n"] * 2
+    assert segments(ex, gemma, D, supervised=True) == ["Paris.<end_of_turn>", "Rome.<end_of_turn>"]
+    assert ex.input_ids[-1] == gemma.convert_tokens_to_ids("\n") and ex.roles[-1] == P  # glue
+    assert gemma.convert_tokens_to_ids("<end_of_turn>") in default_end_token_ids(gemma)
+    sys_ex = encode_conversation(msgs[:3], gemma, SpeedConfig(anchor="system"))
+    assert segments(sys_ex, gemma, A) == ["<bos><start_of_turn>user\nBe brief.\n\n"]
+    gen = encode_generation_prompt(msgs[:4], gemma, SpeedConfig(anchor="bos"))
+    assert gen.input_ids == ex.input_ids[: len(gen)]  # the shallow prefill sees the training tokens
+
+
+def test_gemma_html_end_tag_is_text_not_an_end_of_turn(gemma):
+    names = {gemma.convert_ids_to_tokens(i) for i in default_end_token_ids(gemma)}
+    assert names == {"<eos>", "<end_of_turn>"}  # "</s>" is in Gemma's vocabulary, as an HTML tag
+    ex = encode_conversation(conv("Strike it", "Use <s>old</s> tags."), gemma, SpeedConfig())
+    assert segments(ex, gemma, D, supervised=True) == ["Use <s>old</s> tags.<end_of_turn>"]

@@ -33,6 +33,24 @@ PRESETS = {
     # Llama-3.1-8B shape: 32 layers, d 4096, 32 heads / 8 KV heads, FFN 14336, vocab 128256
     "llama31_8b": dict(layers=32, hidden=4096, heads=32, kv_heads=8, intermediate=14336, vocab=128256),
     "cpu_small": dict(layers=8, hidden=256, heads=4, kv_heads=2, intermediate=688, vocab=8192),
+    # Gemma-3-270M: 18 layers (sliding window 512 on 15, full attention at 5, 11, 17), d 640,
+    # 4 heads / 1 KV head of 256 dims, FFN 2048, a 262,144-token vocabulary tied to the embedding
+    "gemma3_270m": dict(
+        layers=18,
+        hidden=640,
+        heads=4,
+        kv_heads=1,
+        intermediate=2048,
+        vocab=262144,
+        arch="gemma3",
+        overrides=dict(
+            head_dim=256,
+            query_pre_attn_scalar=256,
+            sliding_window=512,
+            sliding_window_pattern=6,
+            tie_word_embeddings=True,
+        ),
+    ),
 }
 
 
@@ -46,9 +64,8 @@ def kv_bytes_formula(
 
 
 def prefill_flops(shape: ModelShape, k: int, n: int, n_kept: int, batch: int) -> float:
-    return batch * (
-        k * shape.layer_fwd([n]) + (shape.layers - k) * shape.layer_fwd([n_kept]) + shape.head_fwd(1)
-    )
+    upper = (shape.layers - k) * shape.layer_fwd([n_kept])
+    return batch * (shape.layers_fwd([n], range(k)) + upper + shape.head_fwd(1))
 
 
 def decode_step_weight_bytes(model, batch: int) -> int:
@@ -165,7 +182,7 @@ def main(argv=None) -> dict:
     dtype = getattr(torch, args.dtype)
     with torch.device(args.device):
         model = tiny_model(
-            "llama",
+            p.get("arch", "llama"),
             layers=p["layers"],
             hidden=p["hidden"],
             heads=p["heads"],
@@ -174,6 +191,7 @@ def main(argv=None) -> dict:
             vocab=p["vocab"],
             dtype=dtype,
             max_position_embeddings=262144,
+            **p.get("overrides", {}),
         )
     model.to(args.device)
     shape = ModelShape.from_config(model.config)
@@ -185,7 +203,8 @@ def main(argv=None) -> dict:
     dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(
         f"inference benchmark: {args.preset} ({L} layers, K={K}), {args.dtype}, batch {args.batch}, "
-        f"{dev_name}, bandwidth {bw / 1e9:.1f} GB/s, medians of {args.runs} interleaved runs"
+        f"{dev_name}, {torch.get_num_threads()} thread(s), bandwidth {bw / 1e9:.1f} GB/s, medians of "
+        f"{args.runs} interleaved runs"
     )
     print(
         f"{'length':>7} {'KV full MiB':>12} {'KV ratio':>9} {'pred':>6} {'TTFT ratio':>11} {'pred':>6} "

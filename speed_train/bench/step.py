@@ -2,12 +2,18 @@
 
     python -m speed_train.bench.step            # issue defaults: 8 layers, hidden 256, T=1024, B=4
     python -m speed_train.bench.step --runs 7 --seq 512 --json out.json
+    python -m speed_train.bench.step --preset gemma3_270m --batch 1 --seq 1024   # a real model's shape
     python -m speed_train.bench.step --preset smollm2 --seq 4096 --batch 1 --variants vanilla,mask,gather \
         --threads 1 --warmup-seq 256 --runs 2                # SmolLM2-135M's shape at long context
 
 Runs are interleaved (one step of each variant per round, after one warm-up round) and the
 median per variant is reported as a ratio to vanilla, beside the FLOP-predicted ratio
 (speed_train.speed.flops). Wall-clock ratios are measured here, side by side; no timed tests.
+``vanilla`` is HF's forward with ``labels`` (the LM head at every token); ``full_K=L`` is the same
+model through the SPEED path at full depth (the head at supervised positions only), so their
+ratio is what computing the head at targets alone saves. ``--preset`` takes a real model's shape
+(random weights: timing needs none): Gemma-3-270M (sliding windows, 262k vocabulary) or
+SmolLM2-135M.
 Beside the time, per variant: the peak resident memory of the step above the process's memory
 before it (speed_train.bench.measure.PeakRSS) and, from the first timed round, what autograd
 keeps for backward (distinct storages; among them the attention masks, and how many layers
@@ -31,6 +37,42 @@ from speed_train.speed.flops import ModelShape, step_flops
 from speed_train.speed.roles import ANCHOR, DECODE, IGNORE, PROMPT, EncodedExample
 from speed_train.speed.tiny import tiny_model
 
+# Model shapes (tiny_model arguments; random init: timing needs no weights) and the K each defaults
+# to (0.75 x layers). small: the issue-2 defaults (K/V heads = heads, FFN = 8/3 hidden); the others
+# are real models' shapes. Explicit flags override a preset's numbers.
+PRESETS = {
+    "small": dict(layers=8, hidden=256, heads=4, kv_heads=None, intermediate=None, vocab=8192, k=6),
+    "gemma3_270m": dict(
+        arch="gemma3",
+        layers=18,
+        hidden=640,
+        heads=4,
+        kv_heads=1,
+        intermediate=2048,
+        vocab=262144,
+        k=14,
+        overrides=dict(
+            head_dim=256,
+            query_pre_attn_scalar=256,
+            sliding_window=512,
+            sliding_window_pattern=6,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "smollm2_135m": dict(
+        arch="llama",
+        layers=30,
+        hidden=576,
+        heads=9,
+        kv_heads=3,
+        intermediate=1536,
+        vocab=49152,
+        k=22,
+        overrides=dict(tie_word_embeddings=True),
+    ),
+}
+PRESETS["smollm2"] = PRESETS["smollm2_135m"]  # the name bench.step first gave it
+
 
 def synthetic_batch(batch: int, seq: int, prompt_share: float, vocab: int, seed: int = 0):
     """Rows of one conversation each: BoS anchor, prompt, 2-token header, supervised response."""
@@ -47,13 +89,6 @@ def synthetic_batch(batch: int, seq: int, prompt_share: float, vocab: int, seed:
     return collate(exs, pad_id=0)
 
 
-# Model shapes (random init). small: the issue-2 defaults (K/V heads = heads, FFN = 8/3 hidden);
-# smollm2: SmolLM2-135M-Instruct (30 layers, hidden 576, 9 heads / 3 K/V heads, FFN 1536,
-# vocab 49152) at the K = 22 the project uses for it. Explicit flags override a preset.
-PRESETS = {
-    "small": dict(layers=8, hidden=256, heads=4, kv_heads=None, intermediate=None, vocab=8192, k=6),
-    "smollm2": dict(layers=30, hidden=576, heads=9, kv_heads=3, intermediate=1536, vocab=49152, k=22),
-}
 VARIANTS = ("vanilla", "full_K=L", "mask", "gather")
 
 
@@ -104,9 +139,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Arguments, checked before any model is built."""
     ap = build_parser()
     args = ap.parse_args(argv)
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key) is None:
+    preset = PRESETS[args.preset]
+    for key, value in preset.items():
+        if key not in ("arch", "overrides") and getattr(args, key) is None:
             setattr(args, key, value)
+    args.arch, args.overrides = preset.get("arch", "llama"), dict(preset.get("overrides", {}))
     if args.kv_heads is None:
         args.kv_heads = args.heads
     if args.intermediate is None:
@@ -152,7 +189,7 @@ def main(argv=None) -> dict:
 
     dtype = getattr(torch, args.dtype)
     model = tiny_model(
-        "llama",
+        args.arch,
         layers=args.layers,
         hidden=args.hidden,
         heads=args.heads,
@@ -160,6 +197,7 @@ def main(argv=None) -> dict:
         intermediate=args.intermediate,
         vocab=args.vocab,
         dtype=dtype,
+        **args.overrides,
         max_position_embeddings=max(4096, args.seq, args.warmup_seq),
     )
     model.to(args.device).train()
@@ -241,7 +279,7 @@ def main(argv=None) -> dict:
             }
         )
     print(
-        f"step benchmark: llama {args.layers}L h{args.hidden} {args.heads}/{args.kv_heads} heads "
+        f"step benchmark: {args.preset} ({args.arch}) {args.layers}L h{args.hidden} {args.heads}/{args.kv_heads} heads "
         f"ffn {args.intermediate} vocab {args.vocab}, B={args.batch} T={args.seq}, "
         f"prompt share {args.prompt_share}, K={args.k}, {args.device} {args.dtype}, "
         f"{torch.get_num_threads()} threads{', activation checkpointing' if args.grad_checkpointing else ''}, "

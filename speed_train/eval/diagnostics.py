@@ -81,7 +81,7 @@ def layer_diagnostics(model, examples) -> dict[str, list[float]]:
                 if layer < L - 1:
                     h_next = hs[layer + 1][0, dec]
                     rep[layer] += (1 - torch.cosine_similarity(h.float(), h_next.float(), -1)).sum().cpu()
-                lens = parts.lm_head(parts.norm(h)).float().log_softmax(-1)
+                lens = parts.logits(h).float().log_softmax(-1)
                 kl[layer] += (final.exp() * (final - lens)).sum().cpu()
         if n_q == 0:
             raise ValueError(
@@ -154,7 +154,9 @@ def _examples(tokenizer, n: int, anchor: str):
     out = []
     for conv in held:
         try:
-            out.append(encode_conversation(conv, tokenizer, cfg, max_length=512, truncate="drop_turns"))
+            out.append(
+                encode_conversation(conv["messages"], tokenizer, cfg, max_length=512, truncate="drop_turns")
+            )
         except RoleError:
             continue
         if len(out) == n:

@@ -137,7 +137,7 @@ def _score_tree(parts, K: int, batch, prompts, conts, pad: int) -> list[list[Con
     rows_t, cols_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
     inner = cols_t > 0
     logits = first_logits[rows_t].clone()
-    logits[inner] = parts.lm_head(parts.norm(hidden[rows_t[inner], cols_t[inner] - 1]))
+    logits[inner] = parts.logits(hidden[rows_t[inner], cols_t[inner] - 1])
     return _collect(conts, *_scores(logits, torch.tensor(targets, device=device)))
 
 

@@ -71,16 +71,39 @@ def _use_with_speed_train(k: int) -> list[str]:
     ]
 
 
+def is_gemma(cfg: DictConfig, config) -> bool:
+    """Gemma weights (the packaged Gemma-3-270M or a Gemma-3 checkpoint), which Google's Gemma terms
+    govern; a random-init model of the architecture holds none."""
+    from speed_train.speed.adapters import architecture
+
+    return architecture(config) == "gemma3" and cfg.model.source != "tiny"
+
+
+def gemma_terms() -> list[str]:
+    from speed_train.assets import GEMMA_NOTICE, GEMMA_TERMS_FILE
+
+    return [
+        "## License: Gemma terms",
+        "",
+        f"{GEMMA_NOTICE}. This model is a Model Derivative of Gemma; its use and redistribution are "
+        f"subject to those terms, including the Prohibited Use Policy (a copy: `{GEMMA_TERMS_FILE}`, "
+        "where the installed asset provides it).",
+        "",
+    ]
+
+
 def model_card(
     cfg: DictConfig, config, k: int, result: Any | None, repo: str | None, hf_native: bool = True
 ) -> str:
     L = config.num_hidden_layers
+    gemma = is_gemma(cfg, config)
     speed = SpeedConfig(k=cfg.speed.k, anchor=cfg.speed.anchor)
     base = cfg.model.pretrained or cfg.model.name
     what = "Full-IT (full depth)" if k >= L else f"SPEED-{k}" + ("+BoS" if str(speed.anchor) == "bos" else "")
     tags = ["speed", "shallow-prefill", "text-generation"]
     lines = [
         "---",
+        *(["license: gemma"] if gemma else []),
         "library_name: transformers",
         f"base_model: {base}" if cfg.model.source == "hub" else f"# base model: {base} ({cfg.model.source})",
         "pipeline_tag: text-generation",
@@ -95,6 +118,7 @@ def model_card(
         "response run through all of them.",
         "",
         *(_use_hf_native(repo, L) if hf_native else _use_with_speed_train(k)),
+        *(gemma_terms() if gemma else []),
         "## SPEED settings",
         "",
         "| setting | value |",

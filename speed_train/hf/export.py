@@ -15,10 +15,12 @@ import json
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import speed_train.speed as speed_pkg
 from speed_train.atomic import write_json
+from speed_train.speed.adapters import architecture
 from speed_train.speed.chat_roles import default_end_token_ids, encode_generation_prompt
 from speed_train.speed.config import SpeedConfig
 from speed_train.speed.hf_model import SPEED_CLASSES, speed_config_fields
@@ -108,10 +110,11 @@ def make_hf_native(folder: Path, tokenizer: Any, *, k: int, num_layers: int, anc
     add_bos = check_add_bos(add_bos)
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    base = str(config.get("model_type", "")).removeprefix("speed_")
+    base = architecture(SimpleNamespace(model_type=config.get("model_type")))
     if base not in SPEED_CLASSES:
         raise ValueError(
-            f"no HF-native SPEED class for model_type {base!r}; supported: {', '.join(SPEED_CLASSES)}"
+            f"no HF-native SPEED class for model_type {config.get('model_type')!r}; supported: "
+            f"{', '.join(SPEED_CLASSES)}"
         )
     tok = served_tokenizer(tokenizer, add_bos)
     rule = decode_markers(

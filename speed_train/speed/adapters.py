@@ -1,9 +1,13 @@
 """Architecture adapters: find the pieces of an HF decoder-only LM that SPEED drives by hand.
 
-Llama, Qwen2, Qwen3, Mistral and OLMo2 share one layout in transformers 5 (``model.model``
-with ``embed_tokens``/``layers``/``norm``/``rotary_emb``, ``lm_head`` beside it) and one
-decoder-layer call signature, so one adapter serves all; their differences (QK-norm, post-norm)
-stay inside the HF layer that we call unchanged.
+Llama, Qwen2, Qwen3, Mistral, OLMo2 and Gemma-3 (text) share one layout in transformers 5
+(``model.model`` with ``embed_tokens``/``layers``/``norm``/``rotary_emb``, ``lm_head`` beside it)
+and one decoder-layer call signature, so one adapter serves all; their differences (QK-norm,
+post-norms, Gemma's scaled embedding) stay inside the HF modules that we call unchanged. What
+differs between layers is read from the config: Gemma-3's per-layer attention type gives each
+layer its RoPE table (``rotary_emb(x, positions, layer_type)``) and its window (sliding layers:
+``config.sliding_window``; full-attention layers: none); its final-logit soft-capping, when set,
+is applied by :meth:`ModelParts.logits`.
 """
 
 from __future__ import annotations
@@ -18,7 +22,12 @@ from transformers.integrations.flex_attention import flex_attention_forward
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "olmo2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "olmo2", "gemma3")
+# HF model_type -> architecture (Gemma3ForCausalLM's config is gemma3_text; "gemma3" is the
+# multimodal model, whose text stack sits elsewhere: not supported)
+MODEL_TYPES = {arch: arch for arch in SUPPORTED_ARCHITECTURES if arch != "gemma3"} | {"gemma3_text": "gemma3"}
+# architectures whose sliding windows the SPEED masks implement (per layer, from the config)
+WINDOWED_ARCHITECTURES = ("gemma3",)
 SPEED_ATTENTION = "speed"
 
 
@@ -28,17 +37,15 @@ class UnsupportedModelError(ValueError):
 
 @dataclass
 class LayerMasks:
-    """Per-layer masks of one SPEED forward: ``lower`` for layers < k, ``upper`` for the rest.
+    """Per-layer masks of one SPEED forward (lower or upper, each with its layer's window).
 
     Passed down the HF forward as the ``speed_masks`` kwarg and read by the attention
     function, because a Llama model hands the same mask to every layer."""
 
-    lower: object
-    upper: object
-    k: int
+    masks: dict[int, object]  # layer index -> its mask (visibility.layer_masks)
 
     def for_layer(self, layer_idx: int):
-        return self.upper if layer_idx >= self.k else self.lower
+        return self.masks[layer_idx]
 
 
 def speed_attention(module, query, key, value, attention_mask, **kwargs):
@@ -85,16 +92,33 @@ class ModelParts:
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def rope(self, hidden: torch.Tensor, position_ids: torch.Tensor):
-        return self.rotary(hidden, position_ids=position_ids)
+    @property
+    def windows(self) -> list[int | None]:
+        """Each layer's sliding window (None: full attention)."""
+        return layer_windows(self.config)
+
+    def rope_kind(self, layer_idx: int) -> str | None:
+        """Which RoPE table a layer uses: its attention type (Gemma-3), else the one table (None)."""
+        return self.config.layer_types[layer_idx] if architecture(self.config) == "gemma3" else None
+
+    def rope(self, hidden: torch.Tensor, position_ids: torch.Tensor, kind: str | None = None):
+        if kind is None:
+            return self.rotary(hidden, position_ids=position_ids)
+        return self.rotary(hidden, position_ids, kind)
+
+    def logits(self, hidden: torch.Tensor, normed: bool = False) -> torch.Tensor:
+        """The LM head (after the final norm unless ``normed``), soft-capped where the config says so."""
+        logits = self.lm_head(hidden if normed else self.norm(hidden))
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def check_length(self, length: int) -> None:
-        window = attention_window(self.config)
+        window = unsupported_window(self.config)
         if window is not None and length > window:
             raise UnsupportedModelError(
                 f"sequence of {length} tokens exceeds the model's sliding window ({window}); SPEED "
-                "masks implement full causal attention only. Use shorter sequences or a config "
-                "with sliding_window=None."
+                f"masks implement sliding windows for {', '.join(WINDOWED_ARCHITECTURES)} only. Use "
+                "shorter sequences or a config with sliding_window=None."
             )
         positions = getattr(self.config, "max_position_embeddings", None)
         if positions is not None and length > positions:
@@ -105,11 +129,34 @@ class ModelParts:
             )
 
 
+def architecture(config) -> str | None:
+    """The SPEED architecture of an HF config (None: not supported)."""
+    model_type = getattr(config, "model_type", None)
+    if not isinstance(model_type, str):
+        return None
+    if model_type.startswith("speed_"):  # an HF-native SPEED class names its architecture
+        return model_type.removeprefix("speed_")
+    return MODEL_TYPES.get(model_type)
+
+
+def layer_windows(config) -> list[int | None]:
+    """Each layer's sliding window as the stock model applies it (None: full attention)."""
+    L = config.num_hidden_layers
+    if architecture(config) != "gemma3":
+        return [None] * L
+    return [config.sliding_window if t == "sliding_attention" else None for t in config.layer_types[:L]]
+
+
 def attention_window(config) -> int | None:
     """The sliding attention window a config uses (None: full causal attention)."""
     if getattr(config, "use_sliding_window", True) is False:  # Qwen2/3 keep a window size but switch it off
         return None
     return getattr(config, "sliding_window", None)
+
+
+def unsupported_window(config) -> int | None:
+    """A sliding window the SPEED masks do not implement for this architecture (None: none)."""
+    return None if architecture(config) in WINDOWED_ARCHITECTURES else attention_window(config)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -127,13 +174,14 @@ def unwrap(model: nn.Module) -> nn.Module:
 def model_parts(model: nn.Module) -> ModelParts:
     lm = unwrap(model)
     config = getattr(lm, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if isinstance(model_type, str):
-        model_type = model_type.removeprefix("speed_")  # an HF-native SPEED class of the same layout
-    if model_type not in SUPPORTED_ARCHITECTURES:
+    if architecture(config) not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelError(
-            f"SPEED has no adapter for architecture {model_type!r} ({type(lm).__name__}); "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"SPEED has no adapter for architecture {getattr(config, 'model_type', None)!r} "
+            f"({type(lm).__name__}); supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    if getattr(config, "use_bidirectional_attention", False):  # e.g. EmbeddingGemma: not a causal LM
+        raise UnsupportedModelError(
+            f"{type(lm).__name__} uses bidirectional attention; SPEED needs a causal LM"
         )
     dec = lm.model
     return ModelParts(lm, dec, dec.embed_tokens, dec.layers, dec.norm, dec.rotary_emb, lm.lm_head)

@@ -26,9 +26,11 @@ class GatherRows:
     valid: torch.Tensor
 
     def meta(self, meta: TokenMeta) -> TokenMeta:
-        """Roles and turns of the gathered tokens; each row is one conversation (0), padding -1."""
+        """Roles, turns and positions of the gathered tokens; each row is one conversation (0),
+        padding -1."""
         seq = torch.where(self.valid, 0, -1).to(meta.seq_ids.dtype)
-        return TokenMeta(meta.roles[self.b, self.t], meta.turns[self.b, self.t], seq)
+        pos = None if meta.positions is None else meta.positions[self.b, self.t]
+        return TokenMeta(meta.roles[self.b, self.t], meta.turns[self.b, self.t], seq, pos)
 
     def to(self, device) -> GatherRows:
         return GatherRows(self.b.to(device), self.t.to(device), self.valid.to(device))
@@ -89,7 +91,7 @@ class SpeedBatch:
 
     @property
     def meta(self) -> TokenMeta:
-        return TokenMeta(self.roles, self.turns, self.seq_ids)
+        return TokenMeta(self.roles, self.turns, self.seq_ids, self.position_ids)
 
     @property
     def attention_mask(self) -> torch.Tensor:

@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 
 MESSAGE_ROLES = ("system", "user", "assistant")
 # Looked up by name in the vocabulary (in addition to eos) when no end_token_ids are given.
-DEFAULT_END_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "</s>", "<|endoftext|>")
+DEFAULT_END_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "</s>", "<|endoftext|>", "<end_of_turn>")
 TRUNCATE = ("error", "drop_turns")
 EMPTY_HEADER = ("error", "last_prompt_token")
 Truncate = Literal["error", "drop_turns"]
@@ -84,7 +84,7 @@ def encode_conversation(
     counts them.
 
     ``end_token_ids``: the id(s) that end an assistant turn; default: eos plus whichever of
-    ``DEFAULT_END_TOKENS`` the vocabulary has.
+    ``DEFAULT_END_TOKENS`` the tokenizer has as special tokens.
 
     ``max_length`` / ``truncate``: ``"error"`` raises when the encoding is longer;
     ``"drop_turns"`` keeps the longest prefix of the conversation that ends with a complete
@@ -581,16 +581,21 @@ def _compile_alternation(strings: tuple[str, ...]) -> re.Pattern:
 
 
 def default_end_token_ids(tokenizer: Any) -> list[int]:
-    """eos plus whichever of ``DEFAULT_END_TOKENS`` the tokenizer's vocabulary contains."""
+    """eos plus whichever of ``DEFAULT_END_TOKENS`` the tokenizer has as a special token (Gemma's
+    vocabulary has ``</s>`` as ordinary text, an HTML tag: not an end of turn there)."""
     ids: list[int] = []
     if getattr(tokenizer, "eos_token_id", None) is not None:
         ids.append(int(tokenizer.eos_token_id))
     unk_id, unk = getattr(tokenizer, "unk_token_id", None), getattr(tokenizer, "unk_token", None)
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
     for token in DEFAULT_END_TOKENS:
         tid = tokenizer.convert_tokens_to_ids(token)
         # Missing tokens map to unk (or None): only the unk token itself may legitimately have unk's id.
-        if tid is not None and (tid != unk_id or token == unk) and tid not in ids:
-            ids.append(int(tid))
+        if tid is None or (tid == unk_id and token != unk) or tid in ids:
+            continue
+        if added and not getattr(added.get(tid), "special", False):
+            continue
+        ids.append(int(tid))
     return ids
 
 

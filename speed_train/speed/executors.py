@@ -22,7 +22,7 @@ from .adapters import LayerMasks, ModelParts, enable_speed_attention
 from .batch import SpeedBatch, gather_rows
 from .config import Executor, SpeedConfig, SpeedConfigError, choice
 from .roles import DECODE, IGNORE
-from .visibility import build_mask
+from .visibility import layer_masks
 
 EXECUTORS = Executor.values()
 
@@ -63,10 +63,6 @@ def _wanted(batch: SpeedBatch, positions: str) -> torch.Tensor:
     raise ValueError(f"positions must be 'decode', 'targets' or 'all', got {positions!r}")
 
 
-def _head(parts: ModelParts, hidden: torch.Tensor, normed: bool) -> torch.Tensor:
-    return parts.lm_head(hidden if normed else parts.norm(hidden))
-
-
 def _prepare(model, batch: SpeedBatch, k) -> tuple[ModelParts, int]:
     parts = enable_speed_attention(model)
     parts.check_length(batch.input_ids.shape[1])
@@ -88,12 +84,8 @@ def mask_forward(
 ) -> SpeedOutput:
     """Execution 1: a single forward with layer-dependent masks through the HF model."""
     parts, K = _prepare(model, batch, k)
-    meta = batch.meta
-    dtype = attention_dtype(parts)
-    masks = LayerMasks(  # one mask per depth, shared by its layers (never one per layer)
-        lower=build_mask(meta, upper=False, backend=backend, dtype=dtype),
-        upper=build_mask(meta, upper=True, backend=backend, dtype=dtype) if K < parts.num_layers else None,
-        k=K,
+    masks = LayerMasks(
+        layer_masks(batch.meta, range(parts.num_layers), K, parts.windows, backend, attention_dtype(parts))
     )
     hidden = parts.decoder(
         input_ids=batch.input_ids,
@@ -103,18 +95,22 @@ def mask_forward(
         use_cache=False,
     ).last_hidden_state
     b, t = _wanted(batch, positions).nonzero(as_tuple=True)
-    return SpeedOutput(_head(parts, hidden[b, t], normed=True), b, t)
+    return SpeedOutput(parts.logits(hidden[b, t], normed=True), b, t)
 
 
-def run_layers(parts: ModelParts, layers, hidden, position_ids, mask, **layer_kwargs):
-    """Run HF decoder layers over ``hidden`` at ``position_ids`` (RoPE computed once)."""
-    pos_emb = parts.rope(hidden, position_ids)
-    for layer in layers:
-        hidden = layer(
+def run_layers(parts: ModelParts, layers: range, hidden, position_ids, masks, **layer_kwargs):
+    """Run HF decoder layers ``layers`` (indices) over ``hidden`` at ``position_ids``, layer i
+    with ``masks[i]``; each RoPE table (one per attention type on Gemma-3) computed once."""
+    pos_emb: dict = {}
+    for i in layers:
+        kind = parts.rope_kind(i)
+        if kind not in pos_emb:
+            pos_emb[kind] = parts.rope(hidden, position_ids, kind)
+        hidden = parts.layers[i](
             hidden,
-            attention_mask=mask,
+            attention_mask=masks[i],
             position_ids=position_ids,
-            position_embeddings=pos_emb,
+            position_embeddings=pos_emb[kind],
             **layer_kwargs,
         )
     return hidden
@@ -126,24 +122,24 @@ def gather_forward(
     """Execution 2: lower layers over everything, upper layers over anchor + decode rows."""
     parts, K = _prepare(model, batch, k)
     meta = batch.meta
+    L = parts.num_layers
     wanted = _wanted(batch, positions)
     hidden = parts.embed(batch.input_ids)
     dtype = attention_dtype(parts)
-    lower = build_mask(meta, upper=False, backend=backend, dtype=dtype)
-    hidden = run_layers(parts, parts.layers[:K], hidden, batch.position_ids, lower)
-    if K == parts.num_layers:
+    lower = layer_masks(meta, range(K), K, parts.windows, backend, dtype)
+    hidden = run_layers(parts, range(K), hidden, batch.position_ids, lower)
+    if K == L:
         b, t = wanted.nonzero(as_tuple=True)
-        return SpeedOutput(_head(parts, hidden[b, t], normed=False), b, t)
+        return SpeedOutput(parts.logits(hidden[b, t]), b, t)
 
     rows = batch.target_rows() if positions == "targets" else gather_rows(meta, need=wanted)
     rb, rt, valid = rows.b, rows.t, rows.valid
-    row_meta = rows.meta(meta)
-    upper = build_mask(row_meta, upper=True, backend=backend, dtype=dtype)
-    row_hidden = run_layers(parts, parts.layers[K:], hidden[rb, rt], batch.position_ids[rb, rt], upper)
+    upper = layer_masks(rows.meta(meta), range(K, L), K, parts.windows, backend, dtype)
+    row_hidden = run_layers(parts, range(K, L), hidden[rb, rt], batch.position_ids[rb, rt], upper)
     # an anchor appears in several rows; keep only the wanted (decode) cells
     sel = valid & wanted[rb, rt]
     r, c = sel.nonzero(as_tuple=True)
-    return SpeedOutput(_head(parts, row_hidden[r, c], normed=False), rb[r, c], rt[r, c])
+    return SpeedOutput(parts.logits(row_hidden[r, c]), rb[r, c], rt[r, c])
 
 
 def speed_forward(model, batch: SpeedBatch, k: int, *, executor: str = "gather", **kw) -> SpeedOutput:

@@ -1,8 +1,9 @@
 """FLOP model of a training step, per execution, from a batch's token roles.
 
 Forward FLOPs of one decoder layer over n tokens of one conversation (one row of the
-attention): 2 * n * P_layer (matmuls with the layer's weights) + 4 * d_attn * n(n+1)/2 (QK^T
-and PV over the causal pairs). The LM head costs 2 * hidden * vocab per token where logits are
+attention): 2 * n * P_layer (matmuls with the layer's weights) + 4 * d_attn * pairs (QK^T and
+PV over the causal pairs: n(n+1)/2, or fewer in a sliding-window layer, where a query has at
+most ``window`` keys; the gather rows' upper layers are charged their causal pairs). The LM head costs 2 * hidden * vocab per token where logits are
 computed. A training step is 3x forward (backward = 2x forward). Attention FLOPs count
 per-conversation pairs, so packed rows are not charged for cross-conversation pairs.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .adapters import layer_windows
 from .batch import SpeedBatch
 from .roles import IGNORE
 
@@ -29,10 +31,12 @@ class ModelShape:
     head_dim: int
     intermediate: int
     vocab: int
+    windows: tuple = ()  # per layer: sliding window or None (empty: full attention everywhere)
 
     @classmethod
     def from_config(cls, cfg) -> ModelShape:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        windows = tuple(layer_windows(cfg))
         return cls(
             cfg.num_hidden_layers,
             cfg.hidden_size,
@@ -41,19 +45,34 @@ class ModelShape:
             head_dim,
             cfg.intermediate_size,
             cfg.vocab_size,
+            windows if any(w is not None for w in windows) else (),
         )
+
+    def window(self, layer: int) -> int | None:
+        return self.windows[layer] if self.windows else None
 
     @property
     def layer_params(self) -> int:
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         return self.hidden * (q + 2 * kv) + q * self.hidden + 3 * self.hidden * self.intermediate
 
-    def layer_fwd(self, lengths: list[int]) -> float:
+    def layer_fwd(self, lengths: list[int], window: int | None = None) -> float:
         d_attn = self.heads * self.head_dim
-        return sum(2 * n * self.layer_params + 4 * d_attn * n * (n + 1) / 2 for n in lengths)
+        return sum(2 * n * self.layer_params + 4 * d_attn * _pairs(n, window) for n in lengths)
+
+    def layers_fwd(self, lengths: list[int], layers: range) -> float:
+        """Forward FLOPs of ``layers`` over conversations of ``lengths`` (each layer's window)."""
+        return sum(self.layer_fwd(lengths, self.window(i)) for i in layers)
 
     def head_fwd(self, n_tokens: int) -> float:
         return 2 * self.hidden * self.vocab * n_tokens
+
+
+def _pairs(n: int, window: int | None) -> float:
+    """Causal query-key pairs of n tokens; with a window a query has at most ``window`` keys."""
+    if window is None or n <= window:
+        return n * (n + 1) / 2
+    return window * (window + 1) / 2 + (n - window) * window
 
 
 def _conversation_lengths(batch: SpeedBatch) -> list[int]:
@@ -66,15 +85,16 @@ def step_flops(shape: ModelShape, batch: SpeedBatch, k: int, execution: str) -> 
     lengths = _conversation_lengths(batch)
     n_tokens = sum(lengths)
     n_targets = int((batch.targets() != IGNORE).sum())
+    every = range(shape.layers)
     if execution == "full_hf":
-        fwd = shape.layers * shape.layer_fwd(lengths) + shape.head_fwd(n_tokens)
+        fwd = shape.layers_fwd(lengths, every) + shape.head_fwd(n_tokens)
     elif execution == "mask":
-        fwd = shape.layers * shape.layer_fwd(lengths) + shape.head_fwd(n_targets)
+        fwd = shape.layers_fwd(lengths, every) + shape.head_fwd(n_targets)
     elif execution == "gather":
         row_lengths = batch.target_rows().valid.sum(1).tolist()
-        upper = shape.layer_fwd(row_lengths) if k < shape.layers else 0.0
-        lower_layers = k if k < shape.layers else shape.layers
-        fwd = lower_layers * shape.layer_fwd(lengths) + (shape.layers - lower_layers) * upper
+        lower_layers = min(k, shape.layers)
+        upper = (shape.layers - lower_layers) * shape.layer_fwd(row_lengths)
+        fwd = shape.layers_fwd(lengths, range(lower_layers)) + upper
         fwd += shape.head_fwd(n_targets)
     else:
         raise ValueError(f"unknown execution {execution!r}: full_hf, mask or gather")

@@ -7,7 +7,8 @@ the cache of an upper layer holds anchor + decode tokens only.
 
 The cache is preallocated ([B, H_kv, capacity, D] per layer, written in place): no
 per-step concatenation, so it is also the long-context timing path. A slot that holds padding
-is masked out by a per-depth ``valid`` map.
+is masked out by a per-depth ``valid`` map. Sliding-window layers (Gemma-3) keep every slot too
+and mask those a window back (the slots record positions): exact, not the smallest cache.
 """
 
 from __future__ import annotations
@@ -21,16 +22,16 @@ from .adapters import ModelParts, enable_speed_attention
 from .batch import SpeedBatch, collate, gather_rows
 from .executors import check_k, run_layers
 from .roles import DECODE, EncodedExample
-from .visibility import TokenMeta, allowed, build_mask
+from .visibility import TokenMeta, allowed, layer_masks
 
 
 class SpeedCache:
     """Preallocated KV cache with two depths: layers < k ("lower") and layers >= k ("upper").
 
     Duck-types the part of transformers' ``Cache`` that attention layers call (``update``).
-    Each slot also records its token's role, turn and conversation (-1 = empty/padding), so the
-    mask of any step is :func:`visibility.allowed` between the step's tokens and the slots —
-    the same rule as the teacher-forced executions. Tokens of one step are written at
+    Each slot also records its token's role, turn, conversation (-1 = empty/padding) and
+    position, so the mask of any step is :func:`visibility.allowed` between the step's tokens and
+    the slots — the same rule as the teacher-forced executions. Tokens of one step are written at
     ``[pos, pos + n)`` of their depth; ``advance`` moves on.
     """
 
@@ -53,7 +54,7 @@ class SpeedCache:
         self.keys = [torch.zeros(batch, heads, c, head_dim, dtype=dtype, device=device) for c in cap]
         self.values = [torch.zeros_like(t) for t in self.keys]
         self.meta = {
-            d: TokenMeta(*(torch.full((batch, c), -1, dtype=torch.long, device=device) for _ in range(3)))
+            d: TokenMeta(*(torch.full((batch, c), -1, dtype=torch.long, device=device) for _ in range(4)))
             for d, c in (("lower", lower_capacity), ("upper", upper_capacity))
         }
         self.pos = {"lower": 0, "upper": 0}
@@ -64,10 +65,13 @@ class SpeedCache:
         return "upper" if layer_idx >= self.k else "lower"
 
     def begin(self, depth: str, meta: TokenMeta) -> None:
-        """Announce the next step's tokens ([B, n] roles/turns/conversation ids) for one depth."""
+        """Announce the next step's tokens ([B, n] roles/turns/conversation ids/positions) for one
+        depth."""
+        if meta.positions is None:
+            raise ValueError("cache steps need the tokens' positions (TokenMeta.positions)")
         p, n = self.pos[depth], meta.roles.shape[1]
         self._ensure(depth, p + n)
-        for name in ("roles", "turns", "seq_ids"):
+        for name in ("roles", "turns", "seq_ids", "positions"):
             getattr(self.meta[depth], name)[:, p : p + n] = getattr(meta, name)
         self.step_len[depth] = n
 
@@ -84,7 +88,10 @@ class SpeedCache:
                 self.keys[i] = torch.cat([self.keys[i], pad], 2)
                 self.values[i] = torch.cat([self.values[i], pad.clone()], 2)
         m = self.meta[depth]
-        grow = [torch.cat([t, t.new_full((t.shape[0], extra), -1)], 1) for t in (m.roles, m.turns, m.seq_ids)]
+        grow = [
+            torch.cat([t, t.new_full((t.shape[0], extra), -1)], 1)
+            for t in (m.roles, m.turns, m.seq_ids, m.positions)
+        ]
         self.meta[depth] = TokenMeta(*grow)
 
     def advance(self, depth: str) -> None:
@@ -99,8 +106,9 @@ class SpeedCache:
         self.high[layer_idx] = max(self.high[layer_idx], p + n)
         return self.keys[layer_idx][:, :, : p + n], self.values[layer_idx][:, :, : p + n]
 
-    def step_mask(self, depth: str) -> torch.Tensor:
-        """[B, 1, n, S] mask of the announced step's tokens over every slot written so far."""
+    def step_mask(self, depth: str, window: int | None = None) -> torch.Tensor:
+        """[B, 1, n, S] mask of the announced step's tokens over every slot written so far
+        (``window``: a sliding-window layer's)."""
         p, n = self.pos[depth], self.step_len[depth]
         m = self.meta[depth]
         S = p + n
@@ -116,6 +124,9 @@ class SpeedCache:
             m.seq_ids[:, None, :S],
             kidx[None, None, :],
             upper=depth == "upper",
+            window=window,
+            q_pos=m.positions[:, q, None],
+            k_pos=m.positions[:, None, :S],
         )
         return allowed_[:, None]
 
@@ -180,10 +191,10 @@ def prefill(
     cache.begin("lower", meta)
     hidden = run_layers(
         parts,
-        parts.layers[:k],
+        range(k),
         parts.embed(batch.input_ids),
         batch.position_ids,
-        build_mask(meta, upper=False),
+        layer_masks(meta, range(k), k, parts.windows),
         cache=cache,
         use_cache=True,
     )
@@ -196,16 +207,16 @@ def prefill(
         cache.begin("upper", row_meta)
         h = run_layers(
             parts,
-            parts.layers[k:],
+            range(k, L),
             hidden[rb, rt],
             batch.position_ids[rb, rt],
-            build_mask(row_meta, upper=True),
+            layer_masks(row_meta, range(k, L), k, parts.windows),
             cache=cache,
             use_cache=True,
         )
         cache.advance("upper")
         last_hidden = h[torch.arange(B, device=device), valid.sum(1) - 1]
-    return cache, parts.lm_head(parts.norm(last_hidden))
+    return cache, parts.logits(last_hidden)
 
 
 def decode_chunk(
@@ -220,34 +231,40 @@ def decode_chunk(
     """Run n decode-phase tokens per row ([B, n]) through all layers on top of the cache;
     returns their logits [B, n, V] (``head=False``: the last layer's hidden states, before the
     final norm, for a caller that needs logits at a few positions only). ``meta`` marks padding
-    (seq_ids -1) and the turn.
+    (seq_ids -1) and the turn; its positions default to ``positions``.
 
     ``branches`` ([B, n] ints): several continuations of the cached prompt side by side in one
     row (a tree: e.g. the choices of a multiple-choice question). A token sees what
     :func:`visibility.allowed` lets it see among the cached slots, and, among this chunk's tokens,
     only those of its own branch: exactly what it would see with its branch alone in a copy of
     the cache (its positions are given by ``positions``)."""
+    if meta.positions is None:
+        meta = TokenMeta(meta.roles, meta.turns, meta.seq_ids, positions)
     h = parts.embed(tokens)
-    pe = parts.rope(h, positions)
     for depth in ("lower", "upper"):
         cache.begin(depth, meta)
-    masks = {d: cache.step_mask(d) for d in ("lower", "upper")}
+    windows = parts.windows
+    masks = {key: cache.step_mask(*key) for key in {(cache.depth(i), w) for i, w in enumerate(windows)}}
     if branches is not None:
         same = (branches[:, :, None] == branches[:, None, :])[:, None]  # [B, 1, n, n]
         for m in masks.values():
             m[..., m.shape[-1] - tokens.shape[1] :] &= same
+    pe: dict = {}
     for i, layer in enumerate(parts.layers):
+        kind = parts.rope_kind(i)
+        if kind not in pe:
+            pe[kind] = parts.rope(h, positions, kind)
         h = layer(
             h,
-            attention_mask=masks[cache.depth(i)],
+            attention_mask=masks[cache.depth(i), windows[i]],
             position_ids=positions,
             cache=cache,
             use_cache=True,
-            position_embeddings=pe,
+            position_embeddings=pe[kind],
         )
     for depth in ("lower", "upper"):
         cache.advance(depth)
-    return parts.lm_head(parts.norm(h)) if head else h
+    return parts.logits(h) if head else h
 
 
 @dataclass

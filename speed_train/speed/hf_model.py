@@ -29,6 +29,8 @@ import warnings
 
 import torch
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -258,11 +260,20 @@ class SpeedOlmo2ForCausalLM(SpeedGenerationMixin, Olmo2ForCausalLM):
     config_class = SpeedOlmo2Config
 
 
-# base model_type -> (config class, model class)
+class SpeedGemma3Config(Gemma3TextConfig):
+    model_type = "speed_gemma3"
+
+
+class SpeedGemma3ForCausalLM(SpeedGenerationMixin, Gemma3ForCausalLM):
+    config_class = SpeedGemma3Config
+
+
+# architecture (adapters.architecture) -> (config class, model class)
 SPEED_CLASSES = {
     "llama": (SpeedLlamaConfig, SpeedLlamaForCausalLM),
     "mistral": (SpeedMistralConfig, SpeedMistralForCausalLM),
     "qwen2": (SpeedQwen2Config, SpeedQwen2ForCausalLM),
     "qwen3": (SpeedQwen3Config, SpeedQwen3ForCausalLM),
     "olmo2": (SpeedOlmo2Config, SpeedOlmo2ForCausalLM),
+    "gemma3": (SpeedGemma3Config, SpeedGemma3ForCausalLM),
 }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .adapters import SUPPORTED_ARCHITECTURES
+from .adapters import MODEL_TYPES, SUPPORTED_ARCHITECTURES
 
 
 def tiny_config(
@@ -34,10 +34,15 @@ def tiny_config(
         eos_token_id=2,
         tie_word_embeddings=False,
     )
-    if arch == "qwen3":
+    if arch in ("qwen3", "gemma3"):
         kw["head_dim"] = hidden // heads
+    if arch == "gemma3":
+        # Gemma-3's shape at small size: sliding layers with a short window (so test prompts are
+        # longer than it) and full-attention layers between them; the attention scale 1/sqrt(head_dim)
+        kw.update(sliding_window=8, query_pre_attn_scalar=hidden // heads, sliding_window_pattern=3)
     kw.update(overrides)
-    return AutoConfig.for_model(arch, **kw)
+    model_type = next(t for t, a in MODEL_TYPES.items() if a == arch)
+    return AutoConfig.for_model(model_type, **kw)
 
 
 def tiny_model(arch: str = "llama", *, seed: int = 0, dtype=torch.float32, **kw):

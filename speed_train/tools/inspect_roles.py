@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", default="smollm2", help="'smollm2', 'llama3', a local folder or a Hub id")
+    p.add_argument(
+        "--model", default="smollm2", help="'smollm2', 'gemma3', 'llama3', a local folder or a Hub id"
+    )
     p.add_argument("--chat-template", default=None, help="override: 'tulu', 'llama3', 'chatml' or Jinja text")
     p.add_argument("--k", type=_k_arg, default=None, help="cutoff: layer count (24) or fraction (0.75)")
     p.add_argument("--anchor", choices=ANCHOR_POLICIES, default="bos")
@@ -136,15 +138,13 @@ def _num_layers(model: str) -> int | None:
     """The model's layer count (None for a tokenizer-only folder or the Llama-3 tokenizer)."""
     from transformers import AutoConfig
 
-    from speed_train.loading import resolve
+    from speed_train.loading import PACKAGED_MODELS, PACKAGED_TOKENIZERS, packaged_path, resolve
 
-    where = resolve(model, packaged=("smollm2", "llama3"))
+    where = resolve(model, packaged=PACKAGED_TOKENIZERS)
     if where == "llama3":
         return None
-    if where == "smollm2":
-        from speed_train.assets import smollm2_path
-
-        where = smollm2_path()
+    if where in PACKAGED_MODELS:
+        where = packaged_path(where)
     try:
         return AutoConfig.from_pretrained(str(where)).num_hidden_layers
     except (OSError, ValueError, AttributeError):

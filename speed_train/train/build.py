@@ -19,6 +19,7 @@ from speed_train.speed.config import SpeedConfig, SpeedConfigError
 from speed_train.speed.roles import RoleError, check_add_bos
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PACKAGED_SOURCES = ("smollm2", "gemma3")  # model.source values naming a packaged model (loading.py)
 
 
 class ConfigError(ValueError):
@@ -148,10 +149,10 @@ def model_config(cfg: DictConfig):
     from transformers import AutoConfig
 
     m = cfg.model
-    if m.source == "smollm2":
-        from speed_train.assets import smollm2_path
+    if m.source in PACKAGED_SOURCES:
+        from speed_train.loading import packaged_path
 
-        return AutoConfig.from_pretrained(smollm2_path())
+        return AutoConfig.from_pretrained(packaged_path(str(m.source)))
     if m.source == "tiny":
         from speed_train.speed.tiny import tiny_config
 
@@ -161,14 +162,16 @@ def model_config(cfg: DictConfig):
 
 
 def check_window(config, max_length: int, name: str) -> None:
-    """SPEED masks are full causal attention: refuse a model whose attention window is shorter."""
-    from speed_train.speed.adapters import attention_window
+    """Refuse a model whose sliding window is shorter than the data when the SPEED masks do not
+    implement that architecture's window (Gemma-3's they do: speed.visibility)."""
+    from speed_train.speed.adapters import WINDOWED_ARCHITECTURES, unsupported_window
 
-    window = attention_window(config)
+    window = unsupported_window(config)
     if window is not None and window < max_length:
         raise ConfigError(
             f"model {name} attends within a sliding window of {window} tokens, shorter than data.max_length="
-            f"{max_length}: SPEED masks implement full causal attention only; set data.max_length<={window}"
+            f"{max_length}: SPEED masks implement sliding windows for {', '.join(WINDOWED_ARCHITECTURES)} "
+            f"only; set data.max_length<={window}"
         )
 
 
@@ -203,17 +206,19 @@ def load_tokenizer(cfg: DictConfig):
     from speed_train.loading import load_tokenizer as load
 
     m = cfg.model
-    name = m.tokenizer or ("smollm2" if m.source in ("smollm2", "tiny") else m.pretrained)
+    name = m.tokenizer or (
+        str(m.source) if m.source in PACKAGED_SOURCES else "smollm2" if m.source == "tiny" else m.pretrained
+    )
     return load(name, chat_template=m.chat_template)
 
 
 def load_model(cfg: DictConfig, tokenizer):
     m = cfg.model
     dtype = DTYPES[str(m.dtype)]
-    if m.source in ("smollm2", "hub"):
+    if m.source in (*PACKAGED_SOURCES, "hub"):
         from speed_train.loading import load_weights
 
-        model = load_weights("smollm2" if m.source == "smollm2" else m.pretrained, dtype=dtype)
+        model = load_weights(str(m.source) if m.source in PACKAGED_SOURCES else m.pretrained, dtype=dtype)
     elif m.source == "tiny":
         from speed_train.speed.tiny import tiny_model
 
@@ -268,7 +273,8 @@ def seeded_init(model: torch.nn.Module, seed: int) -> None:
     draws differently when it builds a model ZeRO-3-partitioned (no constructor inits, rank 0
     only), and a random-init run must start from the same weights with or without ZeRO-3.
     Same distribution as HF's ``_init_weights`` for the decoder LMs we support: linear and
-    embedding weights ~ N(0, initializer_range) (padding row 0), norm weights 1, biases 0.
+    embedding weights ~ N(0, initializer_range) (padding row 0), norm weights 1 (Gemma's: 0, as
+    its norms scale by 1 + weight), biases 0.
     ZeRO-3 parameters are gathered one at a time and written by rank 0."""
     std = float(getattr(model.config, "initializer_range", 0.02))
     seen: set[int] = set()
@@ -287,6 +293,8 @@ def seeded_init(model: torch.nn.Module, seed: int) -> None:
                 pad = getattr(module, "padding_idx", None)
                 if isinstance(module, torch.nn.Embedding) and pad is not None:
                     value[pad] = 0
+            elif len(shape) == 1 and type(module).__name__ == "Gemma3RMSNorm":
+                value = torch.zeros(shape)  # Gemma's norms scale by (1 + weight)
             elif len(shape) == 1:  # RMSNorm / LayerNorm weights (OLMo2/Qwen3 q/k norms included)
                 value = torch.ones(shape)
             else:

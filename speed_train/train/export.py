@@ -100,6 +100,19 @@ def os_error_of(e: BaseException) -> OSError | None:
     return OSError(number, os.strerror(number))
 
 
+def write_gemma_terms(d: Path) -> None:
+    """Gemma's terms go with every copy of the model (Gemma Terms of Use, section 3.1): the notice,
+    and the terms themselves from the installed asset package when it is there."""
+    import shutil
+
+    from speed_train.assets import GEMMA_NOTICE, gemma_terms_file
+
+    write_text(d / "NOTICE", GEMMA_NOTICE + "\n")
+    terms = gemma_terms_file()
+    if terms is not None:
+        shutil.copyfile(terms, d / terms.name)
+
+
 def export(model, tokenizer, cfg: DictConfig, k: int, out: Path, result=None) -> dict[str, str]:
     """``_export``; a failure to write (a full disk, a read-only folder) is raised as an OSError."""
     try:
@@ -121,7 +134,7 @@ def _export(model, tokenizer, cfg: DictConfig, k: int, out: Path, result=None) -
 
     ``model`` must be a full (consolidated) model; with LoRA it is merged in place. With
     ``export.push_to_hub`` the model folder is uploaded to that Hub repository."""
-    from speed_train.hf.card import model_card
+    from speed_train.hf.card import is_gemma, model_card
     from speed_train.hf.export import make_hf_native
 
     check_not_empty(model, "the model")
@@ -174,6 +187,8 @@ def _export(model, tokenizer, cfg: DictConfig, k: int, out: Path, result=None) -
             )
         write_speed(d)
         write_text(d / "README.md", model_card(cfg, config, k, result, repo, hf_native=hf_native))
+        if is_gemma(cfg, config):
+            write_gemma_terms(d)
 
     atomic_dir(out / "model", write_model)
     paths["model"] = str(out / "model")

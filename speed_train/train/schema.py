@@ -24,6 +24,7 @@ from speed_train.speed.config import AttentionBackend, Executor, SpeedConfig, St
 
 class ModelSource(StrEnum):
     smollm2 = "smollm2"  # the packaged SmolLM2-135M-Instruct
+    gemma3 = "gemma3"  # the packaged Gemma-3-270M base model (opt-in: make setup-gemma)
     hub = "hub"  # from_pretrained(pretrained): a Hub id or a local folder
     tiny = "tiny"  # random init from the architecture's config (tests, rehearsals)
 
@@ -70,7 +71,9 @@ class ModelConfig:
     name: str = MISSING
     source: ModelSource = ModelSource.hub
     pretrained: Optional[str] = None
-    tokenizer: Optional[str] = None  # defaults to `pretrained`; also 'smollm2' or 'llama3' (packaged)
+    tokenizer: Optional[str] = (
+        None  # defaults to `pretrained`; also 'smollm2', 'gemma3' or 'llama3' (packaged)
+    )
     chat_template: Optional[str] = None  # override: 'tulu', 'llama3', 'chatml' or a Jinja string
     arch: str = "llama"  # tiny only
     num_layers: Optional[int] = None  # known layer count (validated against K before loading)
