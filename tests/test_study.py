@@ -125,6 +125,24 @@ def test_design_checks_refuse_what_is_not_a_controlled_study(tmp_path):
         S.read_runs(tmp_path / "sweep", tmp_path / "again")
 
 
+def test_select_seeds_keeps_a_complete_subset(tmp_path):
+    runs = make_grid(tmp_path, seeds=(0, 1, 2))
+    partial = [r for r in runs if not (r["name"] == "SPEED-22" and r["seed"] == 1)]
+    with pytest.raises(S.StudyError, match="no finished run for SPEED-22 seed 1"):
+        S.check_design(partial)
+    kept = S.select_seeds(partial, "0,2")
+    assert sorted((r["name"], r["seed"]) for r in kept) == sorted(
+        (a, s) for a in ("Full-IT", "SPEED-22", "SPEED-22+BoS") for s in (0, 2)
+    )
+    assert S.check_design(kept)["seeds"] == [0, 2]
+    with pytest.raises(
+        S.StudyError, match=r"--seeds 0,5: no finished run with seed\(s\) \[5\]; found \[0, 1, 2\]"
+    ):
+        S.select_seeds(partial, "0,5")
+    with pytest.raises(S.StudyError, match="--seeds 'a': a comma list of integers"):
+        S.select_seeds(partial, "a")
+
+
 def test_summary_tables_from_units(tmp_path):
     runs = make_grid(tmp_path)
     design = S.check_design(runs)

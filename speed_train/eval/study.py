@@ -96,6 +96,20 @@ def read_runs(*sweeps: str | Path) -> list[dict]:
     return runs
 
 
+def select_seeds(runs: list[dict], seeds: str) -> list[dict]:
+    """The runs of the training seeds in ``seeds`` (a comma list), each of which must exist."""
+    try:
+        wanted = {int(x) for x in seeds.split(",") if x.strip()}
+    except ValueError:
+        raise StudyError(f"--seeds {seeds!r}: a comma list of integers") from None
+    found = {r["seed"] for r in runs}
+    if not wanted or wanted - found:
+        raise StudyError(
+            f"--seeds {seeds}: no finished run with seed(s) {sorted(wanted - found)}; found {sorted(found)}"
+        )
+    return [r for r in runs if r["seed"] in wanted]
+
+
 def check_design(runs: list[dict]) -> dict:
     """The arms x seeds grid is complete and, per seed, the arms saw identical tokens."""
     arms = sorted({r["name"] for r in runs}, key=_arm_order)
@@ -437,6 +451,11 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--limit", type=int, default=None, help="at most this many questions per task (quick runs)"
     )
+    ap.add_argument(
+        "--seeds",
+        default=None,
+        help="comma list: only these training seeds (default: every seed found; the grid must be complete)",
+    )
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument(
         "--workers", type=int, default=1, help="processes of one thread each (runs spread over them)"
@@ -455,6 +474,8 @@ def _main(args) -> dict:
     if args.workers < 1 or args.batch_size < 1:
         raise StudyError("--workers and --batch-size must be at least 1")
     runs = read_runs(*args.arms)
+    if args.seeds is not None:
+        runs = select_seeds(runs, args.seeds)
     design = None if args.evaluate_only else check_design(runs)
     per_task = parse_questions(args.questions, args.limit)
     tasks = [load_task(t, args.variant, limit=n) for t, n in per_task.items()]  # every file checked first
