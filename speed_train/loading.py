@@ -138,24 +138,35 @@ def packaged_path(name: str) -> Path:
 
 
 def saved_speed_settings(model, name: str | None = None, adapter: str | None = None) -> dict:
-    """The SPEED settings a model was trained with: ``{"k", "anchor", "add_bos"}`` from its config
-    (an HF-native export, local or on the Hub), else from ``speed_config.json`` in the adapter or
-    model folder; {} for a plain model."""
+    """The SPEED settings a model was trained with: ``{"k", "anchor", "add_bos"}``; {} for a plain
+    model. Where they come from, first found: the adapter's ``speed_config.json`` (a LoRA adapter
+    carries its own training's settings); the model's config (an HF-native export, local or on the
+    Hub: ``config.json`` is what transformers runs, so it wins over the folder's copy); the model
+    folder's ``speed_config.json``. The cutoff is checked against the model's layers here, so an
+    edited or foreign value is refused in one line before any work (never clamped)."""
     from speed_train.speed.adapters import unwrap
+    from speed_train.speed.config import resolve_saved_k
 
-    for folder in (adapter, name):
-        if folder and (Path(folder) / "speed_config.json").is_file():
-            saved = json.loads((Path(folder) / "speed_config.json").read_text(encoding="utf-8"))
-            return {
-                "k": saved.get("k_layers", saved.get("k")),
-                "anchor": saved.get("anchor", "bos"),
-                "add_bos": saved.get("add_bos", "auto"),
-            }
-    config = unwrap(model).config
-    if hasattr(config, "speed_k"):
+    def from_file(folder: str | None) -> dict | None:
+        if not folder or not (Path(folder) / "speed_config.json").is_file():
+            return None
+        saved = json.loads((Path(folder) / "speed_config.json").read_text(encoding="utf-8"))
         return {
+            "k": saved.get("k_layers", saved.get("k")),
+            "anchor": saved.get("anchor", "bos"),
+            "add_bos": saved.get("add_bos", "auto"),
+        }
+
+    config = unwrap(model).config
+    found = from_file(adapter)
+    if found is None and hasattr(config, "speed_k"):
+        found = {
             "k": config.speed_k,
             "anchor": getattr(config, "speed_anchor", "bos"),
             "add_bos": getattr(config, "speed_add_bos", "auto"),
         }
-    return {}
+    found = found or from_file(name)
+    if not found:
+        return {}
+    resolve_saved_k(found["k"], config.num_hidden_layers)
+    return found

@@ -4,6 +4,7 @@ stop strings and sampling give exactly what the package's SPEED executions give.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import warnings
@@ -385,3 +386,38 @@ def test_gemma3_export_left_padding_long_generation_and_full_depth(tmp_path, tok
         plain.generate(ids, attention_mask=mask, **kw).tolist()
         == model.generate(ids, attention_mask=mask, **kw).tolist()
     )
+
+
+def test_an_edited_speed_k_is_read_as_everywhere_or_refused(llama, tmp_path):
+    """config.json's speed_k: a fraction is a share of the layers (not int(0.75) = 0); 0, L + 1 and
+    -1 are refused at load in one line (not run at K = 0, clamped to full depth, or a RuntimeError);
+    and config.json wins over the folder's speed_config.json, in the HF class and in speed-train."""
+    import shutil
+
+    from speed_train.loading import load_model, saved_speed_settings
+    from speed_train.speed.config import SpeedConfigError
+
+    _, _, _, folder = llama
+
+    def edited(value, name):
+        d = tmp_path / name
+        shutil.copytree(folder, d)
+        config = json.loads((d / "config.json").read_text())
+        config["speed_k"] = value
+        (d / "config.json").write_text(json.dumps(config))
+        return d
+
+    d = edited(0.75, "frac")
+    hf = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True)
+    assert hf.speed_k == round(0.75 * L)
+    (d / "speed_config.json").write_text(json.dumps({"k": 1, "anchor": "bos"}))  # a stale copy
+    model, _ = load_model(str(d))
+    assert saved_speed_settings(model, str(d))["k"] == 0.75
+    for value, message in (
+        (0, "speed_k=0 in the saved model: cutoff k=0 must be at least 1 layer"),
+        (L + 1, f"speed_k={L + 1} in the saved model: cutoff k={L + 1} exceeds the model's {L} layers"),
+        (-1, "speed_k=-1 in the saved model: cutoff k=-1 must be at least 1 layer"),
+    ):
+        d = edited(value, f"k{value}")
+        with pytest.raises(SpeedConfigError, match=re.escape(message)):
+            AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True)

@@ -61,7 +61,7 @@ def _use_with_speed_train(k: int) -> list[str]:
         "## Use",
         "",
         "```bash",
-        "python -m speed_train.chat <this folder>        # K and the anchor from speed_config.json",
+        "python -m speed_train.chat <this folder>        # K and the anchor from config.json",
         "python -m speed_train.eval --model <this folder>",
         "```",
         "",

@@ -136,3 +136,13 @@ def parse_k(value: object) -> int | float | None:
         raise SpeedConfigError(
             f"cutoff k={value!r}: give a layer count (24), a fraction (0.75) or 'full'"
         ) from None
+
+
+def resolve_saved_k(value: object, num_layers: int, where: str = "speed_k") -> int:
+    """A saved cutoff (an export's ``speed_k``, ``speed_config.json``'s ``k``) as a layer count,
+    read exactly as every other cutoff: null -> L, an int in 1..L, a float in (0, 1] -> that share
+    of the layers. Anything else is refused naming ``where``, never clamped into range."""
+    try:
+        return SpeedConfig(k=parse_k(value)).resolve_k(num_layers)
+    except SpeedConfigError as e:
+        raise SpeedConfigError(f"{where}={value!r} in the saved model: {e}") from None

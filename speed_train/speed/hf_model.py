@@ -46,6 +46,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .adapters import enable_speed_attention
 from .batch import SpeedBatch, collate
+from .config import resolve_saved_k
 from .executors import mask_forward
 from .generate import SpeedCache, decode_chunk, prefill
 from .roles import DECODE, IGNORE, EncodedExample
@@ -80,11 +81,14 @@ class SpeedGenerationMixin:
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the prefill builds its own two-depth cache
 
+    def __init__(self, config, *args, **kwargs) -> None:
+        super().__init__(config, *args, **kwargs)
+        resolve_saved_k(getattr(config, "speed_k", None), config.num_hidden_layers)  # refused at load
+
     @property
     def speed_k(self) -> int:
-        k = getattr(self.config, "speed_k", None)
-        L = self.config.num_hidden_layers
-        return L if k is None else min(int(k), L)
+        """``config.speed_k`` as a layer count (a fraction is a share of the layers, as everywhere)."""
+        return resolve_saved_k(getattr(self.config, "speed_k", None), self.config.num_hidden_layers)
 
     @property
     def speed_rule(self) -> TokenRoleRule:
