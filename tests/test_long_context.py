@@ -16,13 +16,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from speed_train.loading import load_tokenizer
-
-    return load_tokenizer("smollm2")
-
-
 @pytest.mark.parametrize("depth", [0, 50, 100])
 def test_niah_prompt_fits_its_length_with_the_needle_at_its_depth(tok, depth):
     s = LC.build_sample("niah", tok, 512, depth, 0)

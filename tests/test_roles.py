@@ -26,13 +26,6 @@ IM_END, NL = 2, 198
 
 
 @pytest.fixture(scope="session")
-def tok():
-    from speed_train.assets import load_smollm2_tokenizer
-
-    return load_smollm2_tokenizer()  # converts the GGUF once into the cache, then loads fast
-
-
-@pytest.fixture(scope="session")
 def llama3(tok):
     return T.make_tokenizer(tok, T.LLAMA3, T.LLAMA3_SPECIALS, T.LLAMA3_SPLIT)
 
