@@ -129,11 +129,9 @@ def load_recipe(name_or_path: str | Path | Mapping[str, Any] | Recipe) -> Recipe
     entry = resources.files(_PACKAGE).joinpath(_FOLDER, f"{text}.yaml")
     if not entry.is_file():
         known = available_recipes()
-        hint = difflib.get_close_matches(text, known, n=1)
         raise RecipeError(
             f"unknown recipe {text!r}: packaged recipes are {', '.join(known)}"
-            + (f" (did you mean {hint[0]!r}?)" if hint else "")
-            + "; or give the path of a recipe YAML file"
+            f"{did_you_mean(text, known)}; or give the path of a recipe YAML file"
         )
     return _parse_file(
         entry.read_text(encoding="utf-8-sig"), f"{_FOLDER}/{text}.yaml", Path(str(entry)).parent
@@ -159,14 +157,17 @@ def _parse_file(text: str, origin: str, base_dir: Path) -> Recipe:
     return parse_recipe(doc, origin=origin, base_dir=base_dir)
 
 
+def did_you_mean(value: object, choices) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, or ''."""
+    hint = difflib.get_close_matches(str(value), list(choices), n=1)
+    return f" (did you mean {hint[0]!r}?)" if hint else ""
+
+
 def _unknown_keys(d: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
     for key in d:
         if key not in allowed:
-            hint = difflib.get_close_matches(str(key), allowed, n=1)
             raise RecipeError(
-                f"{where}: unknown key {key!r}"
-                + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                + f"; allowed keys: {', '.join(allowed)}"
+                f"{where}: unknown key {key!r}{did_you_mean(key, allowed)}; allowed keys: {', '.join(allowed)}"
             )
 
 
@@ -267,11 +268,8 @@ def _parse_source(s: Any, where: str, base_dir: Path | None) -> SourceSpec:
         )
     fmt = s.get("format")
     if fmt not in FORMATS:
-        hint = difflib.get_close_matches(str(fmt), FORMATS, n=1)
         raise RecipeError(
-            f"{where}: unknown format {fmt!r}"
-            + (f" (did you mean {hint[0]!r}?)" if hint else "")
-            + f"; use one of {', '.join(FORMATS)}"
+            f"{where}: unknown format {fmt!r}{did_you_mean(fmt, FORMATS)}; use one of {', '.join(FORMATS)}"
         )
     split = s.get("split", "train")
     if not isinstance(split, str) or not split:

@@ -30,8 +30,9 @@ import functools
 import re
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
+from .config import StrEnum
 from .roles import (
     BAD_ARGUMENT,
     BAD_MESSAGE,
@@ -59,10 +60,22 @@ if TYPE_CHECKING:
 MESSAGE_ROLES = ("system", "user", "assistant")
 # Looked up by name in the vocabulary (in addition to eos) when no end_token_ids are given.
 DEFAULT_END_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "</s>", "<|endoftext|>", "<end_of_turn>")
-TRUNCATE = ("error", "drop_turns")
-EMPTY_HEADER = ("error", "last_prompt_token")
-Truncate = Literal["error", "drop_turns"]
-EmptyHeader = Literal["error", "last_prompt_token"]
+
+
+class Truncate(StrEnum):
+    """What a conversation longer than max_length becomes (also the training schema's type)."""
+
+    error = "error"  # drop a too-long conversation as too_long
+    drop_turns = "drop_turns"  # keep the longest prefix ending with a complete assistant turn
+
+
+class EmptyHeader(StrEnum):
+    error = "error"
+    last_prompt_token = "last_prompt_token"
+
+
+TRUNCATE = Truncate.values()
+EMPTY_HEADER = EmptyHeader.values()
 
 
 def encode_conversation(
@@ -72,8 +85,8 @@ def encode_conversation(
     *,
     end_token_ids: int | Iterable[int] | None = None,
     max_length: int | None = None,
-    truncate: Truncate = "error",
-    empty_header: EmptyHeader = "error",
+    truncate: Truncate | str = "error",
+    empty_header: EmptyHeader | str = "error",
     add_bos: AddBos = "auto",
 ) -> EncodedExample:
     """Encode a chat conversation for SPEED training (roles, turns, labels).
@@ -194,7 +207,7 @@ def encode_generation_prompt(
     config: SpeedConfig,
     *,
     end_token_ids: int | Iterable[int] | None = None,
-    empty_header: EmptyHeader = "error",
+    empty_header: EmptyHeader | str = "error",
     add_bos: AddBos = "auto",
 ) -> EncodedExample:
     """Encode a history that ends before an assistant turn, plus the assistant header, for inference.

@@ -19,6 +19,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from speed_train.speed.chat_roles import Truncate
 from speed_train.speed.config import AttentionBackend, Executor, SpeedConfig, StrEnum
 
 
@@ -33,11 +34,6 @@ class DType(StrEnum):
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
-
-
-class Truncate(StrEnum):
-    drop_turns = "drop_turns"  # keep the longest prefix ending with a complete assistant turn
-    error = "error"  # drop a too-long conversation as too_long
 
 
 class Schedule(StrEnum):
