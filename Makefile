@@ -35,6 +35,7 @@ test-fast:
 lint:
 	$(PY) -m ruff check speed_train tests
 	$(PY) -m ruff format --check speed_train tests
+	$(PY) -c "import sys; from importlinter.cli import lint_imports; sys.exit(lint_imports())"
 
 bench:
 	$(PY) -m speed_train.bench.step

@@ -24,7 +24,7 @@ from speed_train.atomic import save_figure, write_json
 from speed_train.cli import ArgumentParser, output_file
 from speed_train.speed.adapters import enable_speed_attention
 from speed_train.speed.batch import collate
-from speed_train.speed.flops import ModelShape
+from speed_train.speed.flops import ModelShape, kv_bytes_formula, prefill_flops  # noqa: F401  (re-exported)
 from speed_train.speed.generate import decode_chunk, prefill
 from speed_train.speed.roles import ANCHOR, DECODE, IGNORE, PROMPT, EncodedExample
 from speed_train.speed.visibility import TokenMeta
@@ -52,20 +52,6 @@ PRESETS = {
         ),
     ),
 }
-
-
-def kv_bytes_formula(
-    shape: ModelShape, k: int, n_prompt: int, n_kept: int, batch: int, dtype_bytes: int
-) -> int:
-    """Active KV of one prompt: all n_prompt tokens in K layers, only anchor + decode (n_kept)
-    in the L - K upper layers."""
-    per_token_layer = 2 * shape.kv_heads * shape.head_dim * dtype_bytes
-    return batch * per_token_layer * (k * n_prompt + (shape.layers - k) * n_kept)
-
-
-def prefill_flops(shape: ModelShape, k: int, n: int, n_kept: int, batch: int) -> float:
-    upper = (shape.layers - k) * shape.layer_fwd([n_kept])
-    return batch * (shape.layers_fwd([n], range(k)) + upper + shape.head_fwd(1))
 
 
 def decode_step_weight_bytes(model, batch: int) -> int:

@@ -11,27 +11,22 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-Message = dict[str, str]
-Conversation = list[Message]
-
-# Reason codes, in the order they are reported.
-UNPARSABLE = "unparsable"  # a JSONL line that is not JSON
-NOT_UTF8 = "not_utf8"  # a JSONL line that is not UTF-8 text
-WRONG_TYPE = "wrong_type"  # row / field / message / content of the wrong type
-MISSING_FIELD = "missing_field"  # a required column is absent
-UNKNOWN_ROLE = "unknown_role"
-EMPTY_CONTENT = "empty_content"  # a message with empty or whitespace-only content
-NO_ASSISTANT = "no_assistant_turn"
-BAD_ORDER = "bad_order"  # system message not first, or an assistant message first
-BAD_ROW_REASONS = (
-    UNPARSABLE,
-    NOT_UTF8,
-    WRONG_TYPE,
-    MISSING_FIELD,
-    UNKNOWN_ROLE,
-    EMPTY_CONTENT,
-    NO_ASSISTANT,
+from .qa_formats import QA_ADAPTERS  # sciq, trivia_qa, nq_open, mmlu, mtbench
+from .rows import (  # noqa: F401  (re-exported: the reason codes and the row type live in rows)
     BAD_ORDER,
+    BAD_ROW_REASONS,
+    EMPTY_CONTENT,
+    MISSING_FIELD,
+    NO_ASSISTANT,
+    NOT_UTF8,
+    UNKNOWN_ROLE,
+    UNPARSABLE,
+    WRONG_TYPE,
+    BadRow,
+    Conversation,
+    Message,
+    _field,
+    _mapping,
 )
 
 # Speaker names of ShareGPT-style dumps; anything else (tool, observation, ...) is unknown.
@@ -46,29 +41,6 @@ SHAREGPT_ROLES = {
     "system": "system",
 }
 MESSAGE_ROLES = ("system", "user", "assistant")
-
-
-class BadRow(ValueError):
-    """A row that cannot become a conversation; ``reason`` is one of ``BAD_ROW_REASONS``."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-
-
-def _mapping(row: Any) -> Mapping[str, Any]:
-    if not isinstance(row, Mapping):
-        raise BadRow(WRONG_TYPE, f"row is a {type(row).__name__}, expected an object")
-    return row
-
-
-def _field(row: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
-    if key not in row or row[key] is None:
-        raise BadRow(MISSING_FIELD, f"no {key!r} field")
-    value = row[key]
-    if not isinstance(value, kind) or isinstance(value, bool):  # a bool is an int to isinstance
-        raise BadRow(WRONG_TYPE, f"{key!r} is a {type(value).__name__}")
-    return value
 
 
 def _optional_str(row: Mapping[str, Any], key: str) -> str | None:
@@ -157,6 +129,7 @@ ADAPTERS: dict[str, Callable[[Any], Conversation]] = {
     "prompt_response": from_prompt_response,
     "alpaca": from_alpaca,
     "chatterbot": from_chatterbot,
+    **QA_ADAPTERS,
 }
 FORMATS = tuple(ADAPTERS)
 
@@ -190,9 +163,3 @@ def normalize_messages(messages: Conversation, system_prompt: str | None = None)
 def to_conversation(row: Any, fmt: str, system_prompt: str | None = None) -> Conversation:
     """Adapter + shared checks. Raises :class:`BadRow`."""
     return normalize_messages(ADAPTERS[fmt](row), system_prompt)
-
-
-from .qa_formats import QA_ADAPTERS  # noqa: E402  (sciq, trivia_qa, nq_open, mmlu, mtbench)
-
-ADAPTERS.update(QA_ADAPTERS)
-FORMATS = tuple(ADAPTERS)

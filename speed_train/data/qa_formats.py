@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataError
-from .formats import EMPTY_CONTENT, MISSING_FIELD, NO_ASSISTANT, WRONG_TYPE, BadRow, Conversation
-from .formats import _field as _get
-from .formats import _mapping as _row
+from .rows import EMPTY_CONTENT, MISSING_FIELD, NO_ASSISTANT, WRONG_TYPE, BadRow, Conversation
+from .rows import _field as _get
+from .rows import _mapping as _row
 
 # Not malformed, but excluded: the row's question is an evaluation question (MMLU: a test
 # question repeated in dev / validation). Counted with the bad rows so the report shows it.

@@ -32,7 +32,7 @@ import re
 import unicodedata
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -43,31 +43,12 @@ from . import sources as src
 from .errors import DataError, RecipeError
 from .formats import FORMATS, Conversation
 from .report import DataReport, SourceReport
+from .sources import SourceSpec  # noqa: F401  (a recipe's source; defined beside its resolution)
 
 RECIPE_KEYS = ("name", "description", "system_prompt", "sources", "held_out", "seed", "max_bad_fraction")
 SOURCE_KEYS = ("name", "path", "format", "samples", "split", "subset", "revision")
 DEFAULT_MAX_BAD_FRACTION = 0.05
 _PACKAGE, _FOLDER = "speed_train.data", "recipes"
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    name: str
-    path: str
-    format: str
-    samples: int | float | None = None  # count, fraction in (0, 1], or None = all
-    split: str = "train"  # for Hub ids and saved DatasetDicts
-    subset: str | None = None  # Hub config name
-    revision: str | None = None  # Hub revision (branch, tag or commit)
-    resolved: src.Resolved = field(default_factory=lambda: src.Resolved("files"), compare=False)
-
-    @property
-    def hub_id(self) -> str | None:
-        return self.resolved.hub_id
-
-    def to_dict(self) -> dict[str, Any]:
-        keys = ("name", "path", "format", "samples", "split", "subset", "revision")
-        return {k: getattr(self, k) for k in keys}
 
 
 @dataclass(frozen=True)

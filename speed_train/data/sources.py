@@ -30,17 +30,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from .errors import DataError, HubUnavailableError
-from .formats import NOT_UTF8, UNPARSABLE, BadRow
-
-if TYPE_CHECKING:
-    from .recipes import SourceSpec
+from .rows import NOT_UTF8, UNPARSABLE, BadRow
 
 FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".yaml", ".yml", ".parquet", ".arrow")
 PKG_SCHEME, HUB_SCHEME = "pkg://", "hub://"
@@ -67,6 +64,26 @@ class Resolved:
             # A package's files are identified by its version; local files by size + mtime.
             files.append([str(f), st.st_size] if self.package else [str(f), st.st_size, st.st_mtime_ns])
         return {"kind": self.kind, "package": self.package, "files": files}
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    name: str
+    path: str
+    format: str
+    samples: int | float | None = None  # count, fraction in (0, 1], or None = all
+    split: str = "train"  # for Hub ids and saved DatasetDicts
+    subset: str | None = None  # Hub config name
+    revision: str | None = None  # Hub revision (branch, tag or commit)
+    resolved: Resolved = field(default_factory=lambda: Resolved("files"), compare=False)
+
+    @property
+    def hub_id(self) -> str | None:
+        return self.resolved.hub_id
+
+    def to_dict(self) -> dict[str, Any]:
+        keys = ("name", "path", "format", "samples", "split", "subset", "revision")
+        return {k: getattr(self, k) for k in keys}
 
 
 def _all_files(paths: tuple[Path, ...]) -> list[Path]:

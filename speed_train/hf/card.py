@@ -13,8 +13,7 @@ from speed_train.speed.config import SpeedConfig
 def inference_saving(config, k: int, context: int) -> dict[str, float]:
     """Active KV and prefill FLOPs of SPEED-K relative to full depth, for one prompt of ``context``
     tokens with a 1-token anchor and a short header (the formulas of speed_train.bench.inference)."""
-    from speed_train.bench.inference import kv_bytes_formula, prefill_flops
-    from speed_train.speed.flops import ModelShape
+    from speed_train.speed.flops import ModelShape, kv_bytes_formula, prefill_flops
 
     shape = ModelShape.from_config(config)
     kept = 1 + 4  # anchor + a typical assistant header
@@ -141,9 +140,7 @@ def model_card(
     ]
     if result is not None:
         lines += [f"| optimizer steps | {result.global_step} |", ""]
-        rows = [
-            (label, result.heldout[key]) for label, key in _heldout_labels(result) if key in result.heldout
-        ]
+        rows = [(label, result.heldout[key]) for label, key in heldout_rows(result) if key in result.heldout]
         if rows:
             lines += ["## Held-out decode-token loss", "", "| model | loss | ppl |", "|---|---|---|"]
             lines += [f"| {label} | {v:.4f} | {math.exp(v):.2f} |" for label, v in rows]
@@ -161,10 +158,21 @@ def model_card(
     return "\n".join(lines)
 
 
-def _heldout_labels(result):
-    from speed_train.train.summary import heldout_rows
-
-    return heldout_rows(result)
+def heldout_rows(r) -> list[tuple[str, str]]:
+    """(label, heldout key) of the held-out table, named for what the run trained (``r``: a run
+    result with ``k``, ``num_layers`` and ``full_it``)."""
+    k, n = r.k, r.num_layers
+    if r.full_it:
+        return [
+            ("full depth (before training)", "heldout_full_depth"),
+            (f"Full-IT after training (full depth, {n}/{n} layers)", "heldout_after"),
+        ]
+    return [
+        ("full depth (before training)", "heldout_full_depth"),
+        (f"SPEED-{k} zero-shot (before training)", "heldout_speed_zero_shot"),
+        (f"SPEED-{k} after training (served: shallow prefill)", "heldout_after"),
+        ("same weights at full depth (after training)", "heldout_after_full_depth"),
+    ]
 
 
 def _plain(cfg: DictConfig) -> DictConfig:

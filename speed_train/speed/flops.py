@@ -111,3 +111,17 @@ def flop_ratio(
     ``baseline="gather"`` (K = L through the same path: head at targets only).
     """
     return step_flops(shape, batch, k, execution) / step_flops(shape, batch, shape.layers, baseline)
+
+
+def kv_bytes_formula(
+    shape: ModelShape, k: int, n_prompt: int, n_kept: int, batch: int, dtype_bytes: int
+) -> int:
+    """Active KV of one prompt: all n_prompt tokens in K layers, only anchor + decode (n_kept)
+    in the L - K upper layers."""
+    per_token_layer = 2 * shape.kv_heads * shape.head_dim * dtype_bytes
+    return batch * per_token_layer * (k * n_prompt + (shape.layers - k) * n_kept)
+
+
+def prefill_flops(shape: ModelShape, k: int, n: int, n_kept: int, batch: int) -> float:
+    upper = (shape.layers - k) * shape.layer_fwd([n_kept])
+    return batch * (shape.layers_fwd([n], range(k)) + upper + shape.head_fwd(1))

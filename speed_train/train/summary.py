@@ -7,23 +7,8 @@ import math
 from rich.console import Console
 from rich.table import Table
 
+from speed_train.hf.card import heldout_rows
 from speed_train.train.run import RunResult, resume_command
-
-
-def heldout_rows(r: RunResult) -> list[tuple[str, str]]:
-    """(label, heldout key) of the table, named for what the run trained."""
-    k, n = r.k, r.num_layers
-    if r.full_it:
-        return [
-            ("full depth (before training)", "heldout_full_depth"),
-            (f"Full-IT after training (full depth, {n}/{n} layers)", "heldout_after"),
-        ]
-    return [
-        ("full depth (before training)", "heldout_full_depth"),
-        (f"SPEED-{k} zero-shot (before training)", "heldout_speed_zero_shot"),
-        (f"SPEED-{k} after training (served: shallow prefill)", "heldout_after"),
-        ("same weights at full depth (after training)", "heldout_after_full_depth"),
-    ]
 
 
 def source_table(r: RunResult) -> Table | None:
