@@ -318,6 +318,7 @@ def test_the_end_is_checkpointed_progress_is_logged_and_a_failed_export_says_how
         "trainer.progress_bar=true",
         "trainer.log_every_n_steps=2",
         "export.enabled=true",
+        "eval_report=true",
     ]
     r = subprocess.run(
         [sys.executable, "-c", DISK_FULL_AT_EXPORT, *args],
@@ -352,6 +353,12 @@ def test_the_end_is_checkpointed_progress_is_logged_and_a_failed_export_says_how
     assert again.returncode == 0, again.stderr[-3000:]
     assert (run / "export" / "model" / "config.json").is_file() and (run / "results.json").is_file()
     assert not (run / "failed.json").exists()  # the earlier failure no longer stands
+    # the resumed run trains no step, yet reports the held-out table after training (the rows
+    # before training came with the checkpoint)
+    results = json.loads((run / "results.json").read_text())
+    assert results["global_step"] == 3 and results["resumed_from"].endswith("step=3.ckpt")
+    for row in ("heldout_full_depth", "heldout_speed_zero_shot", "heldout_after", "heldout_after_full_depth"):
+        assert isinstance(results[row], float) and results[row] > 0, row
     assert sorted(p.name for p in (run / "export").iterdir()) == ["adapter", "model"]  # no temporaries
 
 

@@ -141,8 +141,8 @@ class HeldoutTable(L.Callback):
 
     - before training (at fit start, on a fresh run; with DeepSpeed after the engine is set up, on
       the initial weights): full depth with adapters off, and SPEED-K zero-shot;
-    - after training (at train end, before any export or consolidation, unless a pre-emption
-      stopped the run): the trained model as it will be served (SPEED-K with shallow prefill, or
+    - after training (at train end, or at fit end for a run resumed from its final checkpoint;
+      before any export or consolidation, unless a pre-emption stopped the run): the trained model as it will be served (SPEED-K with shallow prefill, or
       Full-IT at full depth when K = L), and the same weights at full depth (what serving them
       shallow costs) when K < L.
 
@@ -175,13 +175,19 @@ class HeldoutTable(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         stopped = any(getattr(cb, "received", None) for cb in trainer.callbacks)  # pre-empted: no time
-        if stopped or not len(self.examples):
+        if stopped or not len(self.examples) or "heldout_after" in self.results:
             return
         t0 = time.perf_counter()
         self._measure("heldout_after", trainer, pl_module, pl_module.k)
         if pl_module.k < pl_module.shape.layers:
             self._measure("heldout_after_full_depth", trainer, pl_module, pl_module.shape.layers)
         self.seconds += time.perf_counter() - t0
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        # resumed from the final checkpoint (to export again, say): Lightning skips the training
+        # loop and with it on_train_end, so the after-training rows are measured here
+        if trainer.global_step >= trainer.max_steps:
+            self.on_train_end(trainer, pl_module)
 
     def state_dict(self) -> dict:
         before = ("heldout_full_depth", "heldout_speed_zero_shot")
