@@ -404,7 +404,9 @@ def plot_heatmaps(summary: dict, arms: list[Arm], task: str, lengths, depths, pa
     shown = [a for a in arms if a.group == "main" and task in summary["cells"].get(a.name, {})]
     cols = min(4, len(shown))
     rows = -(-len(shown) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.2 * cols, 2.9 * rows), squeeze=False, gridspec_kw={"hspace": 0.45}
+    )
     for ax in axes.ravel()[len(shown) :]:
         ax.axis("off")
     for ax, arm in zip(axes.ravel(), shown):
