@@ -29,6 +29,7 @@ import time
 import torch
 
 from speed_train.atomic import write_json
+from speed_train.bench.inference import PRESETS as INFERENCE_PRESETS
 from speed_train.bench.measure import PeakRSS, SavedForBackward
 from speed_train.cli import ArgumentParser, output_file
 from speed_train.speed.batch import collate
@@ -42,23 +43,7 @@ from speed_train.speed.tiny import tiny_model
 # are real models' shapes. Explicit flags override a preset's numbers.
 PRESETS = {
     "small": dict(layers=8, hidden=256, heads=4, kv_heads=None, intermediate=None, vocab=8192, k=6),
-    "gemma3_270m": dict(
-        arch="gemma3",
-        layers=18,
-        hidden=640,
-        heads=4,
-        kv_heads=1,
-        intermediate=2048,
-        vocab=262144,
-        k=14,
-        overrides=dict(
-            head_dim=256,
-            query_pre_attn_scalar=256,
-            sliding_window=512,
-            sliding_window_pattern=6,
-            tie_word_embeddings=True,
-        ),
-    ),
+    "gemma3_270m": {**INFERENCE_PRESETS["gemma3_270m"], "k": 14},  # one copy of the shape: bench.inference
     "smollm2_135m": dict(
         arch="llama",
         layers=30,
