@@ -221,7 +221,10 @@ def test_configs_match_stock_yamls(task_dir):
 
 def test_write_is_idempotent_and_errors_are_clear(task_dir, tmp_path, monkeypatch):
     before = {p.name: p.read_text() for p in task_dir.iterdir()}
-    assert sorted(before) == sorted([f"{n}.yaml" for n in TASK_NAMES] + ["olmes_offline.yaml", "utils.py"])
+    ruler = [f"{n}_offline.yaml" for n in lm_eval_tasks.RULER_ESSAY_TASKS] + ["ruler_offline.py"]
+    assert sorted(before) == sorted(
+        [f"{n}.yaml" for n in TASK_NAMES] + ["olmes_offline.yaml", "utils.py", *ruler]
+    )
     assert write_offline_tasks(task_dir) == task_dir
     assert {p.name: p.read_text() for p in task_dir.iterdir()} == before  # no temp files left behind
 
