@@ -266,6 +266,24 @@ def is_partitioned(p: torch.nn.Parameter) -> bool:
     return hasattr(p, "ds_id")
 
 
+def full_shape(p: torch.nn.Parameter) -> tuple[int, ...]:
+    """The parameter's shape, also when ZeRO-3 holds only a shard of it here."""
+    return tuple(p.ds_shape) if is_partitioned(p) else tuple(p.shape)
+
+
+def assign(p: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """``p.data = value`` (in p's dtype), also for a ZeRO-3 partitioned parameter: gathered, written
+    on rank 0 and re-partitioned from it. Call under ``torch.no_grad()``."""
+    if is_partitioned(p):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            if deepspeed.comm.get_rank() == 0:
+                p.data.copy_(value.to(p.dtype))
+    else:
+        p.data.copy_(value.to(p.dtype))
+
+
 @torch.no_grad()
 def seeded_init(model: torch.nn.Module, seed: int) -> None:
     """Random init that depends only on (seed, parameter name), never on the order in which
@@ -284,7 +302,7 @@ def seeded_init(model: torch.nn.Module, seed: int) -> None:
                 continue
             seen.add(id(p))
             name = f"{mod_name}.{p_name}" if mod_name else p_name
-            shape = tuple(p.ds_shape) if is_partitioned(p) else tuple(p.shape)
+            shape = full_shape(p)
             if p_name == "bias":
                 value = torch.zeros(shape)
             elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
@@ -301,14 +319,7 @@ def seeded_init(model: torch.nn.Module, seed: int) -> None:
                 raise ValueError(
                     f"seeded_init: no init rule for {name} ({type(module).__name__}, shape {shape})"
                 )
-            if is_partitioned(p):
-                import deepspeed
-
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                    if deepspeed.comm.get_rank() == 0:
-                        p.data.copy_(value.to(p.dtype))
-            else:
-                p.data.copy_(value.to(p.dtype))
+            assign(p, value)
 
 
 def apply_lora(model, lora_cfg):

@@ -201,7 +201,7 @@ def load_initial_weights(module, path: str, current: dict[str, Any]) -> None:
     import torch
     from lightning.fabric.utilities.cloud_io import _load
 
-    from speed_train.train.build import is_partitioned
+    from speed_train.train.build import assign, full_shape
 
     checkpoint = _load(path, map_location="cpu", weights_only=True)
     diffs = _shape_differences(checkpoint.get("speed_run") or {}, current)
@@ -211,7 +211,7 @@ def load_initial_weights(module, path: str, current: dict[str, Any]) -> None:
     params = dict(module.named_parameters())
     unexpected = [n for n in state if n not in params]
     missing = [n for n, p in params.items() if p.requires_grad and n not in state]
-    shapes = {n: tuple(p.ds_shape) if is_partitioned(p) else tuple(p.shape) for n, p in params.items()}
+    shapes = {n: full_shape(p) for n, p in params.items()}
     resized = [n for n, v in state.items() if n in shapes and tuple(v.shape) != shapes[n]]
     if unexpected or missing or resized or not state:
         raise ConfigError(
@@ -220,13 +220,5 @@ def load_initial_weights(module, path: str, current: dict[str, Any]) -> None:
         )
     with torch.no_grad():
         for name, value in state.items():
-            p = params[name]
-            if is_partitioned(p):
-                import deepspeed
-
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                    if deepspeed.comm.get_rank() == 0:
-                        p.data.copy_(value.to(p.dtype))
-            else:
-                p.data.copy_(value.to(p.dtype))
+            assign(params[name], value)
     log.info("initial weights: %d tensors from %s", len(state), path)
