@@ -137,36 +137,12 @@ def packaged_path(name: str) -> Path:
     return {"smollm2": assets.smollm2_path, "gemma3": assets.gemma3_path}[name]()
 
 
-def saved_speed_settings(model, name: str | None = None, adapter: str | None = None) -> dict:
-    """The SPEED settings a model was trained with: ``{"k", "anchor", "add_bos"}``; {} for a plain
-    model. Where they come from, first found: the adapter's ``speed_config.json`` (a LoRA adapter
-    carries its own training's settings); the model's config (an HF-native export, local or on the
-    Hub: ``config.json`` is what transformers runs, so it wins over the folder's copy); the model
-    folder's ``speed_config.json``. The cutoff is checked against the model's layers here, so an
-    edited or foreign value is refused in one line before any work (never clamped)."""
+def saved_speed_config(model, name: str | None = None, adapter: str | None = None):
+    """The :class:`SpeedConfig` a model was trained with (K as a layer count), None for a plain
+    model: ``SpeedConfig.from_pretrained`` given the loaded model's config (see there for which of
+    the adapter's ``speed_config.json``, ``config.json`` and the folder's copy wins). A K out of
+    range is refused in one line before any work (never clamped)."""
     from speed_train.speed.adapters import unwrap
-    from speed_train.speed.config import resolve_saved_k
+    from speed_train.speed.config import SpeedConfig
 
-    def from_file(folder: str | None) -> dict | None:
-        if not folder or not (Path(folder) / "speed_config.json").is_file():
-            return None
-        saved = json.loads((Path(folder) / "speed_config.json").read_text(encoding="utf-8"))
-        return {
-            "k": saved.get("k_layers", saved.get("k")),
-            "anchor": saved.get("anchor", "bos"),
-            "add_bos": saved.get("add_bos", "auto"),
-        }
-
-    config = unwrap(model).config
-    found = from_file(adapter)
-    if found is None and hasattr(config, "speed_k"):
-        found = {
-            "k": config.speed_k,
-            "anchor": getattr(config, "speed_anchor", "bos"),
-            "add_bos": getattr(config, "speed_add_bos", "auto"),
-        }
-    found = found or from_file(name)
-    if not found:
-        return {}
-    resolve_saved_k(found["k"], config.num_hidden_layers)
-    return found
+    return SpeedConfig.from_pretrained(name or "", adapter, config=unwrap(model).config)

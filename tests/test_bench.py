@@ -10,6 +10,7 @@ import torch
 from speed_train.bench import eval as eval_bench
 from speed_train.bench import hf_generate, inference, step
 from speed_train.bench.measure import SavedForBackward, TokenTimes, kv_tensor_bytes
+from speed_train.speed.config import SpeedConfig
 from speed_train.speed.flops import ModelShape, flop_ratio, step_flops
 from speed_train.speed.tiny import tiny_config
 
@@ -198,7 +199,7 @@ def tiny_paths(tmp_path_factory):
     model = tiny_model("llama", layers=4, vocab=len(tok), max_position_embeddings=512)
     folder = tmp_path_factory.mktemp("bench") / "export"
     model.save_pretrained(folder)
-    make_hf_native(folder, tok, k=2, num_layers=4, anchor="bos", add_bos="auto")
+    make_hf_native(folder, tok, SpeedConfig(k=2, anchor="bos"))
     native = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     return model, native, hf_generate.chat_prompt(tok, 60), tok.pad_token_id
 

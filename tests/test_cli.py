@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from speed_train.speed.config import SpeedConfig
 from tests.train_helpers import BASE, ROOT, compose_cfg
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
@@ -159,16 +160,17 @@ def export_dir(tmp_path_factory):
     tok = load_smollm2_tokenizer()
     folder = tmp_path_factory.mktemp("export") / "model"
     tiny_model("llama", layers=4, vocab=len(tok)).save_pretrained(folder)
-    make_hf_native(folder, tok, k=2, num_layers=4, anchor="bos", add_bos="auto")
+    make_hf_native(folder, tok, SpeedConfig(k=2, anchor="bos"))
     return folder
 
 
 def test_settings_come_from_an_exports_config(export_dir):
-    from speed_train.loading import load_model, saved_speed_settings
+    from speed_train.loading import load_model, saved_speed_config
 
     model, _ = load_model(str(export_dir))  # no speed_config.json here: config.json alone
     assert not (export_dir / "speed_config.json").exists()
-    assert saved_speed_settings(model, str(export_dir)) == {"k": 2, "anchor": "bos", "add_bos": "auto"}
+    assert saved_speed_config(model, str(export_dir)) == SpeedConfig(k=2, anchor="bos", add_bos="auto")
+    assert SpeedConfig.from_pretrained(export_dir) == SpeedConfig(k=2, anchor="bos", add_bos="auto")
 
 
 def test_chat_over_piped_stdin(export_dir):
@@ -216,7 +218,7 @@ def test_model_card(tmp_path):
         global_step=60,
         heldout={"heldout_full_depth": 2.66, "heldout_after": 1.08},
     )
-    card = model_card(cfg, tiny_config("llama", layers=30), 22, r, "me/speed")
+    card = model_card(cfg, tiny_config("llama", layers=30), SpeedConfig(k=22, anchor="bos"), r, "me/speed")
     assert card.startswith("---\nlibrary_name: transformers\n") and "tags:\n- speed" in card
     assert "# SPEED-22+BoS of smollm2_135m_instruct" in card and "| cutoff K | 22 of 30 layers |" in card
     assert "from_pretrained(path, trust_remote_code=True)" in card and "'me/speed'" in card
@@ -516,12 +518,16 @@ def test_model_card_of_a_gemma_model_states_the_gemma_terms():
     from speed_train.speed.tiny import tiny_config
 
     config = tiny_config("gemma3", layers=18)
-    card = model_card(compose_cfg(["output_dir=/tmp/x", "model=gemma3_270m"]), config, 14, None, None)
+    card = model_card(
+        compose_cfg(["output_dir=/tmp/x", "model=gemma3_270m"]), config, SpeedConfig(k=14), None, None
+    )
     assert card.startswith("---\nlicense: gemma\nlibrary_name: transformers\n")
     assert (
         "Gemma is provided under and subject to the Gemma Terms of Use found at https://ai.google.dev/gemma/terms"
         in card
     )
     # random weights of the architecture are no Gemma model
-    tiny = model_card(compose_cfg(["output_dir=/tmp/x", "model=tiny_gemma3"]), config, 14, None, None)
+    tiny = model_card(
+        compose_cfg(["output_dir=/tmp/x", "model=tiny_gemma3"]), config, SpeedConfig(k=14), None, None
+    )
     assert "license:" not in tiny and "Gemma Terms" not in tiny

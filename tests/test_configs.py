@@ -105,7 +105,7 @@ def test_precision_auto_follows_native_bf16(tmp_path, monkeypatch, flags, accele
         (["optim.warmup_ratio=2"], r"optim.warmup_ratio=2.0: must be in \[0, 1\]"),
         (["data.max_length=1"], "data.max_length=1: must be >= 2 tokens"),
         (["data.num_proc=0"], "data.num_proc=0: must be >= 1"),
-        (["data.add_bos=maybe"], "data.add_bos='maybe': use 'auto', true or false"),
+        (["speed.add_bos=maybe"], "speed.add_bos='maybe': use 'auto', true or false"),
         (["data.held_out=-2"], "data.held_out=-2: a count must be >= 0"),
         (["data.max_bad_fraction=1.5"], r"data.max_bad_fraction=1.5: must be in \[0, 1\]"),
         (["lora.dropout=1.0"], r"lora.dropout=1.0: must be in \[0, 1\)"),
@@ -162,7 +162,7 @@ def test_recipe_values_hold_unless_the_run_sets_them():
     cfg = compose_cfg(["output_dir=/tmp/x"])
     assert cfg.data.max_bad_fraction is None and cfg.data.held_out is None  # null = the recipe's
     cfg = compose_cfg(["+experiment=speed24_bos", "output_dir=/tmp/x"])
-    assert cfg.objective.reduce == "sum" and cfg.model.chat_template == "tulu" and cfg.data.add_bos == "auto"
+    assert cfg.objective.reduce == "sum" and cfg.model.chat_template == "tulu" and cfg.speed.add_bos == "auto"
 
 
 def test_configs_ship_in_a_plain_wheel_install(tmp_path):

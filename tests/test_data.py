@@ -627,7 +627,7 @@ def test_cache_key_inputs(small_recipe: dict[str, Any], tokenizer: Any, tmp_path
     assert base != cache_key(recipe, tokenizer, SpeedConfig(anchor="none"), 256)
     assert base != cache_key(recipe, tokenizer, SpeedConfig(anchor="bos", loss_scope="last_turn"), 256)
     assert base != cache_key(recipe, tokenizer, SpeedConfig(anchor="bos"), 256, truncate="error")
-    assert base != cache_key(recipe, tokenizer, SpeedConfig(anchor="bos"), 256, add_bos=False)
+    assert base != cache_key(recipe, tokenizer, SpeedConfig(anchor="bos", add_bos=False), 256)
     assert base != cache_key(recipe, tokenizer, SpeedConfig(anchor="bos"), 256, held_out=5)
     assert base != cache_key(
         load_recipe({**small_recipe, "seed": 1}), tokenizer, SpeedConfig(anchor="bos"), 256

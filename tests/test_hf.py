@@ -38,7 +38,7 @@ def export(tmp_path, tok, arch="llama", k=K, anchor="bos", add_bos="auto", seed=
     model = tiny_model(arch, layers=L, vocab=len(tok), seed=seed)
     folder = tmp_path / f"{arch}-{k}-{anchor}"
     model.save_pretrained(folder)
-    make_hf_native(folder, tok, k=k, num_layers=L, anchor=anchor, add_bos=add_bos)
+    make_hf_native(folder, tok, SpeedConfig(k=k, anchor=anchor, add_bos=add_bos))
     return model, folder
 
 
@@ -332,7 +332,7 @@ def test_token_rule_finds_the_decode_segment_encode_plain_marks_on_real_prompts(
     for name in ("arc_easy", "boolq", "piqa", "socialiqa", "csqa", "mmlu"):
         contexts += [d.contexts[0] for d in load_task(name, "rc_0shot", limit=20).docs]
     for ctx in contexts:
-        ex = encode_plain(ctx, None, tok, SpeedConfig(k=K, anchor="bos"), add_bos=True)
+        ex = encode_plain(ctx, None, tok, SpeedConfig(k=K, anchor="bos", add_bos=True))
         assert prompt_roles(ex.input_ids, rule)[0] == ex.roles, ctx
 
 
@@ -387,7 +387,7 @@ def test_an_edited_speed_k_is_read_as_everywhere_or_refused(llama, tmp_path):
     and config.json wins over the folder's speed_config.json, in the HF class and in speed-train."""
     import shutil
 
-    from speed_train.loading import load_model, saved_speed_settings
+    from speed_train.loading import load_model, saved_speed_config
     from speed_train.speed.config import SpeedConfigError
 
     _, _, _, folder = llama
@@ -405,7 +405,7 @@ def test_an_edited_speed_k_is_read_as_everywhere_or_refused(llama, tmp_path):
     assert hf.speed_k == round(0.75 * L)
     (d / "speed_config.json").write_text(json.dumps({"k": 1, "anchor": "bos"}))  # a stale copy
     model, _ = load_model(str(d))
-    assert saved_speed_settings(model, str(d))["k"] == 0.75
+    assert saved_speed_config(model, str(d)).k == round(0.75 * L)  # config.json, not the stale copy
     for value, message in (
         (0, "speed_k=0 in the saved model: cutoff k=0 must be at least 1 layer"),
         (L + 1, f"speed_k={L + 1} in the saved model: cutoff k={L + 1} exceeds the model's {L} layers"),

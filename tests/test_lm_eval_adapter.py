@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from speed_train.speed.config import SpeedConfig
+
 lm_eval = pytest.importorskip("lm_eval")
 
 
@@ -175,7 +177,7 @@ def test_hf_native_export_under_lm_evals_hf_model_equals_speed(tmp_path, offline
     tok = load_smollm2_tokenizer()
     folder = tmp_path / "export"
     tiny_model("llama", layers=4, vocab=len(tok), seed=3).save_pretrained(folder)
-    make_hf_native(folder, tok, k=2, num_layers=4, anchor="bos", add_bos="auto")
+    make_hf_native(folder, tok, SpeedConfig(k=2, anchor="bos"))
     tm = TaskManager(include_path=str(offline_tasks))
     kw = dict(tasks=["arc_easy_offline"], limit=12, log_samples=True, task_manager=tm, device="cpu")
     hf = simple_evaluate(

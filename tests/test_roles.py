@@ -4,13 +4,14 @@ and copies of it carrying other families' templates (tests/templates.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 
 import pytest
 
 from speed_train.speed.chat_roles import default_end_token_ids, encode_conversation, encode_generation_prompt
-from speed_train.speed.config import SpeedConfig
+from speed_train.speed.config import SpeedConfig, SpeedConfigError
 from speed_train.speed.plain_roles import encode_plain
 from speed_train.speed.roles import ANCHOR, DECODE, IGNORE, PROMPT, EncodedExample, RoleError
 from speed_train.tools.inspect_roles import render_roles
@@ -425,7 +426,7 @@ def test_generation_prompt_must_not_end_with_assistant(tok):
 
 def test_plain_with_answer_cue(tok):
     ctx = "Question: Capital of France?\nAnswer:"
-    ex = encode_plain(ctx, " Paris", tok, SpeedConfig(anchor="bos"), add_bos=True)
+    ex = encode_plain(ctx, " Paris", tok, SpeedConfig(anchor="bos", add_bos=True))
     check_invariants(ex)
     q, cue, paris = ids(tok, "Question: Capital of France?\n"), ids(tok, "Answer:"), ids(tok, " Paris")
     assert ex.input_ids == [tok.bos_token_id] + q + cue + paris
@@ -448,7 +449,7 @@ def test_plain_with_answer_cue(tok):
     ],
 )
 def test_plain_decode_segment(tok, context, decode_text):
-    ex = encode_plain(context, None, tok, SpeedConfig(anchor="none"), add_bos=False)
+    ex = encode_plain(context, None, tok, SpeedConfig(anchor="none", add_bos=False))
     check_invariants(ex)
     assert segments(ex, tok, D) == [decode_text]
     assert ex.num_supervised() == 0 and A not in ex.roles
@@ -457,13 +458,13 @@ def test_plain_decode_segment(tok, context, decode_text):
 def test_plain_cue_merged_with_preceding_text(tok):
     # "Q:  A:": alone, the two spaces before the cue are one token; in context, the second space
     # belongs to " A". The decode segment then starts at the first differing token (covers the cue).
-    ex = encode_plain("Q:  A:", None, tok, SpeedConfig(anchor="none"), add_bos=False)
+    ex = encode_plain("Q:  A:", None, tok, SpeedConfig(anchor="none", add_bos=False))
     assert ex.meta["cue_exact"] is False
     assert segments(ex, tok, D) == ["  A:"]
 
 
 def test_plain_continuation_keeps_its_leading_space(tok):
-    ex = encode_plain("The capital of France is", " Paris", tok, SpeedConfig(), add_bos=False)
+    ex = encode_plain("The capital of France is", " Paris", tok, SpeedConfig(add_bos=False))
     assert ex.input_ids[-len(ids(tok, " Paris")) :] == ids(tok, " Paris")
     assert segments(ex, tok, D, supervised=True) == [" Paris"]
     assert ex.roles[0] == A  # token 0 anchors under bos even without a BoS token
@@ -471,7 +472,7 @@ def test_plain_continuation_keeps_its_leading_space(tok):
 
 def test_plain_errors(tok):
     with pytest.raises(RoleError, match="the context is empty and no BoS is added"):
-        encode_plain("", " x", tok, SpeedConfig(), add_bos=False)
+        encode_plain("", " x", tok, SpeedConfig(add_bos=False))
     with pytest.raises(RoleError, match="context must be a string"):
         encode_plain(None, " x", tok, SpeedConfig())  # type: ignore[arg-type]
 
@@ -481,7 +482,7 @@ def test_plain_errors(tok):
 
 
 def test_render_roles_brackets(tok):
-    ex = encode_plain("Q: hi\nA:", " yo", tok, SpeedConfig(anchor="bos"), add_bos=True)
+    ex = encode_plain("Q: hi\nA:", " yo", tok, SpeedConfig(anchor="bos", add_bos=True))
     out = render_roles(ex, tok, color=False).splitlines()
     assert out[0] == "[A:<|im_start|>][P:Q: hi↵"
     assert out[1] == "][D:A:][L: yo]"
@@ -667,7 +668,7 @@ def test_header_spans_against_prefix_tokenisation(tok, llama3, tulu, mistral, fa
     for _ in range(30):
         msgs = conv(*["".join(rng.choice(words) for _ in range(rng.randint(1, 6))) for _ in range(4)])
         try:
-            ex = encode_conversation(msgs, tokenizer, SpeedConfig(anchor="bos"), add_bos="false", **kwargs)
+            ex = encode_conversation(msgs, tokenizer, SpeedConfig(anchor="bos", add_bos="false"), **kwargs)
         except RoleError:
             continue
         for (hs, cs, _, _), i in zip(ex.meta["turn_spans"], [1, 3]):
@@ -724,7 +725,7 @@ def test_tulu_without_add_bos_starts_with_template_text(real_llama3):
     from speed_train.chat_templates import TULU
 
     tokenizer = copy_with_template(real_llama3, TULU)
-    ex = encode_conversation(conv("hi", "hello"), tokenizer, SpeedConfig(anchor="bos"), add_bos=False)
+    ex = encode_conversation(conv("hi", "hello"), tokenizer, SpeedConfig(anchor="bos", add_bos=False))
     assert tokenizer.decode(ex.input_ids[:1]) == "<" and ex.roles[0] == A  # the issue's finding
     assert tokenizer.bos_token_id not in ex.input_ids
 
@@ -749,17 +750,17 @@ def test_plain_bos_rule(tok, real_llama3):
         ex = encode_plain(ctx, " y", tok, cfg)
         assert ex.input_ids[0] == tok.bos_token_id and ex.input_ids.count(tok.bos_token_id) == 1
         assert ex.meta["bos_added"] and ex.roles[0] == (P if cfg.anchor == "none" else A)
-    assert encode_plain(ctx, " y", tok, SpeedConfig(k=0.5, anchor="bos"), add_bos=True).meta["bos_added"]
+    assert encode_plain(ctx, " y", tok, SpeedConfig(k=0.5, anchor="bos", add_bos=True)).meta["bos_added"]
     # ... false: the text's tokens only (lm-eval hf's tokens for SmolLM2), for every arm too
-    for cfg in (SpeedConfig(anchor="bos"), SpeedConfig(k=0.5, anchor="bos")):
-        ex = encode_plain(ctx, " y", tok, cfg, add_bos=False)
+    for cfg in (SpeedConfig(anchor="bos", add_bos=False), SpeedConfig(k=0.5, anchor="bos", add_bos="false")):
+        ex = encode_plain(ctx, " y", tok, cfg)
         assert ex.input_ids == ids(tok, ctx) + ids(tok, " y") and not ex.meta["bos_added"]
     # the Llama-3 tokenizer: one BoS, never a second when the text carries it
     assert encode_plain(ctx, " y", real_llama3, SpeedConfig(anchor="none")).input_ids[0] == 128000
     ex = encode_plain("<|begin_of_text|>" + ctx, " y", real_llama3, SpeedConfig(k=0.5))
     assert ex.input_ids.count(128000) == 1 and not ex.meta["bos_added"]
-    with pytest.raises(RoleError, match="add_bos='maybe'"):
-        encode_plain(ctx, " y", tok, SpeedConfig(), add_bos="maybe")  # type: ignore[arg-type]
+    with pytest.raises(SpeedConfigError, match="add_bos='maybe': use 'auto', true or false"):
+        SpeedConfig(add_bos="maybe")
 
 
 def test_add_bos_true_needs_a_bos_token(tok):
@@ -769,11 +770,11 @@ def test_add_bos_true_needs_a_bos_token(tok):
     no_bos.bos_token = None
     assert no_bos.bos_token_id is None
     with pytest.raises(RoleError, match="add_bos=true, but the tokenizer defines no BoS token"):
-        encode_plain("Q: x\nA:", " y", no_bos, SpeedConfig(), add_bos=True)
+        encode_plain("Q: x\nA:", " y", no_bos, SpeedConfig(add_bos=True))
     with pytest.raises(RoleError, match="add_bos=true, but the tokenizer defines no BoS token"):
-        encode_conversation(conv("hi", "hello"), no_bos, SpeedConfig(), add_bos=True)
+        encode_conversation(conv("hi", "hello"), no_bos, SpeedConfig(add_bos=True))
     # auto: nothing to add, and no error
-    assert encode_plain("Q: x\nA:", " y", no_bos, SpeedConfig(), add_bos="auto").input_ids == ids(
+    assert encode_plain("Q: x\nA:", " y", no_bos, SpeedConfig(add_bos="auto")).input_ids == ids(
         tok, "Q: x\nA:"
     ) + ids(tok, " y")
 
@@ -797,11 +798,12 @@ def test_arms_encode_identical_token_ids(request, family, add_bos):
     ]
     chats = [conv("What is 2+2?", "4"), conv("Hi", "Hello!", "And you?", "Fine.", system="Be brief.")]
     encoded = {}
-    for arm, cfg in ARMS.items():
+    for arm, arm_cfg in ARMS.items():
+        cfg = dataclasses.replace(arm_cfg, add_bos=add_bos)
         encoded[arm] = (
-            [encode_plain(c, x, tokenizer, cfg, add_bos=add_bos).input_ids for c, x in plain]
-            + [encode_conversation(m, tokenizer, cfg, add_bos=add_bos).input_ids for m in chats]
-            + [encode_generation_prompt(m[:-1], tokenizer, cfg, add_bos=add_bos).input_ids for m in chats]
+            [encode_plain(c, x, tokenizer, cfg).input_ids for c, x in plain]
+            + [encode_conversation(m, tokenizer, cfg).input_ids for m in chats]
+            + [encode_generation_prompt(m[:-1], tokenizer, cfg).input_ids for m in chats]
         )
     assert encoded["Full-IT"] == encoded["SPEED-K"] == encoded["SPEED-K+BoS"]
     bos = tokenizer.bos_token_id

@@ -67,7 +67,7 @@ def export(tmp_path_factory):
     tok = load_smollm2_tokenizer()
     folder = tmp_path_factory.mktemp("serve") / "export"
     tiny_model("llama", layers=L, vocab=len(tok), seed=0).save_pretrained(folder)
-    make_hf_native(folder, tok, k=K, num_layers=L, anchor="bos", add_bos="auto")
+    make_hf_native(folder, tok, SpeedConfig(k=K, anchor="bos"))
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     return folder, model, AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
 
@@ -124,7 +124,7 @@ def test_multi_turn_history_is_prompt_new_turn_is_decode(server, export):
     """Equal to the package's own path: the training encoder's roles + speed_generate."""
     _, model, tok = export
     prompt = encode_generation_prompt(
-        MULTI, tok, SpeedConfig(k=K, anchor="bos"), add_bos=model.config.speed_add_bos
+        MULTI, tok, SpeedConfig(k=K, anchor="bos", add_bos=model.config.speed_add_bos)
     )
     want = speed_generate(model, [prompt], K, max_new_tokens=N, pad_token_id=tok.pad_token_id).sequences[0]
     r = ask(server, MULTI)

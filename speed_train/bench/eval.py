@@ -230,9 +230,7 @@ class _Runner:
 
 
 def _evaluate(model, tok, cfg, task: Task, batch_size: int, v: Variant) -> dict:
-    return evaluate_task(
-        model, tok, cfg, task, batch_size=batch_size, add_bos="auto", layout=v.layout, metrics=v.metrics
-    )
+    return evaluate_task(model, tok, cfg, task, batch_size=batch_size, layout=v.layout, metrics=v.metrics)
 
 
 _WORKER: dict = {}

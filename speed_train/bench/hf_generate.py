@@ -168,6 +168,7 @@ def main(argv=None) -> dict:
         prefill_flops,
     )
     from speed_train.hf.export import make_hf_native
+    from speed_train.speed.config import SpeedConfig
     from speed_train.speed.flops import ModelShape
     from speed_train.speed.generate import speed_generate
     from speed_train.speed.roles import PROMPT
@@ -180,7 +181,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "speed"
         base.save_pretrained(folder)
-        make_hf_native(folder, tok, k=K, num_layers=L, anchor="bos", add_bos="auto")
+        make_hf_native(folder, tok, SpeedConfig(k=K, anchor="bos"))
         native = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     pad = tok.pad_token_id
     shape = ModelShape.from_config(base.config)

@@ -153,6 +153,7 @@ def main(argv=None) -> dict:
     from speed_train.assets import load_smollm2, smollm2_path
     from speed_train.atomic import write_json
     from speed_train.hf.export import make_hf_native
+    from speed_train.speed.config import SpeedConfig
     from speed_train.tools.serve import LocalServer
 
     L = AutoConfig.from_pretrained(smollm2_path()).num_hidden_layers
@@ -166,7 +167,7 @@ def main(argv=None) -> dict:
         for name, k in names.items():
             folder = Path(tmp) / name.replace(" ", "_").replace("+", "_")
             base.save_pretrained(folder)
-            make_hf_native(folder, tok, k=k, num_layers=L, anchor="bos", add_bos="auto")
+            make_hf_native(folder, tok, SpeedConfig(k=k, anchor="bos"))
             servers[name] = LocalServer(
                 folder,
                 Path(tmp) / f"{folder.name}.log",

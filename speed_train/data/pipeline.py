@@ -43,7 +43,7 @@ from speed_train.speed import chat_roles as chat_roles_mod
 from speed_train.speed import roles as roles_mod
 from speed_train.speed.chat_roles import TRUNCATE, encode_conversation
 from speed_train.speed.config import SpeedConfig
-from speed_train.speed.roles import AddBos, EncodedExample, RoleError, check_add_bos
+from speed_train.speed.roles import EncodedExample, RoleError
 
 from . import recipes as recipes_mod
 from . import report as report_mod
@@ -80,16 +80,13 @@ def _encode_batch(
     speed_cfg: SpeedConfig,
     max_length: int | None,
     truncate: str,
-    add_bos: AddBos,
 ) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {
         k: [] for k in (*ENCODED_COLUMNS, "length", "num_supervised", "turns_dropped", "reason")
     }
     for messages in batch["messages"]:
         try:
-            ex = encode_conversation(
-                messages, tokenizer, speed_cfg, max_length=max_length, truncate=truncate, add_bos=add_bos
-            )
+            ex = encode_conversation(messages, tokenizer, speed_cfg, max_length=max_length, truncate=truncate)
             reason = None if ex.num_supervised() > 0 else NO_SUPERVISED
         except RoleError as exc:
             ex, reason = None, exc.reason
@@ -147,7 +144,6 @@ def encode_dataset(
     max_length: int | None,
     truncate: str = "drop_turns",
     *,
-    add_bos: AddBos = "auto",
     num_proc: int = 1,
     cache_dir: str | os.PathLike[str] | None = None,
     fingerprint: str | None = None,
@@ -172,7 +168,6 @@ def encode_dataset(
         raise DataError(
             "the tokenizer has no chat template: set tokenizer.chat_template before tokenising chat data"
         )
-    add_bos = check_add_bos(add_bos)
     if not isinstance(conversations, Dataset):
         conversations = Dataset.from_dict(
             {"messages": [list(c) for c in conversations], "source": ["" for _ in conversations]}
@@ -198,7 +193,6 @@ def encode_dataset(
                 speed_cfg=speed_cfg,
                 max_length=max_length,
                 truncate=truncate,
-                add_bos=add_bos,
             ),
             remove_columns=[c for c in conversations.column_names if c != "source"],
             features=_encoded_features(),
@@ -373,7 +367,6 @@ def cache_key(
     max_length: int | None,
     truncate: str = "drop_turns",
     *,
-    add_bos: AddBos = "auto",
     held_out: int | float | None = None,
     held_out_recipe: Recipe | None = None,
     dedup_held_out: bool = True,
@@ -386,7 +379,7 @@ def cache_key(
         "anchor": speed_cfg.anchor,
         "loss_scope": speed_cfg.loss_scope,
         "truncate": truncate,
-        "add_bos": check_add_bos(add_bos),
+        "add_bos": speed_cfg.add_bos,
         "held_out": held_out,
         "held_out_recipe": held_out_recipe.fingerprint() if held_out_recipe is not None else None,
         "dedup_held_out": dedup_held_out,
@@ -434,7 +427,6 @@ def build_dataset(
     truncate: str = "drop_turns",
     max_bad_fraction: float | None = None,
     num_proc: int | None = None,
-    add_bos: AddBos = "auto",
     held_out: int | float | None = None,
     held_out_recipe: str | Path | Mapping[str, Any] | Recipe | None = None,
     dedup_held_out: bool = True,
@@ -454,7 +446,6 @@ def build_dataset(
     recipe = load_recipe(recipe)
     other = load_recipe(held_out_recipe) if held_out_recipe is not None else None
     limit = recipe.max_bad_fraction if max_bad_fraction is None else max_bad_fraction
-    add_bos = check_add_bos(add_bos)
     num_proc = default_num_proc() if num_proc is None else num_proc
     if num_proc < 1:
         raise DataError(f"num_proc={num_proc}: give at least 1 process (or None for every core)")
@@ -464,7 +455,6 @@ def build_dataset(
         speed_cfg,
         max_length,
         truncate,
-        add_bos=add_bos,
         held_out=held_out,
         held_out_recipe=other,
         dedup_held_out=dedup_held_out,
@@ -495,7 +485,6 @@ def build_dataset(
                     speed_cfg,
                     max_length,
                     truncate,
-                    add_bos,
                     num_proc,
                     work,
                     key,
@@ -536,7 +525,6 @@ def _build(
     speed_cfg: SpeedConfig,
     max_length: int | None,
     truncate: str,
-    add_bos: AddBos,
     num_proc: int,
     work: Path,
     key: str,
@@ -557,7 +545,6 @@ def _build(
             speed_cfg,
             max_length,
             truncate,
-            add_bos=add_bos,
             num_proc=num_proc,
             cache_dir=work / split,
             fingerprint=f"{key[:32]}-{split}",

@@ -17,8 +17,8 @@ sees such a sequence.
     adapter      a LoRA adapter folder or Hub id on top of `pretrained`
     k            cutoff: layers (22), a fraction (0.75) or 'full'; default: the model's saved K
     anchor       none | bos | system; default: the model's saved anchor, else bos
-    add_bos      auto (default) | true | false: the BoS rule, the same for every arm. auto = the
-                 tokenizer's BoS on every prompt when it has one (as the model was trained);
+    add_bos      auto | true | false: the BoS rule, the same for every arm; default: the model's
+                 saved rule, else auto = the tokenizer's BoS on every prompt when it has one;
                  to reproduce lm-eval's own `hf` model, give what the tokenizer does by default
                  (false for SmolLM2, whose tokenizer adds none; auto for Llama-3)
     batch_size   contexts per batch (default 8; 'auto' = 8)
@@ -44,6 +44,7 @@ generate_until uses shallow-prefill generation, batched by generation settings.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import torch
@@ -60,8 +61,7 @@ except ImportError as e:  # an optional extra
 from speed_train.eval.run import load_eval_model
 from speed_train.eval.scoring import chat_headers, generate_text, score_requests
 from speed_train.speed.adapters import unwrap
-from speed_train.speed.config import SpeedConfig, SpeedConfigError, parse_k
-from speed_train.speed.roles import check_add_bos
+from speed_train.speed.config import SAVED, SpeedConfigError, with_overrides
 
 MODEL_ARGS = (
     "pretrained",
@@ -81,10 +81,10 @@ class SpeedLMEval(LM):
     def __init__(
         self,
         pretrained: str = "smollm2",
-        k="saved",
+        k=SAVED,
         anchor: str | None = None,
         adapter: str | None = None,
-        add_bos="auto",
+        add_bos=None,
         batch_size: int | str = 8,
         dtype: str = "auto",
         max_gen_toks: int = 256,
@@ -100,10 +100,8 @@ class SpeedLMEval(LM):
         self.model, self.tokenizer, saved = load_eval_model(pretrained, adapter, dtype, device)
         # k left out: the model's saved K (else full depth); k=None / "None" / "full": full depth,
         # however lm-eval hands the value over (string or parsed None)
-        k = saved.get("k") if k == "saved" else parse_k(k)
-        self.cfg = SpeedConfig(k=k, anchor=anchor or saved.get("anchor", "bos"))
+        self.cfg = with_overrides(saved, k=k, anchor=anchor, add_bos=add_bos)
         self.cfg.resolve_k(unwrap(self.model).config.num_hidden_layers)  # a K the model has, now
-        self.add_bos = check_add_bos(add_bos)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_gen_toks = int(max_gen_toks)
         self._headers: tuple[str, ...] = ()
@@ -166,7 +164,6 @@ class SpeedLMEval(LM):
             self.cfg,
             [(c, [requests[i].args[1] for i in groups[c]]) for c in ctxs],
             batch_size=self.batch_size,
-            add_bos=self.add_bos,
             headers=self._headers,
             progress=progress,
         )
@@ -182,10 +179,9 @@ class SpeedLMEval(LM):
         scores = score_requests(
             self.model,
             self.tokenizer,
-            self.cfg,
+            dataclasses.replace(self.cfg, add_bos=True),
             [("", [r.args[0]]) for r in requests],
             batch_size=1,
-            add_bos=True,
         )
         return [s[0].logprob for s in scores]
 
@@ -213,7 +209,6 @@ class SpeedLMEval(LM):
                 max_new_tokens=max_toks,
                 stop_sequences=until,
                 batch_size=self.batch_size,
-                add_bos=self.add_bos,
                 headers=self._headers,
             )
             for i, t in zip(idx, texts):

@@ -24,7 +24,6 @@ from speed_train.cli import ArgumentParser
 from speed_train.eval.olmes import MC_TASKS, EvalError, load_task, task_primary_metric
 from speed_train.eval.run import evaluate_task, load_eval_model, markdown_table
 from speed_train.speed.config import SpeedConfig, parse_k
-from speed_train.speed.roles import check_add_bos
 
 
 def main(argv=None) -> dict:
@@ -68,19 +67,20 @@ def main(argv=None) -> dict:
     L = model.config.num_hidden_layers
     K = SpeedConfig(k=k).resolve_k(L)
     runs: dict[str, list[dict]] = {}
+    bos = args.add_bos  # one BoS rule for every arm
     plan = [
-        ("full depth", SpeedConfig(k=None), model),
-        (f"SPEED-{K}+BoS zero-shot", SpeedConfig(k=k, anchor="bos"), model),
-        (f"SPEED-{K} zero-shot", SpeedConfig(k=k, anchor="none"), model),
+        ("full depth", SpeedConfig(k=None, add_bos=bos), model),
+        (f"SPEED-{K}+BoS zero-shot", SpeedConfig(k=k, anchor="bos", add_bos=bos), model),
+        (f"SPEED-{K} zero-shot", SpeedConfig(k=k, anchor="none", add_bos=bos), model),
     ]
     if args.sweep_k:
         ks = [int(x) for x in args.sweep_k.split(",")]
         plan = [plan[0]] + [
-            (f"SPEED-{kk}+BoS zero-shot", SpeedConfig(k=kk, anchor="bos"), model) for kk in ks
+            (f"SPEED-{kk}+BoS zero-shot", SpeedConfig(k=kk, anchor="bos", add_bos=bos), model) for kk in ks
         ]
     elif args.adapter:
         adapted, _, _ = load_eval_model(args.model, args.adapter, dtype=args.dtype, device=args.device)
-        plan.append((f"SPEED-{K}+BoS LoRA-adapted", SpeedConfig(k=k, anchor="bos"), adapted))
+        plan.append((f"SPEED-{K}+BoS LoRA-adapted", SpeedConfig(k=k, anchor="bos", add_bos=bos), adapted))
     t0 = time.perf_counter()
     d = Path(args.out)
     d.mkdir(parents=True, exist_ok=True)
@@ -88,9 +88,7 @@ def main(argv=None) -> dict:
     for name, cfg, m in plan:
         runs[name] = []
         for task in tasks:
-            r = evaluate_task(
-                m, tok, cfg, task, batch_size=args.batch_size, add_bos=check_add_bos(args.add_bos)
-            )
+            r = evaluate_task(m, tok, cfg, task, batch_size=args.batch_size)
             r.pop("samples", None)  # per-question data: python -m speed_train.eval writes it
             runs[name].append(r)
             print(

@@ -35,8 +35,7 @@ from speed_train.eval.olmes import (
     mc_predictions,
 )
 from speed_train.eval.scoring import generate_text, score_requests
-from speed_train.speed.config import SpeedConfig, parse_k
-from speed_train.speed.roles import check_add_bos
+from speed_train.speed.config import SAVED, SpeedConfig, with_overrides
 
 TASK_SETS = {"olmes10": MC_TASKS, "all": ALL_TASKS}
 
@@ -78,10 +77,10 @@ def load_eval_model(
     device: str | None = None,
     merge_adapter: bool = True,
 ):
-    """(model, tokenizer, saved SPEED settings or {}) from 'smollm2', a local dir or a Hub id,
+    """(model, tokenizer, saved SpeedConfig or None) from 'smollm2', a local dir or a Hub id,
     on ``device`` (default: cuda when available). A LoRA ``adapter`` is merged into the weights
     (in fp32, then cast to ``dtype``): the same function, without peft's per-layer detours."""
-    from speed_train.loading import ModelNotFoundError, load_model, saved_speed_settings
+    from speed_train.loading import ModelNotFoundError, load_model, saved_speed_config
 
     dev, dt = resolve_device(device, dtype)
     merge = bool(adapter) and merge_adapter
@@ -89,7 +88,7 @@ def load_eval_model(
         lm, tok = load_model(model, dtype=torch.float32 if merge else dt, device=dev, adapter=adapter)
     except ModelNotFoundError as e:
         raise EvalError(str(e)) from None
-    saved = saved_speed_settings(lm, model, adapter)
+    saved = saved_speed_config(lm, model, adapter)
     if merge:
         lm = lm.merge_and_unload().to(dt).eval()
     return lm, tok, saved
@@ -120,7 +119,6 @@ def evaluate_task(
     *,
     batch_size: int = 8,
     max_gen_tokens: int | None = None,
-    add_bos="auto",
     progress=None,
     layout: str = "tree",
     metrics: str = "all",
@@ -144,7 +142,6 @@ def evaluate_task(
             max_new_tokens=max_gen_tokens or task.generation["max_gen_toks"],
             stop_sequences=tuple(task.generation["stop_sequences"]),
             batch_size=batch_size,
-            add_bos=add_bos,
             progress=progress,
         )
         preds = [extract_gsm8k_answer(g) for g in gens]
@@ -164,9 +161,7 @@ def evaluate_task(
         sorted_scores = []
         for i in range(0, len(order), batch_size * 4):
             chunk = [reqs[j] for j in order[i : i + batch_size * 4]]
-            sorted_scores += score_requests(
-                model, tok, cfg, chunk, batch_size=batch_size, add_bos=add_bos, layout=layout
-            )
+            sorted_scores += score_requests(model, tok, cfg, chunk, batch_size=batch_size, layout=layout)
             if progress is not None:
                 progress(len(sorted_scores), total)
         scores = [None] * len(reqs)
@@ -181,7 +176,6 @@ def evaluate_task(
                 cfg,
                 [(d.uncond_context, d.choices) for d in task.docs],
                 batch_size=batch_size,
-                add_bos=add_bos,
                 layout=layout,
             )
             if progress is not None:
@@ -306,12 +300,15 @@ def main(argv=None) -> dict:
     ]
     model, tok, saved = load_eval_model(args.model, args.adapter, args.dtype, args.device)
     preset = speed_presets()[args.speed] if args.speed else None
-    anchor = args.anchor or (preset["anchor"] if preset else saved.get("anchor", "bos"))
-    k = parse_k(args.k) if args.k is not None else (preset["k"] if preset else saved.get("k"))
-    cfg = SpeedConfig(k=k, anchor=anchor)
-    add_bos = check_add_bos(args.add_bos if args.add_bos is not None else saved.get("add_bos", "auto"))
+    cfg = with_overrides(
+        saved,
+        k=args.k if args.k is not None else (preset["k"] if preset else SAVED),
+        anchor=args.anchor or (preset["anchor"] if preset else None),
+        add_bos=args.add_bos,
+    )
+    anchor, add_bos = cfg.anchor, cfg.add_bos
     K = cfg.resolve_k(model.config.num_hidden_layers)  # a LoRA adapter is merged by now
-    name = args.name or (f"SPEED-{K}+{anchor}" if k is not None else "full")
+    name = args.name or (f"SPEED-{K}+{anchor}" if cfg.k is not None else "full")
     results = []
     with Progress() as prog:
         bar = prog.add_task("tasks", total=len(loaded))
@@ -325,7 +322,6 @@ def main(argv=None) -> dict:
                     task,
                     batch_size=args.batch_size,
                     max_gen_tokens=args.max_gen_tokens,
-                    add_bos=add_bos,
                     metrics=args.metrics,
                     progress=lambda done, total, sub=sub: prog.update(sub, completed=done, total=total),
                 )

@@ -18,7 +18,7 @@ from speed_train.speed.batch import collate
 from speed_train.speed.config import SpeedConfig
 from speed_train.speed.generate import decode_chunk, prefill, speed_generate
 from speed_train.speed.plain_roles import encode_plain
-from speed_train.speed.roles import DECODE, AddBos, tokenize
+from speed_train.speed.roles import DECODE, tokenize
 from speed_train.speed.visibility import TokenMeta
 
 
@@ -37,13 +37,12 @@ def score_requests(
     requests: list[tuple[str, list[str]]],
     *,
     batch_size: int = 8,
-    add_bos: AddBos = "auto",
     headers: tuple[str, ...] = (),
     progress=None,
     layout: str = "tree",
 ) -> list[list[ContinuationScore]]:
-    """Score each (context, [continuation, ...]) group; one prefill per context. ``add_bos``: the
-    BoS rule of :mod:`speed_train.speed.roles` (the same tokens for every arm);
+    """Score each (context, [continuation, ...]) group; one prefill per context. ``cfg.add_bos``:
+    the BoS rule of :mod:`speed_train.speed.roles` (the same tokens for every arm);
     ``headers``: chat headers ending chat-rendered contexts. ``progress(done)`` after each batch.
 
     ``layout``: ``"tree"`` (default) runs a context's continuations side by side in one row on
@@ -61,9 +60,7 @@ def score_requests(
     results: list[list[ContinuationScore]] = []
     for i in range(0, len(requests), batch_size):
         group = requests[i : i + batch_size]
-        prompts = [
-            encode_plain(ctx, None, tokenizer, cfg, add_bos=add_bos, headers=headers) for ctx, _ in group
-        ]
+        prompts = [encode_plain(ctx, None, tokenizer, cfg, headers=headers) for ctx, _ in group]
         conts = [[tokenize(tokenizer, c) for c in cs] for _, cs in group]
         for g, (ctx, cs) in enumerate(group):
             for c, ids in zip(cs, conts[g]):
@@ -176,7 +173,6 @@ def generate_text(
     max_new_tokens: int = 256,
     stop_sequences: tuple[str, ...] = (),
     batch_size: int = 4,
-    add_bos: AddBos = "auto",
     headers: tuple[str, ...] = (),
     progress=None,
 ) -> list[str]:
@@ -198,8 +194,7 @@ def generate_text(
     K = cfg.resolve_k(parts.num_layers)
     for i in range(0, len(contexts), batch_size):
         prompts = [
-            encode_plain(c, None, tokenizer, cfg, add_bos=add_bos, headers=headers)
-            for c in contexts[i : i + batch_size]
+            encode_plain(c, None, tokenizer, cfg, headers=headers) for c in contexts[i : i + batch_size]
         ]
         gen = speed_generate(
             model,

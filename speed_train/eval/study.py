@@ -282,7 +282,11 @@ def evaluate_run(job: tuple) -> list[str]:
         _LOADED["key"] = key
     model, tok = _LOADED["model"], _LOADED["tok"]
     load_seconds = time.perf_counter() - t0
-    cfg = SpeedConfig(k=None if run["k"] >= run["num_layers"] else run["k"], anchor=run["anchor"])
+    cfg = SpeedConfig(
+        k=None if run["k"] >= run["num_layers"] else run["k"],
+        anchor=run["anchor"],
+        add_bos=run.get("add_bos", "auto"),
+    )
     written = []
     for task in todo:
         res = evaluate_task(
@@ -291,7 +295,6 @@ def evaluate_run(job: tuple) -> list[str]:
             cfg,
             task,
             batch_size=batch_size,
-            add_bos=run.get("add_bos", "auto"),
             metrics="primary",
         )
         metric = res["primary_metric"]

@@ -92,11 +92,13 @@ def gemma_terms() -> list[str]:
 
 
 def model_card(
-    cfg: DictConfig, config, k: int, result: Any | None, repo: str | None, hf_native: bool = True
+    cfg: DictConfig, config, speed: SpeedConfig, result: Any | None, repo: str | None, hf_native: bool = True
 ) -> str:
+    """The export's README: ``speed`` is the exported settings (K as a layer count), ``cfg`` the
+    run's config for the training table."""
     L = config.num_hidden_layers
+    k = speed.resolve_k(L)
     gemma = is_gemma(cfg, config)
-    speed = SpeedConfig(k=cfg.speed.k, anchor=cfg.speed.anchor)
     base = cfg.model.pretrained or cfg.model.name
     what = "Full-IT (full depth)" if k >= L else f"SPEED-{k}" + ("+BoS" if str(speed.anchor) == "bos" else "")
     tags = ["speed", "shallow-prefill", "text-generation"]
@@ -124,8 +126,8 @@ def model_card(
         "|---|---|",
         f"| cutoff K | {k} of {L} layers |",
         f"| anchor | {speed.anchor} |",
-        f"| add_bos | {cfg.data.add_bos} |",
-        f"| loss scope | {cfg.speed.loss_scope} |",
+        f"| add_bos | {speed.add_bos} |",
+        f"| loss scope | {speed.loss_scope} |",
         "",
         "## Training",
         "",

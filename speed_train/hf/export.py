@@ -29,7 +29,6 @@ from speed_train.speed.roles import (
     DECODE,
     RoleError,
     bos_prefix,
-    check_add_bos,
     plain_adds_bos,
     tokenizer_adds_bos,
 )
@@ -52,11 +51,12 @@ def code_files() -> list[Path]:
     return [root / name for name in sorted(seen)]
 
 
-def decode_markers(tokenizer: Any, anchor: str, add_bos) -> TokenRoleRule:
+def decode_markers(tokenizer: Any, anchor: str) -> TokenRoleRule:
     """What marks the decode phase of a prompt, as token ids, from the package's own encoders:
-    the assistant header(s) of the chat template (first and later turns), the answer cues."""
+    the assistant header(s) of the chat template (first and later turns), the answer cues.
+    ``tokenizer`` is the served one: its template already has the BoS the rule puts there."""
     headers: list[list[int]] = []
-    cfg = SpeedConfig(anchor="none")
+    cfg = SpeedConfig(anchor="none", add_bos=False)
     if getattr(tokenizer, "chat_template", None):
         histories = [
             [{"role": "user", "content": "Hi."}],
@@ -68,7 +68,7 @@ def decode_markers(tokenizer: Any, anchor: str, add_bos) -> TokenRoleRule:
         ]
         for history in histories:
             try:
-                ex = encode_generation_prompt(history, tokenizer, cfg, add_bos=add_bos)
+                ex = encode_generation_prompt(history, tokenizer, cfg)
             except RoleError:
                 continue
             turn = ex.turns[-1]
@@ -104,10 +104,11 @@ def served_tokenizer(tokenizer: Any, add_bos) -> Any:
     return tok
 
 
-def make_hf_native(folder: Path, tokenizer: Any, *, k: int, num_layers: int, anchor: str, add_bos) -> dict:
+def make_hf_native(folder: Path, tokenizer: Any, speed: SpeedConfig) -> dict:
     """Rewrite the checkpoint in ``folder`` (config.json + weights, written by save_pretrained)
-    into an HF-native SPEED model; saves the served tokenizer there. Returns the SPEED keys."""
-    add_bos = check_add_bos(add_bos)
+    into an HF-native SPEED model with the settings ``speed``; saves the served tokenizer there.
+    Returns the SPEED keys."""
+    add_bos = speed.add_bos
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     base = architecture(SimpleNamespace(model_type=config.get("model_type")))
@@ -117,11 +118,9 @@ def make_hf_native(folder: Path, tokenizer: Any, *, k: int, num_layers: int, anc
             f"{', '.join(SPEED_CLASSES)}"
         )
     tok = served_tokenizer(tokenizer, add_bos)
-    rule = decode_markers(
-        tok, "none" if anchor == "none" else "bos", add_bos=False
-    )  # the template has its BoS now
+    rule = decode_markers(tok, "none" if speed.anchor == "none" else "bos")
     config_cls, model_cls = SPEED_CLASSES[base]
-    fields = speed_config_fields(None if k >= num_layers else k, rule, add_bos)
+    fields = speed_config_fields(speed, config["num_hidden_layers"], rule)
     config.update(fields)
     config["model_type"] = config_cls.model_type
     config["architectures"] = [model_cls.__name__]

@@ -46,7 +46,6 @@ from .roles import (
     TEMPLATE_ERROR,
     TOKEN_MERGE,
     TOO_LONG,
-    AddBos,
     EncodedExample,
     RoleError,
     bos_prefix,
@@ -87,7 +86,6 @@ def encode_conversation(
     max_length: int | None = None,
     truncate: Truncate | str = "error",
     empty_header: EmptyHeader | str = "error",
-    add_bos: AddBos = "auto",
 ) -> EncodedExample:
     """Encode a chat conversation for SPEED training (roles, turns, labels).
 
@@ -107,8 +105,8 @@ def encode_conversation(
     give an empty assistant header. ``"error"`` raises; ``"last_prompt_token"`` makes the last
     token before the content (e.g. ``[/INST]``) the decode-phase header, as for plain prompts.
 
-    ``add_bos``: the BoS rule of :mod:`.roles` (``"auto"``: prepend the tokenizer's BoS when
-    the template does not emit it).
+    ``config.add_bos``: the BoS rule of :mod:`.roles` (``"auto"``: prepend the tokenizer's BoS
+    when the template does not emit it).
     """
     _check_options(truncate, empty_header)
     if max_length is not None and max_length < 1:
@@ -120,7 +118,7 @@ def encode_conversation(
     cut = 0
     if max_length is not None:
         msgs, cut = _cut_by_characters(msgs, tokenizer, max_length, truncate)
-    encoder = _ChatEncoder(tokenizer, config, _end_ids(tokenizer, end_token_ids), empty_header, add_bos)
+    encoder = _ChatEncoder(tokenizer, config, _end_ids(tokenizer, end_token_ids), empty_header)
 
     example = encoder.encode(msgs, generation=False)
     example.meta["dropped_trailing_messages"] = dropped_trailing
@@ -208,7 +206,6 @@ def encode_generation_prompt(
     *,
     end_token_ids: int | Iterable[int] | None = None,
     empty_header: EmptyHeader | str = "error",
-    add_bos: AddBos = "auto",
 ) -> EncodedExample:
     """Encode a history that ends before an assistant turn, plus the assistant header, for inference.
 
@@ -219,7 +216,7 @@ def encode_generation_prompt(
     """
     _check_options("error", empty_header)
     msgs = _validate_messages(messages, for_generation=True)
-    encoder = _ChatEncoder(tokenizer, config, _end_ids(tokenizer, end_token_ids), empty_header, add_bos)
+    encoder = _ChatEncoder(tokenizer, config, _end_ids(tokenizer, end_token_ids), empty_header)
     return encoder.encode(msgs, generation=True)
 
 
@@ -305,7 +302,7 @@ class _ChatEncoder:
     """One tokenizer + settings; ``encode`` labels one (validated) message list."""
 
     def __init__(
-        self, tokenizer: Any, config: SpeedConfig, end_ids: frozenset[int], empty_header: str, add_bos: AddBos
+        self, tokenizer: Any, config: SpeedConfig, end_ids: frozenset[int], empty_header: str
     ) -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise RoleError(
@@ -314,7 +311,7 @@ class _ChatEncoder:
                 TEMPLATE_ERROR,
             )
         self.tokenizer, self.config, self.end_ids = tokenizer, config, end_ids
-        self.empty_header, self.add_bos = empty_header, add_bos
+        self.empty_header, self.add_bos = empty_header, config.add_bos
         self.render = chat_renderer(tokenizer)
         self._header_ids: dict[str, list[int]] = {}
 

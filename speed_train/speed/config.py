@@ -7,9 +7,11 @@ anything else when a config is composed, and the core checks them when called di
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import json
+from dataclasses import asdict, dataclass, replace
 from enum import Enum
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 
 class StrEnum(str, Enum):
@@ -44,6 +46,9 @@ class AttentionBackend(StrEnum):
     flex = "flex"  # flex_attention BlockMasks (GPU: no backward on CPU)
 
 
+AddBos = Literal["auto", True, False]
+ADD_BOS_VALUES = ("auto", True, False)
+
 ANCHOR_POLICIES = Anchor.values()
 LOSS_SCOPES = LossScope.values()
 
@@ -62,6 +67,15 @@ def choice(enum: type[StrEnum], value: Any, what: str) -> StrEnum:
         ) from None
 
 
+def check_add_bos(value: Any) -> AddBos:
+    """``value`` as one of ``"auto"``, True, False (also accepts "true"/"false" strings)."""
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if value in ADD_BOS_VALUES and (isinstance(value, bool) or value == "auto"):
+        return value
+    raise SpeedConfigError(f"add_bos={value!r}: use 'auto', true or false")
+
+
 @dataclass
 class SpeedConfig:
     """SPEED-K settings.
@@ -71,14 +85,22 @@ class SpeedConfig:
     anchor: ``none`` (SPEED-K), ``bos`` (first token of each conversation), ``system`` (the
        whole leading system message; the first token when there is none).
     loss_scope: ``last_turn`` or ``all_assistant`` (token-weighted mean over turns).
+    add_bos: the BoS rule of :mod:`.roles`, the same for every arm of a study: ``auto`` (a BoS
+       on every sequence whenever the tokenizer has one), ``true`` (required), ``false`` (none).
+
+    This one object is a model's SPEED settings everywhere: the ``speed`` section of a training
+    config, an export's ``config.json`` (``speed_*`` keys, :meth:`to_hf_fields`) and its
+    ``speed_config.json`` (:meth:`to_dict`), read back by :meth:`from_pretrained`.
     """
 
     k: Any = None
     anchor: Anchor = Anchor.bos
     loss_scope: LossScope = LossScope.all_assistant
+    add_bos: Any = "auto"
 
     def __post_init__(self) -> None:
         self.anchor = choice(Anchor, self.anchor, "anchor policy")
+        self.add_bos = check_add_bos(self.add_bos)
         self.loss_scope = choice(LossScope, self.loss_scope, "loss scope")
         k = self.k
         if k is None:
@@ -109,10 +131,129 @@ class SpeedConfig:
 
     def core(self) -> SpeedConfig:
         """Only the method's knobs (drops what a subclass, e.g. the training schema, adds)."""
-        return SpeedConfig(k=self.k, anchor=self.anchor, loss_scope=self.loss_scope)
+        return SpeedConfig(k=self.k, anchor=self.anchor, loss_scope=self.loss_scope, add_bos=self.add_bos)
+
+    def with_k(self, num_layers: int) -> SpeedConfig:
+        """A copy whose ``k`` is the resolved layer count (what an export records)."""
+        return replace(self.core(), k=self.resolve_k(num_layers))
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, StrEnum) else v) for k, v in asdict(self.core()).items()}
+
+    def to_hf_fields(self, num_layers: int) -> dict:
+        """The ``speed_*`` keys of an HF-native export's ``config.json``: K as a layer count, null at
+        full depth (the unmodified base model); the role ids an export also needs are added by
+        ``hf_model.speed_config_fields``."""
+        k = self.resolve_k(num_layers)
+        return {
+            "speed_k": None if k >= num_layers else k,
+            "speed_anchor": str(self.anchor),
+            "speed_loss_scope": str(self.loss_scope),
+            "speed_add_bos": self.add_bos,
+        }
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> SpeedConfig | None:
+        """The settings in an HF config (object or dict) with ``speed_k``; None for a plain model.
+        K is checked against the model's layers (one line naming the key, never clamped)."""
+        get = config.get if isinstance(config, dict) else lambda key, d=None: getattr(config, key, d)
+        if get("speed_k", _MISSING) is _MISSING:
+            return None
+        layers = get("num_hidden_layers")
+        return cls._saved(
+            get("speed_k"),
+            layers,
+            get("speed_anchor") or "none",
+            get("speed_add_bos", "auto"),
+            "speed_k",
+            get("speed_loss_scope") or LossScope.all_assistant,
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path, num_layers: int) -> SpeedConfig | None:
+        """The settings in a ``speed_config.json`` (a LoRA adapter's, or an older export's); None
+        when the file is absent."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / SPEED_CONFIG_FILE
+        if not path.is_file():
+            return None
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        k = saved.get("k_layers", saved.get("k"))
+        return cls._saved(
+            k,
+            num_layers,
+            saved.get("anchor", "bos"),
+            saved.get("add_bos", "auto"),
+            f"{path.name}: k",
+            saved.get("loss_scope") or LossScope.all_assistant,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | Path, adapter: str | Path | None = None, *, config: Any = None
+    ) -> SpeedConfig | None:
+        """The SPEED settings a model was trained with, K as a layer count; None for a plain model.
+
+        The one reader of saved settings (eval, chat, the lm-eval adapter, serving, the HF-native
+        classes). First found: the LoRA adapter's ``speed_config.json`` (an adapter carries its own
+        training's settings); the model's ``config.json`` ``speed_*`` keys (what transformers runs,
+        so it wins over the folder's copy); the folder's ``speed_config.json``. ``config``: the
+        model's loaded config, saving a read (a Hub id is read through transformers' cache)."""
+        if config is None:
+            config = _read_hf_config(name_or_path)
+        layers = config["num_hidden_layers"] if isinstance(config, dict) else config.num_hidden_layers
+        found = cls.from_file(adapter, layers) if adapter else None
+        if found is None:
+            found = cls.from_hf_config(config)
+        if found is None and Path(str(name_or_path)).is_dir():
+            found = cls.from_file(name_or_path, layers)
+        return found
+
+    @classmethod
+    def _saved(cls, k, layers, anchor, add_bos, where: str, loss_scope) -> SpeedConfig:
+        k = resolve_saved_k(k, layers, where)
+        try:
+            return cls(k=k, anchor=anchor, add_bos=add_bos, loss_scope=loss_scope)
+        except SpeedConfigError as e:
+            raise SpeedConfigError(f"the saved model's SPEED settings: {e}") from None
+
+
+_MISSING = object()
+SPEED_CONFIG_FILE = "speed_config.json"
+
+
+def _read_hf_config(name_or_path: str | Path) -> dict:
+    """``config.json`` of a local folder or a Hub id (no model code is imported)."""
+    folder = Path(str(name_or_path))
+    if folder.is_dir():
+        path = folder / "config.json"
+        if not path.is_file():
+            raise SpeedConfigError(f"{folder} has no config.json: is it a saved model folder?")
+    else:
+        from transformers.utils import cached_file
+
+        path = Path(cached_file(str(name_or_path), "config.json"))
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+SAVED = "saved"
+
+
+def with_overrides(
+    saved: SpeedConfig | None, *, k: Any = SAVED, anchor: Any = None, add_bos: Any = None
+) -> SpeedConfig:
+    """The settings to run a loaded model with: each given value (a command line's ``--k``,
+    ``--anchor``, ``--add-bos``; lm-eval's model_args) over the model's saved ones, else the
+    defaults. ``k=SAVED``: the saved cutoff (full depth for a plain model); a given ``k`` goes
+    through :func:`parse_k` ("full" -> full depth)."""
+    base = saved or SpeedConfig()
+    return SpeedConfig(
+        k=(saved.k if saved else None) if k == SAVED else parse_k(k),
+        anchor=anchor or base.anchor,
+        add_bos=base.add_bos if add_bos is None else add_bos,
+        loss_scope=base.loss_scope,
+    )
 
 
 def parse_k(value: object) -> int | float | None:

@@ -46,7 +46,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .adapters import enable_speed_attention
 from .batch import SpeedBatch, collate
-from .config import resolve_saved_k
+from .config import SpeedConfig
 from .executors import mask_forward
 from .generate import SpeedCache, decode_chunk, prefill
 from .roles import DECODE, IGNORE, EncodedExample
@@ -62,15 +62,15 @@ CUELESS_WARNING = (
 )
 
 
-def speed_config_fields(k: int | None, rule: TokenRoleRule, add_bos) -> dict:
-    """The SPEED keys of an HF-native config."""
+def speed_config_fields(speed: SpeedConfig, num_layers: int, rule: TokenRoleRule) -> dict:
+    """The SPEED keys of an HF-native config: the model's :class:`SpeedConfig` and what marks the
+    roles in token ids (``rule``; its anchor is what the export can see in ids alone)."""
     return {
-        "speed_k": k,
+        **speed.to_hf_fields(num_layers),
         "speed_anchor": rule.anchor,
         "speed_headers": rule.headers,
         "speed_cues": rule.cues,
         "speed_end_ids": rule.end_ids,
-        "speed_add_bos": add_bos,
     }
 
 
@@ -83,12 +83,13 @@ class SpeedGenerationMixin:
 
     def __init__(self, config, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
-        resolve_saved_k(getattr(config, "speed_k", None), config.num_hidden_layers)  # refused at load
+        SpeedConfig.from_hf_config(config)  # a K out of range is refused at load
 
     @property
     def speed_k(self) -> int:
         """``config.speed_k`` as a layer count (a fraction is a share of the layers, as everywhere)."""
-        return resolve_saved_k(getattr(self.config, "speed_k", None), self.config.num_hidden_layers)
+        speed = SpeedConfig.from_hf_config(self.config)
+        return self.config.num_hidden_layers if speed is None else speed.k
 
     @property
     def speed_rule(self) -> TokenRoleRule:

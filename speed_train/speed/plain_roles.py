@@ -15,7 +15,6 @@ from .roles import (
     DECODE,
     IGNORE,
     PROMPT,
-    AddBos,
     EncodedExample,
     RoleError,
     mark_anchors,
@@ -37,14 +36,13 @@ def encode_plain(
     tokenizer: Any,
     config: SpeedConfig,
     *,
-    add_bos: AddBos = "auto",
     headers: tuple[str, ...] = (),
 ) -> EncodedExample:
     """Encode a plain prompt (and an optional continuation to score or train on).
 
-    tokens = [BoS per the ``add_bos`` rule of :mod:`.roles`] + tok(context) + tok(continuation);
+    tokens = [BoS per the ``config.add_bos`` rule of :mod:`.roles`] + tok(context) + tok(continuation);
     context and continuation are tokenised separately (a leading space stays the continuation's).
-    The tokens do not depend on ``config`` (K, anchor): only the roles do. A context that already
+    The tokens do not depend on K or the anchor: only the roles do. A context that already
     starts with the BoS text gets no second one. ``headers``: assistant
     headers of a chat template (a context rendered with ``add_generation_prompt``): a context
     ending with one has it as its decode segment, as a chat prompt would.
@@ -57,7 +55,7 @@ def encode_plain(
         raise RoleError(
             f"continuation must be a string or None, got {type(continuation).__name__}", BAD_ARGUMENT
         )
-    with_bos = plain_adds_bos(tokenizer, add_bos)
+    with_bos = plain_adds_bos(tokenizer, config.add_bos)
     prefix = [int(tokenizer.bos_token_id)] if with_bos else []
     ctx_ids = tokenize(tokenizer, context)
     if prefix and ctx_ids[:1] == prefix:  # the text carries its BoS already (a rendered chat template)
@@ -117,15 +115,13 @@ def cue_token_sequences(tokenizer: Any) -> list[list[int]]:
     model served without this package matches on token ids (:mod:`.token_roles`). Longest first."""
     from .config import SpeedConfig
 
-    cfg = SpeedConfig(anchor="none")
+    cfg = SpeedConfig(anchor="none", add_bos=False)
     found: set[tuple[int, ...]] = set()
     for word in CUE_WORDS:
         for before in ("\n", "\n\n", " ", "?\n", ".\n", ":\n", "?\n\n", ".\n\n"):
             for colon in (":", " :"):
                 for after in ("", " "):
-                    ex = encode_plain(
-                        f"Question: x{before}{word}{colon}{after}", None, tokenizer, cfg, add_bos=False
-                    )
+                    ex = encode_plain(f"Question: x{before}{word}{colon}{after}", None, tokenizer, cfg)
                     if ex.meta["cue"] is not None:  # what encode_plain marks, merged with the text or not
                         found.add(tuple(t for t, r in zip(ex.input_ids, ex.roles) if r == DECODE))
     return [list(s) for s in sorted(found, key=lambda s: (-len(s), s))]

@@ -28,7 +28,9 @@ not tokens), as in Tulu-3, where ``--add_bos`` puts the BoS on every run's input
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
+
+from .config import AddBos, check_add_bos
 
 ANCHOR, PROMPT, DECODE = 0, 1, 2
 ROLE_NAMES = {ANCHOR: "anchor", PROMPT: "prompt", DECODE: "decode"}
@@ -57,9 +59,6 @@ ROLE_ERROR_REASONS = (
     BAD_ARGUMENT,
 )
 
-AddBos = Literal["auto", True, False]
-ADD_BOS_VALUES = ("auto", True, False)
-
 
 class RoleError(ValueError):
     """A conversation, prompt or chat template cannot be labelled with SPEED roles.
@@ -87,15 +86,6 @@ class EncodedExample:
 
     def num_supervised(self) -> int:
         return sum(1 for x in self.labels if x != IGNORE)
-
-
-def check_add_bos(value: Any) -> AddBos:
-    """``value`` as one of ``"auto"``, True, False (also accepts "true"/"false" strings)."""
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    if value in ADD_BOS_VALUES and (isinstance(value, bool) or value == "auto"):
-        return value
-    raise RoleError(f"add_bos={value!r}: use 'auto', true or false", BAD_ARGUMENT)
 
 
 def _has_bos(tokenizer: Any, policy: AddBos) -> bool:

@@ -42,18 +42,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transformers import TextStreamer
 
     from speed_train.eval.run import resolve_device
-    from speed_train.loading import ModelNotFoundError, load_model, saved_speed_settings
+    from speed_train.loading import ModelNotFoundError, load_model, saved_speed_config
     from speed_train.speed.chat_roles import default_end_token_ids, encode_generation_prompt
-    from speed_train.speed.config import SpeedConfig, SpeedConfigError, parse_k
+    from speed_train.speed.config import SAVED, SpeedConfigError, with_overrides
     from speed_train.speed.generate import speed_generate
     from speed_train.speed.roles import RoleError
 
     try:
         device, dtype = resolve_device(args.device)
         model, tok = load_model(args.model, dtype=dtype, device=device)
-        saved = saved_speed_settings(model, args.model)
-        k = parse_k(args.k) if args.k is not None else saved.get("k")
-        cfg = SpeedConfig(k=k, anchor=args.anchor or saved.get("anchor", "bos"))
+        saved = saved_speed_config(model, args.model)
+        cfg = with_overrides(saved, k=SAVED if args.k is None else args.k, anchor=args.anchor)
         L = model.config.num_hidden_layers
         K = cfg.resolve_k(L)  # once, now that the model is known
     except (ModelNotFoundError, SpeedConfigError, OSError, ValueError) as e:
@@ -62,7 +61,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(tok, "chat_template", None):
         print(f"error: {args.model}'s tokenizer has no chat template", file=sys.stderr)
         return 2
-    add_bos = saved.get("add_bos", "auto")
     end_ids = default_end_token_ids(tok)
     interactive = sys.stdin.isatty()
     print(f"# {args.model}: K={K} of {L} layers, anchor {cfg.anchor}. /reset, /quit", flush=True)
@@ -85,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         history.append({"role": "user", "content": text})
         try:
-            prompt = encode_generation_prompt(history, tok, cfg, add_bos=add_bos)
+            prompt = encode_generation_prompt(history, tok, cfg)
         except RoleError as e:
             print(f"error: {e}", file=sys.stderr)
             history.pop()

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from speed_train.cli import ArgumentParser
 from speed_train.speed.config import ANCHOR_POLICIES, LOSS_SCOPES, SpeedConfig, SpeedConfigError
-from speed_train.speed.roles import RoleError, check_add_bos
+from speed_train.speed.roles import RoleError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         recipe = load_recipe(args.recipe)
-        cfg = SpeedConfig(anchor=args.anchor, loss_scope=args.loss_scope)
+        cfg = SpeedConfig(anchor=args.anchor, loss_scope=args.loss_scope, add_bos=args.add_bos)
         tokenizer = load_tokenizer(args.model, chat_template=args.chat_template)
         # Built with no limit so the report is always shown; the recipe's limit is checked below.
         train, held_out, report = build_dataset(
@@ -69,7 +69,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             truncate=args.truncate,
             max_bad_fraction=1.0,
             num_proc=args.num_proc,
-            add_bos=check_add_bos(args.add_bos),
             rebuild=args.rebuild,
         )
     except (DataError, SpeedConfigError, RoleError, ModelNotFoundError, OSError, ValueError) as exc:

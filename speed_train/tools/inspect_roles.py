@@ -22,9 +22,16 @@ from typing import Any
 
 from speed_train.cli import ArgumentParser
 from speed_train.speed.chat_roles import TRUNCATE, encode_conversation
-from speed_train.speed.config import ANCHOR_POLICIES, LOSS_SCOPES, SpeedConfig, SpeedConfigError, parse_k
+from speed_train.speed.config import (
+    ANCHOR_POLICIES,
+    LOSS_SCOPES,
+    SpeedConfig,
+    SpeedConfigError,
+    check_add_bos,
+    parse_k,
+)
 from speed_train.speed.plain_roles import encode_plain
-from speed_train.speed.roles import ANCHOR, DECODE, IGNORE, PROMPT, EncodedExample, RoleError, check_add_bos
+from speed_train.speed.roles import ANCHOR, DECODE, IGNORE, PROMPT, EncodedExample, RoleError
 
 # -- the coloured printer ----------------------------------------------------------------------
 
@@ -125,7 +132,7 @@ def _k_arg(text: str) -> int | float | None:
 def _add_bos_arg(text: str):
     try:
         return check_add_bos(text)
-    except RoleError as exc:
+    except SpeedConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
@@ -181,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from speed_train.loading import ModelNotFoundError, load_tokenizer
 
     try:
-        config = SpeedConfig(k=args.k, anchor=args.anchor, loss_scope=args.loss_scope)
+        config = SpeedConfig(k=args.k, anchor=args.anchor, loss_scope=args.loss_scope, add_bos=args.add_bos)
         tokenizer = load_tokenizer(args.model, chat_template=args.chat_template)
         layers = _num_layers(args.model)
         depth = (
@@ -200,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.plain is not None:
         cont = _unescape(args.continuation) if args.continuation is not None else None
         try:
-            ex = encode_plain(_unescape(args.plain), cont, tokenizer, config, add_bos=args.add_bos)
+            ex = encode_plain(_unescape(args.plain), cont, tokenizer, config)
             items.append(("plain", ex))
         except RoleError as exc:
             items.append(("plain", exc))
@@ -217,7 +224,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                     end_token_ids=args.end_token_id,
                     max_length=args.max_length,
                     truncate=args.truncate,
-                    add_bos=args.add_bos,
                 )
                 items.append((name, ex))
             except RoleError as exc:

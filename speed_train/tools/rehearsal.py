@@ -304,9 +304,7 @@ def first_example_roles(recipe: Path, cache: Path) -> dict:
     with initialize_config_module(config_module="speed_train.conf", version_base=None):
         cfg = compose(config_name="config", overrides=[f"+experiment={EXPERIMENT}", "model=llama31_8b_mini"])
     tok = load_tokenizer(cfg)
-    train, _, report = build_dataset(
-        recipe, tok, speed_config(cfg), cfg.data.max_length, cache, num_proc=2, add_bos=cfg.data.add_bos
-    )
+    train, _, report = build_dataset(recipe, tok, speed_config(cfg), cfg.data.max_length, cache, num_proc=2)
     ex = train[0]
     return {
         "rendered": render_roles(ex, tok, color=False),
@@ -330,14 +328,10 @@ def reload_and_generate(model_dir: Path) -> dict:
     from speed_train.speed.generate import speed_generate
     from speed_train.speed.roles import DECODE, EncodedExample
 
-    speed = json.loads((model_dir / "speed_config.json").read_text())
     model, tok = load_model(str(model_dir))
-    cfg = SpeedConfig(k=speed["k_layers"], anchor=speed["anchor"])
+    cfg = SpeedConfig.from_pretrained(model_dir)
     prompt = encode_generation_prompt(
-        [{"role": "user", "content": "What is the capital of France?"}],
-        tok,
-        cfg,
-        add_bos=speed.get("add_bos", "auto"),
+        [{"role": "user", "content": "What is the capital of France?"}], tok, cfg
     )
     out = speed_generate(model, [prompt], cfg.k, max_new_tokens=6, keep_logits=True)
     tokens = out.sequences[0]

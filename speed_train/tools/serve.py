@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
+from speed_train.speed.config import SpeedConfig, SpeedConfigError
+
 # Tested on this range: the hooks use transformers' serving internals (ModelLoader, Serve), which
 # change between releases. pyproject.toml's `serve` extra pins the same range.
 TESTED_TRANSFORMERS = ">=5.25,<5.26"
@@ -96,10 +98,18 @@ def check_export(name: str):
     return config
 
 
+def saved_settings(config) -> SpeedConfig:
+    """The export's SPEED settings (``SpeedConfig.from_hf_config``), a bad K as a ServeError."""
+    try:
+        return SpeedConfig.from_hf_config(config) or SpeedConfig()
+    except SpeedConfigError as e:
+        raise ServeError(str(e)) from None
+
+
 def check_flags(config, flags: dict) -> None:
     """Refuse what cannot run SPEED's two-depth cache exactly (below full depth)."""
-    k, L = getattr(config, "speed_k", None), config.num_hidden_layers
-    if k is None or k >= L:
+    k, L = saved_settings(config).resolve_k(config.num_hidden_layers), config.num_hidden_layers
+    if k >= L:
         return  # full depth: the unmodified model
     if flags.get("continuous_batching"):
         raise ServeError(
@@ -142,10 +152,11 @@ def build_app():
         except ServeError as e:
             print(f"error: {e}", file=sys.stderr)
             raise typer.Exit(2) from None
-        k = getattr(config, "speed_k", None)
-        depth = f"K={k} of {config.num_hidden_layers}" if k else f"full depth ({config.num_hidden_layers})"
+        speed, L = saved_settings(config), config.num_hidden_layers
+        k = speed.resolve_k(L)
+        depth = f"K={k} of {L}" if k < L else f"full depth ({L})"
         print(
-            f"# SPEED {config.model_type}, {depth} layers, anchor {getattr(config, 'speed_anchor', 'bos')}: "
+            f"# SPEED {config.model_type}, {depth} layers, anchor {speed.anchor}: "
             f"OpenAI API at http://{flags['host']}:{flags['port']}/v1, model {flags['force_model']!r}",
             file=sys.stderr,
             flush=True,

@@ -16,7 +16,6 @@ import torch
 from omegaconf import DictConfig
 
 from speed_train.speed.config import SpeedConfig, SpeedConfigError
-from speed_train.speed.roles import RoleError, check_add_bos
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PACKAGED_SOURCES = ("smollm2", "gemma3")  # model.source values naming a packaged model (loading.py)
@@ -28,9 +27,10 @@ class ConfigError(ValueError):
 
 def speed_config(cfg: DictConfig) -> SpeedConfig:
     try:
-        return SpeedConfig(k=cfg.speed.k, anchor=cfg.speed.anchor, loss_scope=cfg.speed.loss_scope)
+        s = cfg.speed
+        return SpeedConfig(k=s.k, anchor=s.anchor, loss_scope=s.loss_scope, add_bos=s.add_bos)
     except SpeedConfigError as e:
-        raise ConfigError(f"speed: {e}") from None
+        raise ConfigError(f"speed.{e}" if str(e).startswith("add_bos=") else f"speed: {e}") from None
 
 
 def _check(ok: bool, key: str, value, rule: str) -> None:
@@ -78,10 +78,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     _check(v is None or v >= 1, "data.max_train_examples", v, "must be >= 1 (null: all)")
     v = d.max_eval_examples
     _check(v is None or v >= 0, "data.max_eval_examples", v, "must be >= 0 (null: all)")
-    try:
-        check_add_bos(d.add_bos)
-    except RoleError as e:
-        raise ConfigError(f"data.{e}") from None
+    speed_config(cfg)
     if d.held_out is not None:
         from speed_train.data.recipes import parse_held_out
 

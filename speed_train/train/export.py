@@ -20,7 +20,6 @@ from omegaconf import DictConfig
 
 from speed_train.atomic import atomic_dir, remove_orphans, write_json, write_text
 from speed_train.speed.adapters import unwrap
-from speed_train.speed.roles import check_add_bos
 from speed_train.train.build import load_model, speed_config
 from speed_train.train.module import DivergenceError, non_finite
 
@@ -146,12 +145,10 @@ def _export(model, tokenizer, cfg: DictConfig, k: int, out: Path, result=None) -
         )
     config = unwrap(model).config
     num_layers = config.num_hidden_layers
-    speed = {
-        **speed_config(cfg).to_dict(),
-        "k_layers": k,
-        "num_layers": num_layers,
-        "add_bos": check_add_bos(cfg.data.add_bos),
-    }
+    settings = speed_config(cfg).with_k(num_layers)
+    # speed_config.json (a LoRA adapter's settings; beside config.json's speed_* keys, from the
+    # same object): K as the layer count, plus the model's depth
+    speed = {**settings.to_dict(), "k_layers": settings.k, "num_layers": num_layers}
     paths: dict[str, str] = {}
     for name in ("adapter", "model"):  # left by an export that was killed (the run folder is locked)
         remove_orphans(out, name)
@@ -179,14 +176,13 @@ def _export(model, tokenizer, cfg: DictConfig, k: int, out: Path, result=None) -
         merged.save_pretrained(d)
         tokenizer.save_pretrained(d)
         if hf_native:
-            anchor = str(cfg.speed.anchor)
-            make_hf_native(d, tokenizer, k=k, num_layers=num_layers, anchor=anchor, add_bos=cfg.data.add_bos)
+            make_hf_native(d, tokenizer, settings)
         else:
             log.warning(
                 "anchor=system: the export is a plain HF checkpoint (run it with speed_train.chat / eval)"
             )
         write_speed(d)
-        write_text(d / "README.md", model_card(cfg, config, k, result, repo, hf_native=hf_native))
+        write_text(d / "README.md", model_card(cfg, config, settings, result, repo, hf_native=hf_native))
         if is_gemma(cfg, config):
             write_gemma_terms(d)
 

@@ -46,12 +46,11 @@ RUN_KEYS = {
         "tiny",
         "dtype",
     ),
-    "speed": ("k", "anchor", "loss_scope"),
+    "speed": ("k", "anchor", "loss_scope", "add_bos"),
     "data": (
         "recipe",
         "max_length",
         "truncate",
-        "add_bos",
         "pack",
         "held_out",
         "held_out_recipe",
@@ -72,6 +71,8 @@ RUN_KEYS = {
     "objective": ("kind", "reduce", "temperature", "ce_weight"),
     "trainer": ("global_batch_size", "seed"),
 }
+# Keys recorded under another name by earlier versions: old name -> current name.
+RENAMED = {"data.add_bos": "speed.add_bos"}
 # What identifies a base model's architecture in its HF config.
 ARCHITECTURE = (
     "model_type",
@@ -117,6 +118,7 @@ def _digest(obj: Any) -> str:
 
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``key saved -> current`` for every key both know and that differs."""
+    saved = {RENAMED.get(k, k): v for k, v in saved.items()}
     return [
         f"{k} {json.dumps(saved[k])} -> {json.dumps(v)}"
         for k, v in current.items()

@@ -24,7 +24,6 @@ from omegaconf import DictConfig
 
 from speed_train.atomic import write_json
 from speed_train.speed.adapters import unwrap
-from speed_train.speed.roles import check_add_bos
 from speed_train.train.build import (
     ConfigError,
     check_output_dir,
@@ -290,7 +289,6 @@ def prepare_data(cfg: DictConfig, world: int) -> TrainData:
         truncate=str(d.truncate),
         max_bad_fraction=d.max_bad_fraction,
         num_proc=d.num_proc,
-        add_bos=d.add_bos,
         held_out=d.held_out,
         held_out_recipe=d.held_out_recipe,
         dedup_held_out=d.held_out_dedup,
@@ -353,7 +351,7 @@ def _result(
         data_report=data.report.summary(),
         seed=int(cfg.trainer.seed),
         precision=str(trainer.precision),
-        add_bos=str(check_add_bos(cfg.data.add_bos)).lower(),
+        add_bos=str(speed_config(cfg).add_bos).lower(),
         data_fingerprint=data_fingerprint(data.train, data.plan, data.total_steps),
         heldout_fingerprint=examples_fingerprint(data.held_out),
         global_step=trainer.global_step,

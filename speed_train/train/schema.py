@@ -86,10 +86,9 @@ class SpeedSection(SpeedConfig):
 
 @dataclass
 class DataConfig:
-    recipe: str = "packaged_chat"
+    recipe: str = MISSING  # the data group (conf/data) names it
     max_length: int = 512
     truncate: Truncate = Truncate.drop_turns
-    add_bos: Any = "auto"  # auto | true | false: the BoS rule of speed_train.speed.roles
     pack: bool = False  # pack conversations across the dataset into rows of max_length
     num_proc: Optional[int] = None  # preprocessing processes; null: every core of the node
     held_out: Any = None  # count (int) or share (float); null: the recipe's; 0: none
