@@ -15,6 +15,7 @@ from speed_train.speed.flops import ModelShape, flop_ratio, step_flops
 from speed_train.speed.tiny import tiny_config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 2])
 def test_inference_bench_kv_bytes_equal_formula(tmp_path, batch):
     out = inference.main(
@@ -108,6 +109,7 @@ def test_step_bench_presets_are_real_shapes():
             assert sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters()) == n_params
 
 
+@pytest.mark.slow
 def test_step_bench_runs_small(tmp_path):
     out = step.main(
         [

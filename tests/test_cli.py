@@ -41,6 +41,7 @@ def speed_train(*args, cwd, env=None, timeout=600):
         (["speed.k=99"], "error: speed.k: cutoff k=99 exceeds the model's 4 layers"),
     ],
 )
+@pytest.mark.slow
 def test_framework_errors_are_one_line(tmp_path, overrides, message):
     r = speed_train(*BASE, f"output_dir={tmp_path / 'run'}", *overrides, cwd=tmp_path)
     assert r.returncode == 1
@@ -57,6 +58,7 @@ def test_framework_errors_are_one_line(tmp_path, overrides, message):
     assert full.returncode == 1 and "Traceback" in full.stderr  # on request
 
 
+@pytest.mark.slow
 def test_read_only_output_folder_is_refused_before_any_work(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -64,6 +66,7 @@ def test_read_only_output_folder_is_refused_before_any_work(tmp_path):
     assert r.returncode == 1 and "is not writable" in r.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_signal_prints_the_resume_command_and_exits_128_plus_signal(tmp_path):
     run = tmp_path / "run"
     args = [
@@ -129,6 +132,7 @@ def test_push_to_hub_offline_is_refused_before_training(tmp_path, monkeypatch):
         validate(cfg)
 
 
+@pytest.mark.slow
 def test_eval_missing_model_path_says_what_to_give(tmp_path):
     r = subprocess.run(
         [
@@ -173,6 +177,7 @@ def test_settings_come_from_an_exports_config(export_dir):
     assert SpeedConfig.from_pretrained(export_dir) == SpeedConfig(k=2, anchor="bos", add_bos="auto")
 
 
+@pytest.mark.slow
 def test_chat_over_piped_stdin(export_dir):
     from speed_train.loading import load_model
     from speed_train.speed.chat_roles import encode_generation_prompt
@@ -235,6 +240,7 @@ def one_line_error(r: subprocess.CompletedProcess) -> str:
     return [x for x in r.stderr.strip().splitlines() if x.strip()][-1]
 
 
+@pytest.mark.slow
 def test_divergence_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path):
     run = tmp_path / "run"
     r = speed_train(
@@ -261,6 +267,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path)
     assert failed["error"].startswith("DivergenceError: training diverged at optimizer step 2")
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_runs_settings_in_one_line(tmp_path):
     run = tmp_path / "run"
     first = [*BASE, f"hydra.run.dir={run}", "data.max_train_examples=16", "trainer.max_steps=3"]
@@ -307,6 +314,7 @@ DISK_FULL_AT_EXPORT = (
 )
 
 
+@pytest.mark.slow
 def test_the_end_is_checkpointed_progress_is_logged_and_a_failed_export_says_how_to_export(tmp_path):
     run = tmp_path / "run"
     (run / "export").mkdir(parents=True)
@@ -364,6 +372,7 @@ def test_the_end_is_checkpointed_progress_is_logged_and_a_failed_export_says_how
     assert sorted(p.name for p in (run / "export").iterdir()) == ["adapter", "model"]  # no temporaries
 
 
+@pytest.mark.slow
 def test_a_live_run_folder_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path):
     from speed_train.train.runlock import lock_run_folder, release_run_folder
 
@@ -397,6 +406,7 @@ def test_a_live_run_folder_is_refused_and_a_killed_holder_leaves_no_lock(tmp_pat
     release_run_folder(run)
 
 
+@pytest.mark.slow
 def test_an_unwritable_run_folder_is_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -405,6 +415,7 @@ def test_an_unwritable_run_folder_is_one_line(tmp_path):
     assert line.endswith("choose another hydra.run.dir")
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_prints_the_resume_command(tmp_path):
     run = tmp_path / "run"
     args = [*BASE, f"hydra.run.dir={run}", "trainer.max_steps=6", "data.max_train_examples=16"]
@@ -432,6 +443,7 @@ class Unsafe:
     """Any class: torch.load(weights_only=True) refuses to build objects it does not know."""
 
 
+@pytest.mark.slow
 def test_a_checkpoint_named_with_equals_is_accepted_and_an_unsafe_one_refused(tmp_path):
     from speed_train.__main__ import quote_paths
 
@@ -453,6 +465,7 @@ def test_a_checkpoint_named_with_equals_is_accepted_and_an_unsafe_one_refused(tm
     assert line.startswith(f"error: resume: {evil} holds objects other than tensors and plain data")
 
 
+@pytest.mark.slow
 def test_k_beyond_the_model_and_bad_arguments_are_one_line(export_dir, tmp_path, capsys, monkeypatch):
     from speed_train.eval import lm_eval_adapter
     from speed_train.eval import run as eval_run

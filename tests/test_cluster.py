@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # Hydra multiruns of real training processes
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -165,6 +165,7 @@ def test_recipe_values_hold_unless_the_run_sets_them():
     assert cfg.objective.reduce == "sum" and cfg.model.chat_template == "tulu" and cfg.speed.add_bos == "auto"
 
 
+@pytest.mark.slow
 def test_configs_ship_in_a_plain_wheel_install(tmp_path):
     wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
     py = sys.executable

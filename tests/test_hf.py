@@ -237,6 +237,7 @@ def test_config_and_folder(llama, tok):
     assert served("Question: x\nAnswer:")["input_ids"][0] == tok.bos_token_id  # SPEED+BoS below full depth
 
 
+@pytest.mark.slow
 def test_loads_with_transformers_alone_and_refuses_without_remote_code(llama, tok, tmp_path):
     model, _, _, folder = llama
     p = prompt_of(HISTORY, tok)
@@ -265,6 +266,7 @@ def test_loads_with_transformers_alone_and_refuses_without_remote_code(llama, to
     assert "Please pass the argument `trust_remote_code=True`" in r.stderr
 
 
+@pytest.mark.slow
 def test_the_package_loads_an_exports_tokenizer_without_the_custom_code_prompt(llama):
     """speed-inspect, speed-chat ... load a tokenizer by folder: the package's own classes resolve
     the export's config, so transformers never asks to run its code."""
@@ -298,6 +300,7 @@ def test_every_architecture(tmp_path, tok, arch):
     assert (torch.stack([x[0] for x in out.logits]) - independent).abs().max() < 1e-4
 
 
+@pytest.mark.slow
 def test_anchor_none_and_tulu_with_the_real_llama3_tokenizer(tmp_path):
     import importlib.util
 
@@ -320,6 +323,7 @@ def test_anchor_none_and_tulu_with_the_real_llama3_tokenizer(tmp_path):
     assert out[0, len(ids) :].tolist() == speed_generate(model, [p], K, max_new_tokens=5).sequences[0]
 
 
+@pytest.mark.slow
 def test_token_rule_finds_the_decode_segment_encode_plain_marks_on_real_prompts(tok):
     """The cue sequences in an export's config give the roles encode_plain gives, on the real
     OLMES prompts (ARC, BoolQ, PIQA, Social IQa, CSQA, MMLU) and on merged spellings."""

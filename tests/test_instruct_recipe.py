@@ -463,6 +463,7 @@ def conversations_by_source(train: Any, held_out: Any, report: Any) -> dict[str,
     return dict(out)
 
 
+@pytest.mark.slow
 def test_packaged_instruct_loads_every_source() -> None:
     recipe = load_recipe("packaged_instruct")
     # MMLU: every subject's dev / validation folder, never a test folder

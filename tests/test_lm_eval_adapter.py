@@ -58,6 +58,7 @@ def write_tasks(d):
     )
 
 
+@pytest.mark.slow
 def test_lm_eval_local_tasks_under_speed(saved_model, tmp_path):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -96,6 +97,7 @@ def test_lm_eval_local_tasks_under_speed(saved_model, tmp_path):
     assert out["results"]["speed_local_gen"]["exact_match,none"] == pytest.approx(em)
 
 
+@pytest.mark.slow
 def test_lm_eval_cli_with_speed_model(saved_model, tmp_path, monkeypatch):
     """`python -m speed_train.eval.lm_eval_adapter` (= `speed-lm-eval`) is lm-eval's CLI + `speed`."""
     from speed_train.eval import lm_eval_adapter
@@ -144,6 +146,7 @@ def offline_tasks(tmp_path_factory):
     return write_offline_tasks(tmp_path_factory.mktemp("offline_tasks"))
 
 
+@pytest.mark.slow
 def test_full_depth_speed_reproduces_lm_evals_hf_model(saved_model, offline_tasks):
     """add_bos=false gives lm-eval hf's tokens for SmolLM2 (its tokenizer adds no BoS by
     default); the default auto puts the BoS on every arm's prompts, as training did."""
@@ -165,6 +168,7 @@ def test_full_depth_speed_reproduces_lm_evals_hf_model(saved_model, offline_task
     assert max(abs(a[x] - c[x]) for x in a) > 1e-3
 
 
+@pytest.mark.slow
 def test_hf_native_export_under_lm_evals_hf_model_equals_speed(tmp_path, offline_tasks):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager

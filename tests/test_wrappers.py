@@ -69,6 +69,7 @@ def test_gradient_checkpointing_gives_same_gradients(executor):
         assert _rel(out[True][1][n], g) <= 1e-6, n
 
 
+@pytest.mark.slow
 def test_flex_block_masks_match_reference():
     """flex_attention forward runs on CPU too (compiled; no backward there) — same masks."""
     model = tiny_model("llama", layers=4)
