@@ -385,6 +385,41 @@ def test_reproduce_rebuild_switches_primary_metric_without_scoring(tmp_path):
     assert "| **average** | | | **35.0** |" in (tmp_path / "o" / "results.md").read_text()
 
 
+def test_reproduce_reuse_copies_the_columns_already_scored_and_refuses_other_settings(
+    tok, tmp_path, monkeypatch
+):
+    import speed_train.eval.reproduce as reproduce_mod
+
+    d = tmp_path / "m"
+    tiny_model("llama", layers=4, vocab=len(tok)).save_pretrained(d)
+    tok.save_pretrained(d)
+    common = ["--model", str(d), "--tasks", "arc_easy", "--limit", "3", "--device", "cpu", "--k", "3"]
+    first = reproduce_mod.main([*common, "--out", str(tmp_path / "a")])
+    assert list(first["runs"]) == ["full depth", "SPEED-3+BoS zero-shot", "SPEED-3 zero-shot"]
+    scored = []
+    real = reproduce_mod.evaluate_task
+
+    def spy(model, tok_, cfg, task, **kw):
+        scored.append((cfg.k, cfg.anchor))
+        return real(model, tok_, cfg, task, **kw)
+
+    monkeypatch.setattr(reproduce_mod, "evaluate_task", spy)
+    reuse = ["--reuse", str(tmp_path / "a" / "results.json")]
+    sweep = reproduce_mod.main([*common, "--sweep-k", "2,3", *reuse, "--out", str(tmp_path / "b")])
+    assert scored == [(2, "bos")]  # full depth and SPEED-3+BoS came from the first call
+    assert sweep["runs"]["full depth"] == first["runs"]["full depth"]
+    assert sweep["runs"]["SPEED-3+BoS zero-shot"] == first["runs"]["SPEED-3+BoS zero-shot"]
+    fresh = reproduce_mod.main([*common, "--sweep-k", "2", "--out", str(tmp_path / "c")])
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    assert strip(sweep["runs"]["SPEED-2+BoS zero-shot"]) == strip(fresh["runs"]["SPEED-2+BoS zero-shot"])
+    bad = [*common[:5], "2", *common[6:]]  # --limit 2
+    with pytest.raises(EvalError, match=r"--reuse .*scored with other settings \(limit 3 there, 2 here\)"):
+        reproduce_mod.main([*bad, *reuse, "--out", str(tmp_path / "d")])
+    (tmp_path / "junk.json").write_text("[1]")
+    with pytest.raises(EvalError, match=r"--reuse .*junk\.json: not a results\.json of this command"):
+        reproduce_mod.main([*common, "--reuse", str(tmp_path / "junk.json"), "--out", str(tmp_path / "e")])
+
+
 def test_generation_stops_at_a_stop_string_while_generating(model, tok, monkeypatch):
     from speed_train.eval import scoring
 

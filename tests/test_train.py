@@ -812,7 +812,7 @@ def test_export_refuses_non_finite_weights(tmp_path):
     with pytest.raises(
         DivergenceError, match=r"refusing to export: 1 weight tensors hold NaN .*model\.norm\.weight"
     ):
-        export(model, tok, cfg, 3, tmp_path / "export")
+        export(model, tok, cfg, tmp_path / "export")
     assert not (tmp_path / "export" / "model").exists()
 
 

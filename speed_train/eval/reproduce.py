@@ -2,6 +2,8 @@
 
     python -m speed_train.eval.reproduce --limit 100 --adapter outputs/<run>/export/adapter \\
         --out docs/reproduction
+    python -m speed_train.eval.reproduce --model gemma3 --k 14 --out gemma/     # Gemma-3-270M
+    python -m speed_train.eval.reproduce --model gemma3 --sweep-k 16 --reuse gemma/results.json --out gemma_k/
 
 Columns: full depth; SPEED-K+BoS zero-shot; SPEED-K (no anchor) zero-shot; SPEED-K+BoS after the
 LoRA adaptation of `python -m speed_train` (when --adapter is given). K defaults to the embedded
@@ -9,7 +11,8 @@ default's 0.75 x 30 = 22. Variant rc_0shot keeps a 2-core CPU run within ~30 min
 questions per task. Writes results.json and results.md. Primary metrics are OLMES-v0.1's
 (``--primary olmes``) or the dumps' own (``--primary dump``); every metric is stored, so
 ``--rebuild-from results.json --primary ...`` rewrites the table with the other choice without
-scoring again.
+scoring again, and ``--reuse results.json`` copies the columns an earlier call already scored with
+the same settings (another K's sweep does not score full depth twice).
 """
 
 from __future__ import annotations
@@ -52,6 +55,12 @@ def main(argv=None) -> dict:
     )
     ap.add_argument("--rebuild-from", default=None, help="a results.json of this command: re-table only")
     ap.add_argument(
+        "--reuse",
+        default=None,
+        help="a results.json of this command: its columns that this call would score again (same "
+        "model, tasks, variant, limit, dtype, BoS rule and primary metrics) are copied, not scored",
+    )
+    ap.add_argument(
         "--sweep-k",
         default=None,
         help="auto-K validation instead: full depth + SPEED-K+BoS zero-shot for each K in this list",
@@ -60,6 +69,7 @@ def main(argv=None) -> dict:
     if args.rebuild_from:
         return rebuild(args.rebuild_from, args.primary, Path(args.out))
     k = parse_k(args.k)
+    reused = reusable_columns(args.reuse, args) if args.reuse else {}
     tasks = [
         load_task(t, args.variant, limit=args.limit, primary=args.primary) for t in args.tasks.split(",")
     ]
@@ -86,6 +96,10 @@ def main(argv=None) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     out: dict = {}
     for name, cfg, m in plan:
+        if name in reused:  # scoring is deterministic: the same column, bit for bit
+            runs[name] = reused[name]
+            print(f"{name:28} reused from {args.reuse}")
+            continue
         runs[name] = []
         for task in tasks:
             r = evaluate_task(m, tok, cfg, task, batch_size=args.batch_size)
@@ -101,6 +115,34 @@ def main(argv=None) -> dict:
         write_text(d / "results.md", _header(out) + markdown_table(runs))
     print(markdown_table(runs))
     return out
+
+
+# what a column's scores depend on besides its name (the name holds K and the anchor)
+REUSE_KEYS = ("model", "tasks", "variant", "limit", "dtype", "add_bos", "primary")
+
+
+def reusable_columns(path: str, args) -> dict[str, list[dict]]:
+    """The columns of an earlier results.json that this call would score again; an earlier run with
+    other settings is an EvalError naming them. A LoRA-adapted column is reused only for the same
+    ``--adapter``."""
+    try:
+        old = json.loads(Path(path).read_text(encoding="utf-8"))
+        old_args, old_runs = old["args"], old["runs"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise EvalError(f"--reuse {path}: not a results.json of this command ({e})") from None
+    now = vars(args)
+    differ = [
+        f"{key} {old_args.get(key)!r} there, {now[key]!r} here"
+        for key in REUSE_KEYS
+        if old_args.get(key) != now[key]
+    ]
+    if differ:
+        raise EvalError(f"--reuse {path}: scored with other settings ({'; '.join(differ)}); drop --reuse")
+    return {
+        name: results
+        for name, results in old_runs.items()
+        if "LoRA-adapted" not in name or old_args.get("adapter") == now["adapter"]
+    }
 
 
 def _header(out: dict) -> str:

@@ -106,9 +106,9 @@ def saved_settings(config) -> SpeedConfig:
         raise ServeError(str(e)) from None
 
 
-def check_flags(config, flags: dict) -> None:
+def check_flags(speed: SpeedConfig, num_layers: int, flags: dict) -> None:
     """Refuse what cannot run SPEED's two-depth cache exactly (below full depth)."""
-    k, L = saved_settings(config).resolve_k(config.num_hidden_layers), config.num_hidden_layers
+    k, L = speed.resolve_k(num_layers), num_layers
     if k >= L:
         return  # full depth: the unmodified model
     if flags.get("continuous_batching"):
@@ -148,11 +148,11 @@ def build_app():
     def serve(**flags) -> None:
         try:
             config = check_export(flags["force_model"])
-            check_flags(config, flags)
+            speed, L = saved_settings(config), config.num_hidden_layers
+            check_flags(speed, L, flags)
         except ServeError as e:
             print(f"error: {e}", file=sys.stderr)
             raise typer.Exit(2) from None
-        speed, L = saved_settings(config), config.num_hidden_layers
         k = speed.resolve_k(L)
         depth = f"K={k} of {L}" if k < L else f"full depth ({L})"
         print(

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from speed_train.atomic import atomic_dir, remove_orphans, write_json, write_text
 from speed_train.speed.adapters import unwrap
+from speed_train.speed.config import SPEED_CONFIG_FILE
 from speed_train.train.build import load_model, speed_config
 from speed_train.train.module import DivergenceError, non_finite
 
@@ -112,10 +113,10 @@ def write_gemma_terms(d: Path) -> None:
         shutil.copyfile(terms, d / terms.name)
 
 
-def export(model, tokenizer, cfg: DictConfig, k: int, out: Path, result=None) -> dict[str, str]:
+def export(model, tokenizer, cfg: DictConfig, out: Path, result=None) -> dict[str, str]:
     """``_export``; a failure to write (a full disk, a read-only folder) is raised as an OSError."""
     try:
-        return _export(model, tokenizer, cfg, k, out, result)
+        return _export(model, tokenizer, cfg, out, result)
     except Exception as e:
         err = os_error_of(e)
         if err is None or err is e:
@@ -123,7 +124,7 @@ def export(model, tokenizer, cfg: DictConfig, k: int, out: Path, result=None) ->
         raise err from e
 
 
-def _export(model, tokenizer, cfg: DictConfig, k: int, out: Path, result=None) -> dict[str, str]:
+def _export(model, tokenizer, cfg: DictConfig, out: Path, result=None) -> dict[str, str]:
     """The trained model, written atomically under ``out``:
 
     - ``model/``: an HF-native SPEED model (``speed_train.hf.export``: loads with transformers alone,
@@ -154,7 +155,7 @@ def _export(model, tokenizer, cfg: DictConfig, k: int, out: Path, result=None) -
         remove_orphans(out, name)
 
     def write_speed(d: Path) -> None:
-        write_json(d / "speed_config.json", speed)
+        write_json(d / SPEED_CONFIG_FILE, speed)
 
     if hasattr(model, "peft_config"):
 

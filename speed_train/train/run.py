@@ -218,7 +218,7 @@ def _run(cfg: DictConfig, callbacks, world: int, out: Path) -> RunResult:
     if cfg.export.enabled and result.preempted_by_signal is None:
         final = consolidate(model, cfg, data.tokenizer, trainer.is_global_zero)
         if trainer.is_global_zero:
-            result.export = _export(final, data.tokenizer, cfg, k, out, result)
+            result.export = _export(final, data.tokenizer, cfg, out, result)
     if trainer.is_global_zero:
         write_json(out / "results.json", result.to_dict(), default=str)
         (out / "failed.json").unlink(missing_ok=True)  # of an earlier attempt (a failed export, say)
@@ -243,11 +243,11 @@ def _fit(trainer: L.Trainer, module: SpeedLM, loader, ckpt: str | None, out: Pat
         ) from None
 
 
-def _export(model, tokenizer, cfg: DictConfig, k: int, out: Path, result: RunResult) -> dict[str, str]:
+def _export(model, tokenizer, cfg: DictConfig, out: Path, result: RunResult) -> dict[str, str]:
     """The export; one that cannot be written (a full disk, a read-only folder) leaves the final
     checkpoint and says how to export again from it."""
     try:
-        return export(model, tokenizer, cfg, k, out / "export", result=result)
+        return export(model, tokenizer, cfg, out / "export", result=result)
     except OSError as e:
         raise ExportError(
             e.errno,
