@@ -72,6 +72,21 @@ def test_bad_arguments_are_one_line(capsys):
         assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_a_packaged_model_is_read_from_its_cache_folder_not_the_hub(tmp_path, tok, monkeypatch):
+    # --model gemma3 once asked the Hub for "gemma3/config.json" (only smollm2 was mapped to its cache)
+    import speed_train.loading as loading
+    from speed_train.speed.tiny import tiny_model
+
+    folder = tmp_path / "cache"
+    tiny_model("llama", layers=4, vocab=len(tok)).save_pretrained(folder)
+    asked = []
+    monkeypatch.setattr(loading, "packaged_path", lambda name: asked.append(name) or folder)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit, match=r"--zero-shot 9: must be in 1\.\.3 \(gemma3 has 4 layers\)"):
+        LC.main(["--model", "gemma3", "--lengths", "1024", "--k-sweep-length", "1024", "--zero-shot", "9"])
+    assert asked == ["gemma3"]
+
+
 @pytest.mark.slow
 def test_quick_form_end_to_end_and_resume(tmp_path, tok):
     from speed_train.speed.tiny import tiny_model

@@ -519,14 +519,12 @@ def main(argv=None) -> dict:
 def _main(args) -> dict:
     from transformers import AutoConfig
 
-    from speed_train.loading import load_tokenizer, resolve
+    from speed_train.loading import PACKAGED_MODELS, load_tokenizer, packaged_path, resolve
 
     t0 = time.perf_counter()
     where = resolve(args.model)
-    if where == "smollm2":
-        from speed_train.assets import smollm2_path
-
-        where = smollm2_path()
+    if where in PACKAGED_MODELS:  # its cache folder (smollm2, gemma3), not a Hub id
+        where = packaged_path(where)
     config = AutoConfig.from_pretrained(str(where))
     L, max_pos = config.num_hidden_layers, config.max_position_embeddings
     if max(args.lengths + [args.k_sweep_length]) > max_pos:
