@@ -195,7 +195,8 @@ def test_evaluation_resumes_from_finished_units(tmp_path, monkeypatch):
     for r in runs:
         path = S.unit_path(tmp_path / "work", r, "piqa")
         path.parent.mkdir(parents=True)
-        path.write_text("{}")
+        unit = {"n": 2, "correct": [True, False], "predictions": [0, 0], "primary_metric": "acc_per_char"}
+        path.write_text(json.dumps({**unit, "doc_ids": [d.doc_id for d in task.docs]}))
 
     def no_model(*a, **k):
         raise AssertionError("a finished unit was evaluated again")
@@ -206,3 +207,65 @@ def test_evaluation_resumes_from_finished_units(tmp_path, monkeypatch):
         S.evaluate_run(
             (runs[0], [S.load_task("boolq", "rc_0shot", limit=2)], tmp_path / "work", "smollm2", 8, None)
         )
+
+
+def test_more_questions_extend_a_unit_and_equal_a_fresh_one(tmp_path, tok, monkeypatch):
+    """Asked for more questions, the study scores only those its unit lacks; the extended unit
+    equals one evaluated on all of them at once. A unit of other questions, of more questions than
+    asked, or not a unit at all is refused before any model is loaded."""
+    import speed_train.eval.run as run_mod
+    from speed_train.speed.tiny import tiny_model
+
+    model = tiny_model("llama", layers=4, vocab=len(tok))
+    monkeypatch.setattr(run_mod, "load_eval_model", lambda *a, **k: (model, tok, None))
+    scored = []
+    real = run_mod.evaluate_task
+
+    def spy(model_, tok_, cfg, task, **kw):
+        scored.append([d.doc_id for d in task.docs])
+        return real(model_, tok_, cfg, task, **kw)
+
+    monkeypatch.setattr(run_mod, "evaluate_task", spy)
+    S._LOADED.clear()
+    run = {
+        "name": "SPEED-2+BoS",
+        "seed": 0,
+        "k": 2,
+        "num_layers": 4,
+        "anchor": "bos",
+        "export": {"adapter": "a"},
+    }
+    few, more = (S.load_task("piqa", "rc_0shot", limit=n) for n in (3, 7))
+    ids = [d.doc_id for d in more.docs]
+    S.evaluate_run((run, [few], tmp_path / "a", "smollm2", 2, None))
+    S.evaluate_run((run, [more], tmp_path / "a", "smollm2", 2, None))
+    assert scored == [ids[:3], ids[3:]]
+    S.evaluate_run((run, [more], tmp_path / "b", "smollm2", 2, None))
+    extended, fresh = (json.loads(S.unit_path(tmp_path / w, run, "piqa").read_text()) for w in "ab")
+    for key in ("n", "doc_ids", "correct", "predictions", "primary", "primary_metric"):
+        assert extended[key] == fresh[key], key
+    assert extended["n"] == 7 and [s["n"] for s in extended["segments"]] == [3, 4]
+    assert extended["seconds"] == pytest.approx(sum(s["seconds"] for s in extended["segments"]))
+
+    # a unit written before question ids were recorded is the prefix in file order: extended too
+    legacy = S.unit_path(tmp_path / "c", run, "piqa")
+    legacy.parent.mkdir(parents=True)
+    old = {
+        k: v[:3] if isinstance(v, list) else v for k, v in fresh.items() if k not in ("doc_ids", "segments")
+    }
+    legacy.write_text(json.dumps({**old, "n": 3}))
+    S.evaluate_run((run, [more], tmp_path / "c", "smollm2", 2, None))
+    assert json.loads(legacy.read_text())["correct"] == fresh["correct"] and scored[-1] == ids[3:]
+
+    n_scored = len(scored)
+    with pytest.raises(S.StudyError, match="holds 7 questions, more than the 3 --questions asks for piqa"):
+        S.evaluate_all([run], [few], tmp_path / "b", "smollm2", 2, 1)
+    other = S.unit_path(tmp_path / "d", run, "piqa")
+    other.parent.mkdir(parents=True)
+    other.write_text(json.dumps({**old, "n": 3, "doc_ids": ids[1:4]}))
+    with pytest.raises(S.StudyError, match="holds other questions than the first 3 of piqa"):
+        S.evaluate_all([run], [more], tmp_path / "d", "smollm2", 2, 1)
+    other.write_text(json.dumps({"n": 3, "correct": [True]}))
+    with pytest.raises(S.StudyError, match="not a study unit"):
+        S.evaluate_all([run], [more], tmp_path / "d", "smollm2", 2, 1)
+    assert len(scored) == n_scored

@@ -12,7 +12,11 @@ set (``heldout_fingerprint``) under the same BoS rule. Arms differ in visibility
 Evaluation: the OLMES-style suite on each run's exported adapter as served (``rc_0shot``, the
 primary metric per task, fp32), ``--questions`` per task (default: every question of ARC-Easy,
 ARC-Challenge and OpenBookQA; 400 of HellaSwag, PIQA and MMLU, 300 of BoolQ, 500 of the others). Each (arm, seed, task) is one unit,
-written to ``--work`` as it finishes: a killed study continues where it stopped.
+written to ``--work`` as it finishes: a killed study continues where it stopped, and a study
+asked for more questions of a task scores only the questions its units do not hold yet (a task's
+questions are always its first N in file order, so a unit of N is the prefix of a unit of M > N;
+units record their question ids, and one that holds other questions, or more than asked, is
+refused before any scoring).
 ``--workers`` evaluates runs in that many processes of one thread each.
 
 Statistics (numpy; the tests check them on hand-made data):
@@ -35,6 +39,7 @@ the held-out composition; wall times), small_study.md and small_study_pilot.png 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -45,7 +50,7 @@ import numpy as np
 
 from speed_train.atomic import save_figure, write_json, write_text
 from speed_train.cli import ArgumentParser
-from speed_train.eval.olmes import MC_TASKS, EvalError, load_task
+from speed_train.eval.olmes import MC_TASKS, EvalError, Task, load_task
 
 HELDOUT_ROWS = ("heldout_full_depth", "heldout_speed_zero_shot", "heldout_after", "heldout_after_full_depth")
 ALL_QUESTIONS = ("arc_easy", "arc_challenge", "openbookqa")
@@ -256,8 +261,38 @@ def unit_path(work: Path, run: dict, task: str) -> Path:
     return work / run["name"] / f"seed{run['seed']}" / f"{task}.json"
 
 
+def read_unit(work: Path, run: dict, task: Task) -> dict | None:
+    """The unit already evaluated for ``run`` on ``task`` (None: none yet), checked to hold a
+    prefix of ``task``'s questions: the study extends it, never mixes questions."""
+    path = unit_path(work, run, task.name)
+    if not path.is_file():
+        return None
+    try:
+        unit = json.loads(path.read_text(encoding="utf-8"))
+        n = int(unit["n"])
+        if len(unit["correct"]) != n or len(unit["predictions"]) != n:
+            raise ValueError(f"{len(unit['correct'])} answers for n = {n}")
+    except (ValueError, KeyError, TypeError) as e:
+        raise StudyError(f"{path}: not a study unit ({e}); delete it to evaluate that unit again") from e
+    if n > len(task.docs):
+        raise StudyError(
+            f"{path} holds {n} questions, more than the {len(task.docs)} --questions asks for "
+            f"{task.name}: ask for {n} (or more), or use another --work"
+        )
+    # units written before question ids were recorded hold the first n questions in file order,
+    # the only selection this module makes
+    ids = unit.get("doc_ids")
+    if ids is not None and ids != [d.doc_id for d in task.docs[:n]]:
+        raise StudyError(
+            f"{path} holds other questions than the first {n} of {task.name} ({task.variant}): "
+            "another task variant or request file; use another --work"
+        )
+    return unit
+
+
 def evaluate_run(job: tuple) -> list[str]:
-    """Evaluate one run on the tasks still missing in ``work``; returns the unit files it wrote."""
+    """Evaluate one run on the questions its units in ``work`` do not hold yet; returns the unit
+    files it wrote."""
     run, tasks, work, base, batch_size, threads = job
     import torch
 
@@ -266,7 +301,7 @@ def evaluate_run(job: tuple) -> list[str]:
 
     if threads:
         torch.set_num_threads(threads)
-    todo = [t for t in tasks if not unit_path(work, run, t.name).is_file()]
+    todo = [(t, u) for t in tasks if (u := read_unit(work, run, t)) is None or u["n"] < len(t.docs)]
     if not todo:
         return []
     adapter = (run.get("export") or {}).get("adapter")
@@ -288,35 +323,47 @@ def evaluate_run(job: tuple) -> list[str]:
         add_bos=run.get("add_bos", "auto"),
     )
     written = []
-    for task in todo:
+    for task, old in todo:
+        have = 0 if old is None else old["n"]
         res = evaluate_task(
             model,
             tok,
             cfg,
-            task,
+            dataclasses.replace(task, docs=task.docs[have:]),
             batch_size=batch_size,
             metrics="primary",
         )
         metric = res["primary_metric"]
+        if old is not None and old["primary_metric"] != metric:
+            raise StudyError(
+                f"{unit_path(work, run, task.name)} scored {old['primary_metric']}, not {metric}"
+            )
         samples = res.pop("samples")
+        predictions = (old["predictions"] if old else []) + [q["predictions"][metric] for q in samples]
+        correct = (old["correct"] if old else []) + [q["predictions"][metric] == q["gold"] for q in samples]
+        segments = (old.get("segments") or [{"n": have, "seconds": old["seconds"]}]) if old else []
+        segments = [*segments, {"n": res["n"], "seconds": res["seconds"]}]
         unit = {
             "arm": run["name"],
             "seed": run["seed"],
             "task": task.name,
             "primary_metric": metric,
-            "primary": res["primary"],
-            "n": res["n"],
-            "seconds": res["seconds"],
+            "primary": float(np.mean(correct)),
+            "n": len(correct),
+            "seconds": sum(s["seconds"] for s in segments),
+            "segments": segments,  # the questions each call scored, and its seconds
             "load_seconds": load_seconds,
-            "correct": [q["predictions"][metric] == q["gold"] for q in samples],
-            "predictions": [q["predictions"][metric] for q in samples],
+            "doc_ids": [d.doc_id for d in task.docs],
+            "correct": correct,
+            "predictions": predictions,
         }
         path = unit_path(work, run, task.name)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, unit)
         written.append(str(path))
         print(
-            f"{run['name']:14} seed {run['seed']} {task.name:14} {metric:13} {100 * res['primary']:5.1f} ({res['seconds']:.0f}s)",
+            f"{run['name']:14} seed {run['seed']} {task.name:14} {metric:13} {100 * unit['primary']:5.1f} "
+            f"(+{res['n']} questions, {res['seconds']:.0f}s)",
             flush=True,
         )
     return written
@@ -330,11 +377,11 @@ def evaluate_all(runs, tasks, work: Path, base: str, batch_size: int, workers: i
     before the next task: a study stopped early has whole tasks); wall seconds."""
     t0 = time.perf_counter()
     threads = 1 if workers > 1 else None
-    jobs = [
+    jobs = [  # read_unit refuses a unit of other questions here, before any model is loaded
         (r, [t], work, base, batch_size, threads)
         for t in tasks
         for r in runs
-        if not unit_path(work, r, t.name).is_file()
+        if (u := read_unit(work, r, t)) is None or u["n"] < len(t.docs)
     ]
     if workers > 1:
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
@@ -490,10 +537,10 @@ def _main(args) -> dict:
     units = {}
     for r in runs:
         for t in tasks:
-            unit = json.loads(unit_path(work, r, t.name).read_text(encoding="utf-8"))
-            if unit["n"] != len(t.docs):
+            unit = read_unit(work, r, t)
+            if unit is None or unit["n"] != len(t.docs):  # evaluate_all wrote them: never expected
                 raise StudyError(
-                    f"{unit_path(work, r, t.name)} holds {unit['n']} questions, not {len(t.docs)}: another --questions; use another --work"
+                    f"{unit_path(work, r, t.name)}: not evaluated on all {len(t.docs)} questions"
                 )
             units[r["name"], r["seed"], t.name] = unit
     pilot = None
