@@ -52,9 +52,12 @@ def independent_scores(model, tok, cfg, ctx, cont):
 
 @pytest.mark.parametrize("layout", ["tree", "rows"])
 @pytest.mark.parametrize("k, anchor", [(1, "bos"), (2, "none"), (3, "bos"), (None, "bos")])
-def test_scores_equal_independent_per_choice_forward(model, tok, k, anchor, layout):
+# batch 1: the second context's continuations are one token each (no decode chunk at all); batch
+# 2: a one-token continuation beside longer ones, and rows whose chunks differ in length
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_scores_equal_independent_per_choice_forward(model, tok, k, anchor, layout, batch_size):
     cfg = SpeedConfig(k=k, anchor=anchor)
-    got = score_requests(model, tok, cfg, REQS, batch_size=2, layout=layout)
+    got = score_requests(model, tok, cfg, REQS, batch_size=batch_size, layout=layout)
     for (ctx, conts), scores in zip(REQS, got):
         for cont, s in zip(conts, scores):
             ref, n = independent_scores(model, tok, cfg, ctx, cont)

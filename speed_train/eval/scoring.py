@@ -104,10 +104,12 @@ def _collect(
 
 
 def _score_tree(parts, K: int, batch, prompts, conts, pad: int) -> list[list[ContinuationScore]]:
-    """Every continuation of context b in row b, as branches of one decode chunk."""
+    """Every continuation of context b in row b, as branches of one decode chunk. A branch's last
+    token predicts nothing that is scored and no other token attends to it (its branch ends
+    there), so it is left out: n - 1 tokens per continuation, none for a one-token one."""
     device = batch.input_ids.device
     B = len(conts)
-    W = max(sum(len(ids) for ids in cs) for cs in conts)
+    W = max(sum(len(ids) - 1 for ids in cs) for cs in conts)
     cache, first_logits = prefill(parts, K, batch, W)
     lengths = batch.attention_mask.sum(1).tolist()
     toks = torch.full((B, W), pad, dtype=torch.long)
@@ -117,24 +119,26 @@ def _score_tree(parts, K: int, batch, prompts, conts, pad: int) -> list[list[Con
     for b, cs in enumerate(conts):
         o = 0
         for j, ids in enumerate(cs):
-            n = len(ids)
-            toks[b, o : o + n] = torch.tensor(ids)
+            n = len(ids) - 1  # the tokens fed: all but the last
+            toks[b, o : o + n] = torch.tensor(ids[:-1])
             pos[b, o : o + n] = torch.arange(lengths[b], lengths[b] + n)
             branch[b, o : o + n] = j
-            # token 0 is predicted by the context's last token (column 0 below), token i by token i-1
-            rows += [b] * n
-            cols += [0] + list(range(o + 1, o + n))
+            # token 0 is predicted by the context's last token (column 0 below), token i by the
+            # fed token i - 1 (column o + i - 1 of the chunk)
+            rows += [b] * (n + 1)
+            cols += [0] + list(range(o + 1, o + n + 1))
             targets += ids
             o += n
-    toks, pos, branch = toks.to(device), pos.to(device), branch.to(device)
-    turn = torch.tensor([p.turns[-1] for p in prompts], device=device)[:, None].expand(B, W).clone()
-    meta = TokenMeta(torch.full_like(toks, DECODE), turn, torch.where(branch >= 0, 0, -1))
-    hidden = decode_chunk(parts, cache, toks, pos, meta, branch, head=False)
-    # the LM head only where a next token is scored (not on each branch's last token or padding)
     rows_t, cols_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
-    inner = cols_t > 0
     logits = first_logits[rows_t].clone()
-    logits[inner] = parts.logits(hidden[rows_t[inner], cols_t[inner] - 1])
+    inner = cols_t > 0
+    if W > 0:  # W = 0: every continuation is one token, scored from the prefill's logits alone
+        toks, pos, branch = toks.to(device), pos.to(device), branch.to(device)
+        turn = torch.tensor([p.turns[-1] for p in prompts], device=device)[:, None].expand(B, W).clone()
+        meta = TokenMeta(torch.full_like(toks, DECODE), turn, torch.where(branch >= 0, 0, -1))
+        hidden = decode_chunk(parts, cache, toks, pos, meta, branch, head=False)
+        # the LM head only where a next token is scored
+        logits[inner] = parts.logits(hidden[rows_t[inner], cols_t[inner] - 1])
     return _collect(conts, *_scores(logits, torch.tensor(targets, device=device)))
 
 
