@@ -48,6 +48,13 @@ def resolve(name: str, *, what: str = "--model", packaged=PACKAGED_MODELS) -> st
     )
 
 
+def locate(name: str, *, what: str = "--model", packaged=PACKAGED_MODELS) -> str | Path:
+    """Where ``from_pretrained`` reads ``name``: a packaged model's cache folder (converted on
+    first use), a local folder or a Hub id; another packaged name (the Llama-3 tokenizer) as is."""
+    where = resolve(name, what=what, packaged=packaged)
+    return packaged_path(where) if where in PACKAGED_MODELS else where
+
+
 def load_tokenizer(name: str, *, chat_template: str | None = None) -> Any:
     """The tokenizer of ``name`` (see the module doc); a pad token is set (eos) when missing.
     ``chat_template``: a packaged template name (``speed_train.chat_templates``) or Jinja."""
@@ -124,9 +131,7 @@ def load_weights(name: str, *, dtype=None):
 
     import speed_train.hf  # noqa: F401  (registers the speed_* model types)
 
-    where = resolve(name)
-    if where in PACKAGED_MODELS:
-        where = packaged_path(where)
+    where = locate(name)
     return AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype or torch.float32)
 
 

@@ -526,6 +526,17 @@ def test_a_tokenizer_folder_without_its_files_is_named(tmp_path):
         load_tokenizer(str(tmp_path))  # was: an error about sentencepiece
 
 
+def test_locate_maps_packaged_models_to_their_cache_folder(tmp_path):
+    from speed_train.assets import smollm2_path
+    from speed_train.loading import PACKAGED_TOKENIZERS, ModelNotFoundError, locate
+
+    assert locate("smollm2") == smollm2_path()  # was asked of the Hub as "smollm2/config.json"
+    assert locate("llama3", packaged=PACKAGED_TOKENIZERS) == "llama3"  # a tokenizer: no folder to map
+    assert locate(str(tmp_path)) == tmp_path and locate("owner/name") == "owner/name"
+    with pytest.raises(ModelNotFoundError, match="--model 'nowhere': no such local folder"):
+        locate("nowhere")
+
+
 def test_model_card_of_a_gemma_model_states_the_gemma_terms():
     from speed_train.hf.card import model_card
     from speed_train.speed.tiny import tiny_config

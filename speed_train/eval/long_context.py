@@ -519,12 +519,10 @@ def main(argv=None) -> dict:
 def _main(args) -> dict:
     from transformers import AutoConfig
 
-    from speed_train.loading import PACKAGED_MODELS, load_tokenizer, packaged_path, resolve
+    from speed_train.loading import load_tokenizer, locate
 
     t0 = time.perf_counter()
-    where = resolve(args.model)
-    if where in PACKAGED_MODELS:  # its cache folder (smollm2, gemma3), not a Hub id
-        where = packaged_path(where)
+    where = locate(args.model)  # a packaged model's cache folder, not a Hub id
     config = AutoConfig.from_pretrained(str(where))
     L, max_pos = config.num_hidden_layers, config.max_position_embeddings
     if max(args.lengths + [args.k_sweep_length]) > max_pos:

@@ -145,13 +145,11 @@ def _num_layers(model: str) -> int | None:
     """The model's layer count (None for a tokenizer-only folder or the Llama-3 tokenizer)."""
     from transformers import AutoConfig
 
-    from speed_train.loading import PACKAGED_MODELS, PACKAGED_TOKENIZERS, packaged_path, resolve
+    from speed_train.loading import PACKAGED_TOKENIZERS, locate
 
-    where = resolve(model, packaged=PACKAGED_TOKENIZERS)
+    where = locate(model, packaged=PACKAGED_TOKENIZERS)
     if where == "llama3":
         return None
-    if where in PACKAGED_MODELS:
-        where = packaged_path(where)
     try:
         return AutoConfig.from_pretrained(str(where)).num_hidden_layers
     except (OSError, ValueError, AttributeError):
