@@ -65,6 +65,30 @@ def test_scores_equal_independent_per_choice_forward(model, tok, k, anchor, layo
             assert abs(s.logprob - ref) <= 1e-4, (ctx, cont, s.logprob, ref)
 
 
+def test_batch_order_groups_alike_requests_and_scores_do_not_depend_on_it(model, tok):
+    from speed_train.eval.scoring import batch_order
+
+    cfg = SpeedConfig(k=2, anchor="bos")
+    long_ctx = "Question: " + "word " * 40 + "?\nAnswer:"
+    reqs = [(long_ctx, [" a"]), ("Q?", [" a"]), (long_ctx, [" b"]), ("Q?", [" b"])]
+    order = batch_order(tok, cfg, reqs, 2)
+    assert sorted(order) == [0, 1, 2, 3] and {frozenset(order[:2]), frozenset(order[2:])} == {
+        frozenset({0, 2}),
+        frozenset({1, 3}),
+    }
+    wide = [("Q?", [" one two three four five six", " x"]), ("Q?", [" a"])] * 2  # trees of width 6 and 0
+    order = batch_order(tok, cfg, wide, 2)
+    assert {frozenset(order[:2]), frozenset(order[2:])} == {frozenset({0, 2}), frozenset({1, 3})}
+
+    task = load_task("arc_challenge", "rc_0shot", limit=9)  # acc_uncond: unconditional requests too
+    a, b = (evaluate_task(model, tok, cfg, task, batch_size=2, order=o) for o in ("tokens", "chars"))
+    for qa, qb in zip(a["samples"], b["samples"]):
+        assert qa["predictions"] == qb["predictions"]
+        assert max(abs(x - y) for x, y in zip(qa["logprobs"], qb["logprobs"])) < 1e-5
+    with pytest.raises(EvalError, match="order='size': choose 'tokens' or 'chars'"):
+        evaluate_task(model, tok, cfg, task, order="size")
+
+
 @pytest.mark.parametrize("k", [None, 4])  # full depth: no cutoff, or K = L
 def test_full_depth_scores_equal_plain_hf_forward(model, tok, k):
     # the reference is a stock HF model in eager attention, never switched to SPEED attention

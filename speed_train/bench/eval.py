@@ -6,13 +6,16 @@
 Variants, each the whole OLMES-style task (``eval.run.evaluate_task``):
 
 - ``rows`` (the baseline, the layout of earlier releases): the context's cache copied once per
-  choice, every choice padded to the longest, the LM head over every position; every OLMES
-  metric (the unconditional requests scored wherever the task has them); a LoRA adapter
-  through peft's layers;
-- ``tree``: a context's choices side by side in one row, as branches of one decode chunk, the LM
-  head only where a token is scored; an adapter merged into the weights; every metric;
+  choice, every choice padded to the longest, the LM head over every position, batches grouped
+  by characters; every OLMES metric (the unconditional requests scored wherever the task has
+  them); a LoRA adapter through peft's layers;
+- ``tree``: a context's choices side by side in one row, as branches of one decode chunk, each
+  without its last token, the LM head only where a token is scored, batches grouped by tokens
+  (``scoring.batch_order``); an adapter merged into the weights; every metric;
 - ``tree-primary``: the same, scoring only what the primary metric needs (the study's setting:
   no unconditional requests for ARC-Easy, HellaSwag, PIQA, Social IQa);
+- ``tree-primary-chars``: ``tree-primary`` with the baseline's grouping by characters (what the
+  grouping alone is worth);
 - ``tree-bf16``: ``tree-primary`` in bfloat16 (fast only where the CPU multiplies bf16 natively).
 
 Rounds are interleaved (each variant once per round, after a short warm-up round) and the median
@@ -45,13 +48,15 @@ class Variant:
     dtype: str
     merge: bool  # merge a LoRA adapter into the weights
     metrics: str  # "all" | "primary"
+    order: str = "tokens"  # how requests are grouped into batches: "tokens" | "chars"
     processes: int = 1  # >1: that many worker processes of one thread each, the questions split
 
 
 VARIANTS = {
-    "rows": Variant("rows", "float32", False, "all"),
+    "rows": Variant("rows", "float32", False, "all", order="chars"),
     "tree": Variant("tree", "float32", True, "all"),
     "tree-primary": Variant("tree", "float32", True, "primary"),
+    "tree-primary-chars": Variant("tree", "float32", True, "primary", order="chars"),
     "tree-primary-2p": Variant("tree", "float32", True, "primary", processes=2),
     "tree-bf16": Variant("tree", "bfloat16", True, "primary"),
 }
@@ -230,7 +235,9 @@ class _Runner:
 
 
 def _evaluate(model, tok, cfg, task: Task, batch_size: int, v: Variant) -> dict:
-    return evaluate_task(model, tok, cfg, task, batch_size=batch_size, layout=v.layout, metrics=v.metrics)
+    return evaluate_task(
+        model, tok, cfg, task, batch_size=batch_size, layout=v.layout, metrics=v.metrics, order=v.order
+    )
 
 
 _WORKER: dict = {}

@@ -34,7 +34,7 @@ from speed_train.eval.olmes import (
     mc_metrics,
     mc_predictions,
 )
-from speed_train.eval.scoring import generate_text, score_requests
+from speed_train.eval.scoring import batch_order, generate_text, score_requests
 from speed_train.speed.config import SAVED, SpeedConfig, with_overrides
 
 TASK_SETS = {"olmes10": MC_TASKS, "all": ALL_TASKS}
@@ -122,14 +122,19 @@ def evaluate_task(
     progress=None,
     layout: str = "tree",
     metrics: str = "all",
+    order: str = "tokens",
 ) -> dict:
     """Score one task. ``progress(done, total)`` is called after every batch of requests;
     ``layout``: how continuations share their context (``scoring.score_requests``);
     ``metrics``: ``"all"`` OLMES metrics, or ``"primary"`` only (the unconditional requests are
     then scored only when the primary metric is ``acc_uncond``: half the work on ARC-Easy,
-    HellaSwag, PIQA and Social IQa)."""
+    HellaSwag, PIQA and Social IQa); ``order``: how requests are grouped into batches (the scores
+    do not depend on it): ``"tokens"`` (``scoring.batch_order``: little padding) or ``"chars"``
+    (sorted by characters, the earlier releases' grouping, kept for ``bench.eval``'s baseline)."""
     if metrics not in ("all", "primary"):
         raise EvalError(f"metrics={metrics!r}: choose 'all' or 'primary'")
+    if order not in ("tokens", "chars"):
+        raise EvalError(f"order={order!r}: choose 'tokens' or 'chars'")
     t0 = time.perf_counter()
     samples = None
     if task.generative:
@@ -154,32 +159,36 @@ def evaluate_task(
     else:
         reqs, where = _mc_requests(task)
         with_uncond = task.has_uncond and (metrics == "all" or task.primary_metric == "acc_uncond")
-        # score in order of length (less padding per batch: contexts, and continuations side by
-        # side), then restore the order
-        order = sorted(range(len(reqs)), key=lambda i: (len(reqs[i][0]) + sum(map(len, reqs[i][1])), i))
         total = len(reqs) + (len(task.docs) if with_uncond else 0)
-        sorted_scores = []
-        for i in range(0, len(order), batch_size * 4):
-            chunk = [reqs[j] for j in order[i : i + batch_size * 4]]
-            sorted_scores += score_requests(model, tok, cfg, chunk, batch_size=batch_size, layout=layout)
-            if progress is not None:
-                progress(len(sorted_scores), total)
-        scores = [None] * len(reqs)
-        for pos, j in enumerate(order):
-            scores[j] = sorted_scores[pos]
+
+        def score(requests: list, done: int) -> list:
+            """Scores in the order of ``requests``, computed in batches that pad little."""
+            if order == "tokens":
+                perm = batch_order(tok, cfg, requests, batch_size)
+            elif done:  # "chars": the earlier releases scored the unconditional requests unsorted
+                perm = list(range(len(requests)))
+            else:
+                perm = sorted(
+                    range(len(requests)),
+                    key=lambda i: (len(requests[i][0]) + sum(map(len, requests[i][1])), i),
+                )
+            out = [None] * len(requests)
+            for i in range(0, len(perm), batch_size * 4):
+                chunk = perm[i : i + batch_size * 4]
+                got = score_requests(
+                    model, tok, cfg, [requests[j] for j in chunk], batch_size=batch_size, layout=layout
+                )
+                for j, s in zip(chunk, got):
+                    out[j] = s
+                if progress is not None:
+                    progress(done + i + len(chunk), total)
+            return out
+
+        scores = score(reqs, 0)
         cond = [[scores[r][p] for r, p in loc] for loc in where]
         uncond = None
         if with_uncond:
-            uncond = score_requests(
-                model,
-                tok,
-                cfg,
-                [(d.uncond_context, d.choices) for d in task.docs],
-                batch_size=batch_size,
-                layout=layout,
-            )
-            if progress is not None:
-                progress(total, total)
+            uncond = score([(d.uncond_context, d.choices) for d in task.docs], len(reqs))
         metrics = mc_metrics(task.docs, cond, uncond)
         samples = question_records(task, cond, uncond)
     if task.primary_metric not in metrics:  # load_task checks this up front; never report another metric
