@@ -186,6 +186,15 @@ def test_summary_tables_from_units(tmp_path):
     )
     assert "| sciq | 3 | 1.1000 ± 0.0000 |" in md and "| SPEED-22 - Full-IT | -50.00 |" in md
 
+    # one seed: no spread is claimed (the mean alone), and the header says the intervals are
+    # over questions only
+    one = [r for r in runs if r["seed"] == 0]
+    study1 = S.summarise(one, S.check_design(one), {k: v for k, v in units.items() if k[1] == 0})
+    assert study1["average"]["Full-IT"] == {"mean": 75.0, "sd": None, "values": [75.0]}
+    md1 = S.markdown(study1)
+    assert md1.startswith("One seed (0): no spread over seeds, and the intervals are over questions only.")
+    assert "| **average** (informative tasks) | | | **75.0** | **25.0** | **50.0** |" in md1
+
 
 def test_evaluation_resumes_from_finished_units(tmp_path, monkeypatch):
     import speed_train.eval.run as run_mod

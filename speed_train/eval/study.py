@@ -233,7 +233,8 @@ def uninformative_tasks(predictions: dict[str, dict[str, np.ndarray]]) -> list[s
 
 def spread(values: list[float]) -> dict:
     v = np.asarray(values, float)
-    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "values": v.tolist()}
+    # one seed has no spread: None, not 0 (printed as the mean alone)
+    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else None, "values": v.tolist()}
 
 
 # -- evaluation units ---------------------------------------------------------------------------
@@ -593,7 +594,8 @@ def plot_pilot(rows: list[dict], study: dict, path: Path) -> None:
             lw=1,
             label=f"Full-IT after LoRA (mean of {len(full['heldout_after']['values'])} seeds)",
         )
-        ax.axhspan(m - sd, m + sd, color="k", alpha=0.08)
+        if sd is not None:
+            ax.axhspan(m - sd, m + sd, color="k", alpha=0.08)
         ax.axhline(full["heldout_full_depth"]["mean"], color="gray", lw=1, ls=":", label="full depth, before")
     diag = Path(__file__).resolve().parents[2] / "docs" / "reproduction" / "diagnostics.json"
     if diag.is_file():
@@ -607,6 +609,8 @@ def plot_pilot(rows: list[dict], study: dict, path: Path) -> None:
 
 
 def _pm(s: dict, digits: int = 1) -> str:
+    if s["sd"] is None:  # one seed
+        return f"{s['mean']:.{digits}f}"
     return f"{s['mean']:.{digits}f} ± {s['sd']:.{digits}f}"
 
 
@@ -614,7 +618,12 @@ def markdown(study: dict) -> str:
     """The tables of docs/REPRODUCTION.md section 4."""
     arms, seeds = study["design"]["arms"], study["design"]["seeds"]
     lines = [
-        f"Seeds {', '.join(map(str, seeds))}; mean ± standard deviation over seeds. BoS rule: add_bos="
+        (
+            f"Seeds {', '.join(map(str, seeds))}; mean ± standard deviation over seeds."
+            if len(seeds) > 1
+            else f"One seed ({seeds[0]}): no spread over seeds, and the intervals are over questions only."
+        )
+        + " BoS rule: add_bos="
         f"{study['design']['add_bos']}; precision: {', '.join(study['design']['precision'])}.",
         "",
         "| arm | before: full depth | before: SPEED zero-shot | after: as served | after: same weights, full depth |",
