@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     out: dict = {}
     for name, cfg, m in plan:
-        if name in reused:  # scoring is deterministic: the same column, bit for bit
+        if name in reused:  # scoring is deterministic (to ~1e-5 across batch groupings): the same column
             runs[name] = reused[name]
             print(f"{name:28} reused from {args.reuse}")
             continue
