@@ -161,11 +161,11 @@ def evaluate_task(
         with_uncond = task.has_uncond and (metrics == "all" or task.primary_metric == "acc_uncond")
         total = len(reqs) + (len(task.docs) if with_uncond else 0)
 
-        def score(requests: list, done: int) -> list:
+        def score(requests: list, done: int, unconditional: bool = False) -> list:
             """Scores in the order of ``requests``, computed in batches that pad little."""
             if order == "tokens":
                 perm = batch_order(tok, cfg, requests, batch_size)
-            elif done:  # "chars": the earlier releases scored the unconditional requests unsorted
+            elif unconditional:  # "chars": the earlier releases scored these unsorted
                 perm = list(range(len(requests)))
             else:
                 perm = sorted(
@@ -188,7 +188,7 @@ def evaluate_task(
         cond = [[scores[r][p] for r, p in loc] for loc in where]
         uncond = None
         if with_uncond:
-            uncond = score([(d.uncond_context, d.choices) for d in task.docs], len(reqs))
+            uncond = score([(d.uncond_context, d.choices) for d in task.docs], len(reqs), unconditional=True)
         metrics = mc_metrics(task.docs, cond, uncond)
         samples = question_records(task, cond, uncond)
     if task.primary_metric not in metrics:  # load_task checks this up front; never report another metric

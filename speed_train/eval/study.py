@@ -291,6 +291,11 @@ def read_unit(work: Path, run: dict, task: Task) -> dict | None:
     return unit
 
 
+def complete(unit: dict | None, task: Task) -> bool:
+    """The unit holds every question the study asks of ``task`` (``read_unit`` refuses more)."""
+    return unit is not None and unit["n"] == len(task.docs)
+
+
 def evaluate_run(job: tuple) -> list[str]:
     """Evaluate one run on the questions its units in ``work`` do not hold yet; returns the unit
     files it wrote."""
@@ -302,7 +307,7 @@ def evaluate_run(job: tuple) -> list[str]:
 
     if threads:
         torch.set_num_threads(threads)
-    todo = [(t, u) for t in tasks if (u := read_unit(work, run, t)) is None or u["n"] < len(t.docs)]
+    todo = [(t, u) for t in tasks if not complete(u := read_unit(work, run, t), t)]
     if not todo:
         return []
     adapter = (run.get("export") or {}).get("adapter")
@@ -382,7 +387,7 @@ def evaluate_all(runs, tasks, work: Path, base: str, batch_size: int, workers: i
         (r, [t], work, base, batch_size, threads)
         for t in tasks
         for r in runs
-        if (u := read_unit(work, r, t)) is None or u["n"] < len(t.docs)
+        if not complete(read_unit(work, r, t), t)
     ]
     if workers > 1:
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
@@ -539,7 +544,7 @@ def _main(args) -> dict:
     for r in runs:
         for t in tasks:
             unit = read_unit(work, r, t)
-            if unit is None or unit["n"] != len(t.docs):  # evaluate_all wrote them: never expected
+            if not complete(unit, t):  # evaluate_all wrote them: never expected
                 raise StudyError(
                     f"{unit_path(work, r, t.name)}: not evaluated on all {len(t.docs)} questions"
                 )
