@@ -87,6 +87,81 @@ def test_a_packaged_model_is_read_from_its_cache_folder_not_the_hub(tmp_path, to
     assert asked == ["gemma3"]
 
 
+def test_paired_comparison_with_a_named_reference_pooled_and_per_length():
+    # a trained study's arms are compared with its Full-IT, not with the untuned base; two lengths
+    arms = [LC.Arm("full depth", None), LC.Arm("Full-IT (trained, seed 0)", None, adapter="a")]
+    arms.append(LC.Arm("SPEED-2+BoS (trained, seed 0)", 2, adapter="b"))
+    short = {
+        "full depth": [0, 0, 0, 0],
+        "Full-IT (trained, seed 0)": [1, 1, 1, 1],
+        "SPEED-2+BoS (trained, seed 0)": [1, 1, 1, 1],
+    }
+    long_ = {
+        "full depth": [0, 0, 0, 0],
+        "Full-IT (trained, seed 0)": [1, 1, 0, 1],
+        "SPEED-2+BoS (trained, seed 0)": [0, 0, 1, 0],
+    }
+    records = [
+        {"arm": name, "task": "niah", "length": length, "depth": 50, "index": i, "correct": bool(ok)}
+        for length, grid in ((320, short), (1536, long_))
+        for name, row in grid.items()
+        for i, ok in enumerate(row)
+    ]
+    ref = LC.reference_arm(arms, "Full-IT")
+    assert ref == "Full-IT (trained, seed 0)"
+    result = LC.summarise(arms, records, ref)
+    assert result["reference"] == ref and sorted(result["comparisons"]) == [
+        "SPEED-2+BoS (trained, seed 0)",
+        "full depth",
+    ]
+    c = result["comparisons"]["SPEED-2+BoS (trained, seed 0)"]
+    # pooled: 5/8 against 7/8; the arm alone is right once, the reference alone three times
+    assert (c["n"], c["accuracy"], c["reference_accuracy"], c["diff"]) == (8, 62.5, 87.5, -25.0)
+    assert (c["only_arm"], c["only_reference"]) == (1, 3)
+    assert c["mcnemar_p"] == pytest.approx(
+        2 * (1 + 4) / 2**4
+    )  # exact two-sided binomial: 2 P(X <= 1), X ~ B(4, 1/2)
+    at = c["by_length"]
+    assert at["320"]["diff"] == 0.0 and at["320"]["mcnemar_p"] == 1.0 and at["320"]["n"] == 4
+    assert (at["1536"]["diff"], at["1536"]["only_arm"], at["1536"]["only_reference"]) == (-50.0, 1, 3)
+    assert -100.0 <= at["1536"]["ci95"][0] < -50.0 < at["1536"]["ci95"][1] <= 50.0  # 4 prompts resampled
+    assert "| SPEED-2+BoS (trained, seed 0) | 1536 | 4 | -50.0 |" in LC.markdown(
+        {
+            "settings": {"tasks": ["niah"], "lengths": [320, 1536]},
+            "arms": [{"name": a.name, "group": a.group} for a in arms],
+            **result,
+        }
+    )
+
+
+def test_a_reference_must_name_one_arm():
+    arms = [
+        LC.Arm("full depth", None),
+        LC.Arm("SPEED-2+BoS zero-shot", 2),
+        LC.Arm("SPEED-2 zero-shot", 2, "none"),
+    ]
+    assert LC.reference_arm(arms, "full depth") == "full depth"
+    assert LC.reference_arm(arms, "SPEED-2 zero-shot") == "SPEED-2 zero-shot"  # exact beats a prefix
+    with pytest.raises(
+        LC.LongContextError, match=r"--reference 'Full-IT' names no arm; the arms: full depth, SPEED-2\+BoS"
+    ):
+        LC.reference_arm(arms, "Full-IT")
+    with pytest.raises(LC.LongContextError, match="--reference 'SPEED-2' matches several arms"):
+        LC.reference_arm(arms, "SPEED-2")
+
+
+def test_a_bad_reference_is_refused_before_the_tokenizer_or_a_model_loads(tmp_path, tok):
+    from speed_train.speed.tiny import tiny_model
+
+    folder = tmp_path / "tiny"  # a config and weights but no tokenizer: loading one would fail otherwise
+    tiny_model("llama", layers=4, vocab=len(tok)).save_pretrained(folder)
+    argv = ["--model", str(folder), "--lengths", "320", "--k-sweep-length", "320", "--zero-shot", "2"]
+    with pytest.raises(
+        SystemExit, match=r"error: --reference 'Full-IT' names no arm; the arms: full depth, "
+    ):
+        LC.main([*argv, "--reference", "Full-IT"])
+
+
 @pytest.mark.slow
 def test_quick_form_end_to_end_and_resume(tmp_path, tok):
     from speed_train.speed.tiny import tiny_model
@@ -107,7 +182,8 @@ def test_quick_form_end_to_end_and_resume(tmp_path, tok):
             assert sorted(cells) == ["320", "448"] and all(sorted(c) == ["0", "100"] for c in cells.values())
             assert all(v["n"] == 1 for c in cells.values() for v in c.values())
     cmp = result["comparisons"]["SPEED-2 zero-shot"]
-    assert cmp["n"] == 8 and cmp["only_arm"] + cmp["only_full_depth"] <= 8
+    assert cmp["n"] == 8 and cmp["only_arm"] + cmp["only_reference"] <= 8
+    assert result["reference"] == "full depth" and sorted(cmp["by_length"]) == ["320", "448"]
     # units are keyed by what is computed: the sweep's K = 2 is the main SPEED-2+BoS arm and its
     # K = L is full depth, so only K = 1 adds files (3 arms x 2 tasks x 2 lengths x 2 depths + 2)
     units = tmp_path / "out" / "long_context_work"

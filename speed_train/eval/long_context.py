@@ -24,7 +24,8 @@ prompt and the generated tokens (RULER's convention), so 8,192 fits SmolLM2's po
 Arms: full depth; SPEED-K+BoS and SPEED-K zero-shot (``--zero-shot``); the study's trained
 adapters of one seed (``--study``); and SPEED-K+BoS zero-shot over ``--k-sweep`` at one length
 (accuracy against K). Every arm answers the same prompts (units are seeded by task, length, depth
-and sample only); each is compared with full depth, paired: McNemar's exact test and a bootstrap
+and sample only); each is compared with one reference arm (``--reference``: full depth, or the
+study's trained Full-IT), paired, pooled and per length: McNemar's exact test and a bootstrap
 interval over the prompts. Each unit is written to ``--work`` as it finishes (a killed run
 continues); ``--workers`` processes of one thread each share the units.
 
@@ -265,6 +266,19 @@ def arms_from_args(args, num_layers: int) -> list[Arm]:
     return arms
 
 
+def reference_arm(arms: list[Arm], name: str) -> str:
+    """The one arm named ``name``, or whose name starts with it ("Full-IT" for the study's
+    "Full-IT (trained, seed 0)"); refused, naming the arms, when none or several match."""
+    exact = [a.name for a in arms if a.name == name]
+    matches = exact or [a.name for a in arms if a.group == "main" and a.name.startswith(name)]
+    if len(matches) != 1:
+        which = "matches several arms" if matches else "names no arm"
+        raise LongContextError(
+            f"--reference {name!r} {which}; the arms: {', '.join(a.name for a in arms if a.group == 'main')}"
+        )
+    return matches[0]
+
+
 def unit_file(work: Path, arm: Arm, task: str, length: int, depth: int, index: int) -> Path:
     """Keyed by what is computed (weights, K, anchor), not by the arm's name: a K-sweep point
     that is also a main arm, or K = L and full depth, is generated once and shared."""
@@ -346,10 +360,9 @@ def plan_units(arms: list[Arm], args) -> list[tuple]:
 # -- results --------------------------------------------------------------------------------------
 
 
-def summarise(arms: list[Arm], records: list[dict]) -> dict:
-    """Per arm/task/length/depth: correct and n; paired comparisons with full depth."""
-    from speed_train.eval.study import mcnemar_p
-
+def summarise(arms: list[Arm], records: list[dict], reference: str = "full depth") -> dict:
+    """Per arm/task/length/depth: correct and n; each arm paired with the ``reference`` arm on the
+    same prompts, pooled and per length (an effect past a window is diluted by the short lengths)."""
     table: dict = {}
     by_unit: dict = {}
     for r in records:
@@ -360,27 +373,39 @@ def summarise(arms: list[Arm], records: list[dict]) -> dict:
         by_unit[r["arm"], r["task"], r["length"], r["depth"], r["index"]] = bool(r["correct"])
     comparisons = {}
     for arm in arms:
-        if arm.name == "full depth":
+        if arm.name == reference:
             continue
-        keys = [k for k in by_unit if k[0] == arm.name and ("full depth", *k[1:]) in by_unit]
+        keys = [k for k in by_unit if k[0] == arm.name and (reference, *k[1:]) in by_unit]
         if not keys:
             continue
-        a = np.array([by_unit[k] for k in keys])
-        b = np.array([by_unit[("full depth", *k[1:])] for k in keys])
-        rng = np.random.default_rng(0)
-        draws = [(a[ix].mean() - b[ix].mean()) * 100 for ix in rng.integers(0, len(a), (2000, len(a)))]
-        lo, hi = np.quantile(draws, [0.025, 0.975])
-        comparisons[arm.name] = {
-            "n": len(keys),
-            "accuracy": 100 * float(a.mean()),
-            "full_depth": 100 * float(b.mean()),
-            "diff": 100 * float(a.mean() - b.mean()),
-            "ci95": [float(lo), float(hi)],
-            "only_arm": int((a & ~b).sum()),
-            "only_full_depth": int((b & ~a).sum()),
-            "mcnemar_p": mcnemar_p(a, b),
+        comparisons[arm.name] = _paired(by_unit, keys, reference)
+        comparisons[arm.name]["by_length"] = {
+            str(ln): _paired(by_unit, [k for k in keys if k[2] == ln], reference)
+            for ln in sorted({k[2] for k in keys})
         }
-    return {"cells": table, "comparisons": comparisons}
+    return {"reference": reference, "cells": table, "comparisons": comparisons}
+
+
+def _paired(by_unit: dict, keys: list, reference: str) -> dict:
+    """One arm against the reference on the same prompts: difference in points, a bootstrap 95%
+    interval over prompts, the discordant pairs and McNemar's exact p."""
+    from speed_train.eval.study import mcnemar_p
+
+    a = np.array([by_unit[k] for k in keys])
+    b = np.array([by_unit[(reference, *k[1:])] for k in keys])
+    rng = np.random.default_rng(0)
+    draws = [(a[ix].mean() - b[ix].mean()) * 100 for ix in rng.integers(0, len(a), (2000, len(a)))]
+    lo, hi = np.quantile(draws, [0.025, 0.975])
+    return {
+        "n": len(keys),
+        "accuracy": 100 * float(a.mean()),
+        "reference_accuracy": 100 * float(b.mean()),
+        "diff": 100 * float(a.mean() - b.mean()),
+        "ci95": [float(lo), float(hi)],
+        "only_arm": int((a & ~b).sum()),
+        "only_reference": int((b & ~a).sum()),
+        "mcnemar_p": mcnemar_p(a, b),
+    }
 
 
 def accuracy(cells: dict, task: str, length: int | None = None, depth: int | None = None) -> tuple[int, int]:
@@ -477,6 +502,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--zero-shot", default="22,25", help="K values: SPEED-K+BoS and SPEED-K zero-shot")
     ap.add_argument("--study", default=None, help="a small_study multirun folder: its trained adapters")
     ap.add_argument("--study-seed", type=int, default=0)
+    ap.add_argument(
+        "--reference",
+        default="full depth",
+        help="the arm the others are paired with: its name, or the start of one name "
+        "(e.g. Full-IT for the study's trained full-depth adapter)",
+    )
     ap.add_argument("--k-sweep", default="", help="K values for accuracy against K (SPEED-K+BoS, niah)")
     ap.add_argument("--k-sweep-length", type=int, default=1024)
     ap.add_argument("--workers", type=int, default=1, help="processes of one thread each")
@@ -531,6 +562,7 @@ def _main(args) -> dict:
         if not 1 <= k < L:
             raise LongContextError(f"--zero-shot {k}: must be in 1..{L - 1} ({args.model} has {L} layers)")
     arms = arms_from_args(args, L)
+    reference = reference_arm(arms, args.reference)
     tok = load_tokenizer(args.model)
     for task in args.tasks:  # every prompt can be built, before any model loads
         build_sample(task, tok, min(args.lengths), args.depths[0], 0)
@@ -557,7 +589,7 @@ def _main(args) -> dict:
         {**json.loads(unit_file(work, *u).read_text(encoding="utf-8")), "arm": u[0].name, "group": u[0].group}
         for u in units
     ]
-    summary = summarise(arms, records)
+    summary = summarise(arms, records, reference)
     result = {
         "settings": {
             "model": args.model,
@@ -608,16 +640,33 @@ def markdown(result: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(_pct(c, n) for c, n in row) + " |")
         lines.append("")
     if result["comparisons"]:
+        ref = result.get("reference", "full depth")
         lines += [
-            "| arm vs full depth (paired, all tasks) | n | arm % | full depth % | difference | 95% CI | only arm / only full | McNemar p |",
+            f"| arm vs {ref} (paired, all tasks) | n | arm % | reference % | difference | 95% CI "
+            "| only arm / only reference | McNemar p |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for name, c in result["comparisons"].items():
-            lines.append(
-                f"| {name} | {c['n']} | {c['accuracy']:.1f} | {c['full_depth']:.1f} | {c['diff']:+.1f} | "
-                f"[{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}] | {c['only_arm']} / {c['only_full_depth']} | {c['mcnemar_p']:.3f} |"
-            )
+            lines.append(f"| {name} | " + _paired_cells(c) + " |")
+        lines += [
+            "",
+            f"| arm vs {ref}, per length | length | n | difference | 95% CI | only arm / only reference | McNemar p |",
+        ]
+        lines += ["|---|---|---|---|---|---|---|"]
+        for name, c in result["comparisons"].items():
+            for ln, x in c.get("by_length", {}).items():
+                lines.append(
+                    f"| {name} | {ln} | {x['n']} | {x['diff']:+.1f} | [{x['ci95'][0]:+.1f}, {x['ci95'][1]:+.1f}] "
+                    f"| {x['only_arm']} / {x['only_reference']} | {x['mcnemar_p']:.3f} |"
+                )
     return "\n".join(lines) + "\n"
+
+
+def _paired_cells(c: dict) -> str:
+    return (
+        f"{c['n']} | {c['accuracy']:.1f} | {c['reference_accuracy']:.1f} | {c['diff']:+.1f} | "
+        f"[{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}] | {c['only_arm']} / {c['only_reference']} | {c['mcnemar_p']:.3f}"
+    )
 
 
 def _pct(c: int, n: int) -> str:
