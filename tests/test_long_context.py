@@ -53,6 +53,10 @@ def test_mdqa_gold_passage_first_or_last_among_distractors_without_the_answer(to
             assert not any(w in LC.normalize_answer(d) for w in wanted)
 
 
+def test_length_labels_are_never_rounded():
+    assert [LC.length_label(n) for n in (448, 1024, 1536, 8192)] == ["448", "1K", "1536", "8K"]
+
+
 def test_scoring():
     assert LC.normalize_answer("The  Eiffel Tower!") == "eiffel tower"
     assert LC.is_correct("mdqa", "It is the Eiffel tower, in Paris.", ["Eiffel Tower"])

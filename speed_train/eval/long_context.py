@@ -420,6 +420,11 @@ def accuracy(cells: dict, task: str, length: int | None = None, depth: int | Non
     return c, n
 
 
+def length_label(tokens: int) -> str:
+    """4K for 4,096; a length that is not a whole number of K keeps its digits (1536, not 1K)."""
+    return f"{tokens // 1024}K" if tokens >= 1024 and tokens % 1024 == 0 else str(tokens)
+
+
 def plot_heatmaps(summary: dict, arms: list[Arm], task: str, lengths, depths, path: Path) -> None:
     import matplotlib
 
@@ -442,7 +447,7 @@ def plot_heatmaps(summary: dict, arms: list[Arm], task: str, lengths, depths, pa
                 if n:
                     grid[i, j] = 100 * c / n
         im = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto", origin="upper")
-        ax.set_xticks(range(len(lengths)), [f"{ln // 1024}K" if ln >= 1024 else str(ln) for ln in lengths])
+        ax.set_xticks(range(len(lengths)), [length_label(ln) for ln in lengths])
         ax.set_yticks(range(len(depths)), [f"{d}%" for d in depths])
         ax.set_title(arm.name, fontsize=8)
         ax.set_xlabel("context length", fontsize=7)
