@@ -122,9 +122,8 @@ def test_paired_comparison_with_a_named_reference_pooled_and_per_length():
     # pooled: 5/8 against 7/8; the arm alone is right once, the reference alone three times
     assert (c["n"], c["accuracy"], c["reference_accuracy"], c["diff"]) == (8, 62.5, 87.5, -25.0)
     assert (c["only_arm"], c["only_reference"]) == (1, 3)
-    assert c["mcnemar_p"] == pytest.approx(
-        2 * (1 + 4) / 2**4
-    )  # exact two-sided binomial: 2 P(X <= 1), X ~ B(4, 1/2)
+    # exact two-sided binomial on the 4 discordant pairs: 2 P(X <= 1), X ~ B(4, 1/2)
+    assert c["mcnemar_p"] == pytest.approx(2 * (1 + 4) / 2**4)
     at = c["by_length"]
     assert at["320"]["diff"] == 0.0 and at["320"]["mcnemar_p"] == 1.0 and at["320"]["n"] == 4
     assert (at["1536"]["diff"], at["1536"]["only_arm"], at["1536"]["only_reference"]) == (-50.0, 1, 3)

@@ -645,32 +645,33 @@ def markdown(result: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(_pct(c, n) for c, n in row) + " |")
         lines.append("")
     if result["comparisons"]:
-        ref = result.get("reference", "full depth")
+        ref = result["reference"]
         lines += [
             f"| arm vs {ref} (paired, all tasks) | n | arm % | reference % | difference | 95% CI "
             "| only arm / only reference | McNemar p |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for name, c in result["comparisons"].items():
-            lines.append(f"| {name} | " + _paired_cells(c) + " |")
+            lines.append(
+                f"| {name} | {c['n']} | {c['accuracy']:.1f} | {c['reference_accuracy']:.1f} | "
+                + _difference_cells(c)
+            )
         lines += [
             "",
             f"| arm vs {ref}, per length | length | n | difference | 95% CI | only arm / only reference | McNemar p |",
+            "|---|---|---|---|---|---|---|",
         ]
-        lines += ["|---|---|---|---|---|---|---|"]
         for name, c in result["comparisons"].items():
-            for ln, x in c.get("by_length", {}).items():
-                lines.append(
-                    f"| {name} | {ln} | {x['n']} | {x['diff']:+.1f} | [{x['ci95'][0]:+.1f}, {x['ci95'][1]:+.1f}] "
-                    f"| {x['only_arm']} / {x['only_reference']} | {x['mcnemar_p']:.3f} |"
-                )
+            for ln, x in c["by_length"].items():
+                lines.append(f"| {name} | {ln} | {x['n']} | " + _difference_cells(x))
     return "\n".join(lines) + "\n"
 
 
-def _paired_cells(c: dict) -> str:
+def _difference_cells(c: dict) -> str:
+    """The cells one paired comparison (``_paired``) shares between the pooled and per-length tables."""
     return (
-        f"{c['n']} | {c['accuracy']:.1f} | {c['reference_accuracy']:.1f} | {c['diff']:+.1f} | "
-        f"[{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}] | {c['only_arm']} / {c['only_reference']} | {c['mcnemar_p']:.3f}"
+        f"{c['diff']:+.1f} | [{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}] | {c['only_arm']} / {c['only_reference']} "
+        f"| {c['mcnemar_p']:.3f} |"
     )
 
 
